@@ -1,0 +1,672 @@
+"""Dilated attention (LongNet, Ding et al. 2023): the definition, its argument checks, and the PyTorch backend.
+
+The function computed here is the one in SPEC.md, for every backend:
+
+* Each real token gets a *logical position* t: 0, 1, 2, ... within its document (left padding shifts it,
+  packed documents restart it, a KV cache that dropped old tokens starts it at ``position_offset``).
+* Branch i is a pair (segment length w_i, dilation rate r_i). For head h the token at t *participates* in
+  branch i iff ``(t mod w_i) mod r_i == o_i(h)``, with the head's offset o_i(h) = h mod r_i ("interleaved",
+  the paper's) or h // ceil(H / r_i) ("grouped", torchscale's).
+* In branch i a query sees the keys that participate, lie in the same segment (``t // w_i``) of the same
+  document, and, if causal, are not after it.
+* The branches are mixed by their softmax denominators: the output is the softmax over the multiset union of
+  every branch's keys, ``O = sum_i exp(lse_i - LSE) O_i``. A query that sees nothing (no branch covers it,
+  or it is padding) gets 0.
+
+Backends receive the pattern (:class:`DilatedPattern`) and where the tokens are (:class:`TokenLayout`), both
+checked here, so that they cannot disagree on logical positions. The PyTorch backend below is the readable
+one: it gathers every (segment, head) of a branch into a short dense problem, in chunks, so its memory grows
+linearly with the sequence length, and it has an exact backward built like a flash-attention backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Sequence
+
+import torch
+
+OFFSET_MODES = ("interleaved", "grouped")
+BACKENDS = ("auto", "torch", "triton", "flash")
+
+__all__ = [
+    "DilatedPattern",
+    "TokenLayout",
+    "dilated_attention",
+    "head_offsets",
+    "uncovered_positions",
+    "available_backends",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pattern: branches and head offsets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_int_tuple(values, name: str) -> tuple[int, ...]:
+    if isinstance(values, Integral) and not isinstance(values, bool):
+        values = (values,)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"`{name}` must be a positive int or a list of positive ints, got {values!r}")
+    if len(values) == 0:
+        raise ValueError(f"`{name}` is empty: give at least one branch")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"`{name}` must contain ints, got {value!r} ({type(value).__name__}) in {list(values)}")
+        if value <= 0:
+            raise ValueError(f"`{name}` must contain positive ints, got {value} in {list(values)}")
+    return tuple(int(v) for v in values)
+
+
+def head_offsets(dilation_rate: int, num_heads: int, mode: str = "interleaved") -> list[int]:
+    """The offset o(h) of each head in a branch of dilation rate ``dilation_rate`` (see the module docstring)."""
+    if mode == "interleaved":
+        return [h % dilation_rate for h in range(num_heads)]
+    if mode == "grouped":
+        heads_per_offset = -(-num_heads // dilation_rate)
+        return [h // heads_per_offset for h in range(num_heads)]
+    raise ValueError(f"`offsets` must be one of {OFFSET_MODES}, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class DilatedPattern:
+    """The branches (segment length, dilation rate) of a dilated attention, and how heads pick their offsets."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    offsets: str = "interleaved"
+
+    def __init__(self, segment_lengths, dilation_rates, offsets: str = "interleaved"):
+        segment_lengths = _as_int_tuple(segment_lengths, "segment_lengths")
+        dilation_rates = _as_int_tuple(dilation_rates, "dilation_rates")
+        if len(segment_lengths) != len(dilation_rates):
+            raise ValueError(
+                f"`segment_lengths` and `dilation_rates` must have one entry per branch, got "
+                f"{len(segment_lengths)} segment lengths {list(segment_lengths)} and {len(dilation_rates)} "
+                f"dilation rates {list(dilation_rates)}"
+            )
+        if not isinstance(offsets, str) or offsets not in OFFSET_MODES:
+            raise ValueError(f"`offsets` must be one of {OFFSET_MODES}, got {offsets!r}")
+        object.__setattr__(self, "segment_lengths", segment_lengths)
+        object.__setattr__(self, "dilation_rates", dilation_rates)
+        object.__setattr__(self, "offsets", offsets)
+
+    @property
+    def branches(self) -> list[tuple[int, int]]:
+        return list(zip(self.segment_lengths, self.dilation_rates))
+
+    def head_offsets(self, branch: int, num_heads: int) -> list[int]:
+        return head_offsets(self.dilation_rates[branch], num_heads, self.offsets)
+
+
+def uncovered_positions(
+    segment_lengths, dilation_rates, num_heads: int, offsets: str = "interleaved", max_period: int = 1 << 26
+) -> list[tuple[int, int]]:
+    """The (position in period, head) pairs that no branch covers.
+
+    Participation depends on the logical position only through ``t mod w_i``, so the pattern repeats with
+    period ``lcm(segment_lengths)``; a pair (p, h) returned here means that every token whose logical position
+    is p modulo that period gets no attention in head h (its output would be zero). An empty list means every
+    query sees at least itself. ``max_period`` bounds the exhaustive check.
+    """
+    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads <= 0:
+        raise ValueError(f"`num_heads` must be a positive int, got {num_heads!r}")
+    if 1 in pattern.dilation_rates:  # r = 1 gives every head offset 0 and every position participates
+        return []
+    period = math.lcm(*pattern.segment_lengths)
+    if period > max_period:
+        raise ValueError(
+            f"the pattern repeats every lcm(segment_lengths) = {period} positions, more than max_period="
+            f"{max_period} can check; use segment lengths that divide each other or include a branch with r = 1"
+        )
+    positions = torch.arange(period)
+    offsets_per_branch = [pattern.head_offsets(i, num_heads) for i in range(len(pattern.branches))]
+    uncovered = []
+    by_offsets: dict[tuple[int, ...], torch.Tensor] = {}
+    for h in range(num_heads):
+        key = tuple(o[h] for o in offsets_per_branch)
+        if key not in by_offsets:
+            covered = torch.zeros(period, dtype=torch.bool)
+            for (w, r), o in zip(pattern.branches, key):
+                covered |= (positions % w) % r == o
+            by_offsets[key] = (~covered).nonzero().flatten()
+        uncovered.extend((int(p), h) for p in by_offsets[key])
+    return sorted(uncovered)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the tokens are: documents and logical positions
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TokenLayout:
+    """Where the real tokens of a batch lie, and their logical positions.
+
+    One entry per document run: batch row ``doc_row``, first key index ``doc_start``, ``doc_length`` tokens,
+    the first of which has logical position ``doc_first_position``. Every key outside these runs is padding.
+    The ``num_queries`` queries are the last ``num_queries`` key positions (the KV-cache convention).
+
+    Build it with :meth:`build`; a model builds it once per forward pass and hands it to every layer. Backends
+    may cache their own tables derived from it in ``cache``.
+    """
+
+    batch_size: int
+    num_keys: int
+    num_queries: int
+    doc_row: torch.Tensor
+    doc_start: torch.Tensor
+    doc_length: torch.Tensor
+    doc_first_position: torch.Tensor
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def query_begin(self) -> int:
+        return self.num_keys - self.num_queries
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_row.numel())
+
+    @classmethod
+    def build(
+        cls,
+        batch_size: int,
+        num_keys: int,
+        num_queries: int | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        position_offset: torch.Tensor | int | None = None,
+        device: torch.device | None = None,
+    ) -> "TokenLayout":
+        """Checks ``attention_mask`` / ``cu_seqlens`` / ``position_offset`` and turns them into documents."""
+        num_queries = num_keys if num_queries is None else num_queries
+        if attention_mask is not None and cu_seqlens is not None:
+            raise ValueError(
+                "give either `attention_mask` (padding) or `cu_seqlens` (packed documents), not both: packed "
+                "rows have no padding"
+            )
+        if cu_seqlens is not None:
+            if position_offset is not None:
+                raise ValueError("`position_offset` cannot be combined with `cu_seqlens`")
+            if num_queries != num_keys:
+                raise ValueError("`cu_seqlens` needs as many queries as keys")
+            starts, lengths = _documents_from_cu_seqlens(cu_seqlens, batch_size, num_keys, device)
+            rows = torch.zeros_like(starts)
+            first = torch.zeros_like(starts)
+        else:
+            rows = torch.arange(batch_size)
+            if attention_mask is not None:
+                starts, lengths = _documents_from_mask(attention_mask, batch_size, num_keys, device)
+            else:
+                starts = torch.zeros(batch_size, dtype=torch.long)
+                lengths = torch.full((batch_size,), num_keys, dtype=torch.long)
+            first = _position_offsets(position_offset, batch_size)
+            keep = lengths > 0
+            rows, starts, lengths, first = rows[keep], starts[keep], lengths[keep], first[keep]
+        return cls(batch_size, num_keys, num_queries, rows, starts, lengths, first)
+
+    def logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(document id, logical position)`` of every key, shape (B, N_k) each; document id -1 is padding."""
+        doc = torch.full((self.batch_size, self.num_keys), -1, dtype=torch.long)
+        pos = torch.zeros((self.batch_size, self.num_keys), dtype=torch.long)
+        for d in range(self.num_documents):
+            b, s, n, p = (int(x[d]) for x in (self.doc_row, self.doc_start, self.doc_length, self.doc_first_position))
+            doc[b, s : s + n] = d
+            pos[b, s : s + n] = torch.arange(p, p + n)
+        return doc, pos
+
+
+def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, device) -> tuple[torch.Tensor, ...]:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != (batch_size, num_keys):
+        raise ValueError(
+            f"`attention_mask` must have shape (batch, key_length) = {(batch_size, num_keys)}, got {tuple(mask.shape)}"
+        )
+    if device is not None and mask.device != device:
+        raise ValueError(f"`attention_mask` is on {mask.device} but the queries are on {device}")
+    if mask.is_floating_point() or mask.is_complex():
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold 1 for real tokens and 0 for padding, got other values")
+    elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("`attention_mask` must hold 1 for real tokens and 0 for padding, got other values")
+    real = (mask != 0).cpu()
+    lengths = real.sum(dim=1)
+    index = torch.arange(num_keys).expand_as(real)
+    starts = torch.where(real, index, num_keys).amin(dim=1)
+    ends = torch.where(real, index + 1, 0).amax(dim=1)
+    holes = ((ends - starts) != lengths) & (lengths > 0)
+    if bool(holes.any()):
+        bad = int(holes.nonzero()[0])
+        raise ValueError(
+            f"`attention_mask` row {bad} has padding between real tokens; only left or right padding (one run of "
+            "1s per row) is supported. Packed documents go in `cu_seqlens`."
+        )
+    starts = torch.where(lengths > 0, starts, 0)
+    return starts.long(), lengths.long()
+
+
+def _documents_from_cu_seqlens(cu_seqlens, batch_size: int, num_keys: int, device) -> tuple[torch.Tensor, ...]:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"`cu_seqlens` must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`cu_seqlens` must be int32 (or int64), got {cu_seqlens.dtype}")
+    if batch_size != 1:
+        raise ValueError(f"`cu_seqlens` packs documents into one row: the batch size must be 1, got {batch_size}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"`cu_seqlens` must be 1-D with documents + 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the queries are on {device}")
+    cu = cu_seqlens.cpu().long()
+    if int(cu[0]) != 0 or int(cu[-1]) != num_keys:
+        raise ValueError(f"`cu_seqlens` must start at 0 and end at the sequence length {num_keys}, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"`cu_seqlens` must be non-decreasing, got {cu.tolist()}")
+    keep = lengths > 0
+    return cu[:-1][keep], lengths[keep]
+
+
+def _position_offsets(position_offset, batch_size: int) -> torch.Tensor:
+    if position_offset is None:
+        return torch.zeros(batch_size, dtype=torch.long)
+    if isinstance(position_offset, Integral) and not isinstance(position_offset, bool):
+        offsets = torch.full((batch_size,), int(position_offset), dtype=torch.long)
+    elif isinstance(position_offset, torch.Tensor) and not position_offset.is_floating_point():
+        if position_offset.shape not in ((batch_size,), ()):
+            raise ValueError(f"`position_offset` must have shape (batch,) = ({batch_size},), got {tuple(position_offset.shape)}")
+        offsets = position_offset.detach().cpu().long().expand(batch_size).clone()
+    else:
+        raise TypeError(f"`position_offset` must be an int or an integer tensor of shape (batch,), got {position_offset!r}")
+    if bool((offsets < 0).any()):
+        raise ValueError(f"`position_offset` must be non-negative, got {offsets.tolist()}")
+    return offsets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"`{name}` must have shape (batch, seq_len, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"`q`, `k` and `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"`q`, `k` and `v` must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"`k` and `v` must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"`q` and `k` must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"`q` and `k` must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"`q` has {q.shape[1]} positions but `k` only {k.shape[1]}: queries are the last positions of the key "
+            "sequence, so there cannot be more of them"
+        )
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[2]}) must be a multiple of the number of key/value heads "
+            f"({k.shape[2]}) for grouped-query attention"
+        )
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine (each still checks its own shape limits)."""
+    names = ["torch"]
+    if _triton_module() is not None:
+        names.append("triton")
+    if _flash_module() is not None:
+        names.append("flash")
+    return names
+
+
+def _triton_module():
+    try:
+        from . import dilated_attention_triton
+    except ImportError:
+        return None
+    return dilated_attention_triton if dilated_attention_triton.is_available() else None
+
+
+def _flash_module():
+    try:
+        from . import dilated_attention_flash
+    except ImportError:
+        return None
+    return dilated_attention_flash if dilated_attention_flash.is_available() else None
+
+
+def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: float):
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return _torch_backend
+    if backend == "triton":
+        module = _triton_module()
+        if module is None:
+            raise RuntimeError(
+                "backend='triton' needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests); "
+                "use backend='torch' or 'auto'"
+            )
+        module.check_supported(q, pattern, layout, dropout_p)
+        return module.dilated_attention_triton
+    if backend == "flash":
+        module = _flash_module()
+        if module is None:
+            raise RuntimeError("backend='flash' needs the `flash-attn` package and a CUDA GPU: pip install flash-attn")
+        module.check_supported(q, pattern, layout, dropout_p)
+        return module.dilated_attention_flash
+    # auto: the fused kernel where it runs, else the readable path
+    if q.is_cuda:
+        module = _triton_module()
+        if module is not None and module.supports(q, pattern, layout, dropout_p):
+            return module.dilated_attention_triton
+    return _torch_backend
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: int | Sequence[int],
+    dilation_rates: int | Sequence[int],
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    offsets: str = "interleaved",
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    position_offset: torch.Tensor | int | None = None,
+    token_layout: TokenLayout | None = None,
+) -> torch.Tensor:
+    """Dilated attention of SPEC.md: a mixture of (segment length, dilation rate) branches.
+
+    Args:
+        q: ``(B, N_q, H, D)`` queries.
+        k, v: ``(B, N_k, H_kv, D)`` keys and values; ``H`` must be a multiple of ``H_kv`` (grouped-query
+            attention: query head h reads key/value head ``h // (H // H_kv)``). Usually ``N_q == N_k``; with a
+            KV cache the queries are the last ``N_q`` of the ``N_k`` positions.
+        segment_lengths, dilation_rates: one positive int per branch (an int means one branch).
+        causal: a query sees no key after it.
+        softmax_scale: defaults to ``D ** -0.5``.
+        offsets: ``"interleaved"`` (head h takes offset ``h mod r``, the paper's) or ``"grouped"``
+            (``h // ceil(H / r)``, torchscale's).
+        attention_mask: ``(B, N_k)``, 1 for real tokens and 0 for padding, left or right. Padding queries get 0.
+        cu_seqlens: int32 ``(documents + 1,)`` cumulative lengths of documents packed into one row (B = 1).
+        dropout_p: probability of dropping an entry of the mixed softmax (use 0 in evaluation).
+        backend: ``"auto"`` (Triton on CUDA where it applies, else torch), ``"torch"``, ``"triton"``, ``"flash"``.
+        position_offset: int or ``(B,)``: logical position of each row's first real key (a KV cache that has
+            dropped the tokens no query can see again passes how many it dropped).
+        token_layout: a :class:`TokenLayout` built once and reused across layers, instead of ``attention_mask`` /
+            ``cu_seqlens`` / ``position_offset``.
+
+    Returns:
+        ``(B, N_q, H, D)``, the dtype of ``q``.
+    """
+    _check_qkv(q, k, v)
+    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
+    if not isinstance(causal, bool):
+        raise TypeError(f"`causal` must be a bool, got {causal!r}")
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_keys = k.shape[1]
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real) or not softmax_scale > 0:
+        raise ValueError(f"`softmax_scale` must be a positive number or None, got {softmax_scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
+    if token_layout is None:
+        token_layout = TokenLayout.build(
+            batch, num_keys, num_queries,
+            attention_mask=attention_mask, cu_seqlens=cu_seqlens, position_offset=position_offset, device=q.device,
+        )
+    else:
+        if attention_mask is not None or cu_seqlens is not None or position_offset is not None:
+            raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
+        if (token_layout.batch_size, token_layout.num_keys, token_layout.num_queries) != (batch, num_keys, num_queries):
+            raise ValueError(
+                f"`token_layout` was built for (batch, keys, queries) = "
+                f"{(token_layout.batch_size, token_layout.num_keys, token_layout.num_queries)}, the tensors have "
+                f"{(batch, num_keys, num_queries)}"
+            )
+    run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
+    if q.numel() == 0 or k.numel() == 0:
+        return q.new_zeros(q.shape)
+    return run(q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The PyTorch backend
+# ----------------------------------------------------------------------------------------------------------
+#
+# For one branch (w, r), every (segment, head) holds the positions t = s*w + o(h) + j*r, j = 0, 1, ...; the
+# queries of that (segment, head) attend exactly those keys (causally: the ones with j not larger). Gathering
+# them gives a small dense attention per (segment, head). We build, once per layout and branch, the flat row
+# index of every gathered query and key, run the dense problems a chunk at a time, and merge each branch into
+# the running output with its log-sum-exp, as a flash-attention kernel merges key blocks.
+
+# Elements of one chunk's score matrix. Peak memory is a few of these (scores, probabilities, masks) on top of
+# the inputs, outputs and the per-branch gathered keys and values.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class _BranchTables:
+    """Gather tables of one branch: (S, H, L) flat row indices of queries and keys, and their validity."""
+
+    q_index: torch.Tensor  # into q.reshape(B * N_q * H, D); invalid entries point at row 0
+    q_valid: torch.Tensor
+    k_index: torch.Tensor  # into k.reshape(B * N_k * H_kv, D)
+    k_valid: torch.Tensor
+    q_position: torch.Tensor  # logical positions, for the causal mask
+    k_position: torch.Tensor
+
+
+def _participating(seg_base, seg_lo, seg_hi, offsets, r):
+    """Enumerate t = seg_base + o + j*r in [lo, hi) for every (segment, head): returns t (S, H, L) and validity."""
+    o = offsets.view(1, -1)
+    rel_lo = (seg_lo - seg_base).view(-1, 1) - o
+    rel_hi = (seg_hi - seg_base).view(-1, 1) - o
+    j_lo = torch.div(rel_lo + r - 1, r, rounding_mode="floor").clamp(min=0)
+    j_hi = torch.div(rel_hi + r - 1, r, rounding_mode="floor").clamp(min=0)
+    count = (j_hi - j_lo).clamp(min=0)
+    length = int(count.max()) if count.numel() else 0
+    j = j_lo.unsqueeze(-1) + torch.arange(length)
+    t = seg_base.view(-1, 1, 1) + o.unsqueeze(-1) + j * r
+    valid = torch.arange(length) < count.unsqueeze(-1)
+    return t, valid
+
+
+def _branch_tables(layout: TokenLayout, w: int, r: int, offsets: list[int], num_heads: int, num_kv_heads: int, device):
+    key = ("torch", w, r, tuple(offsets), num_heads, num_kv_heads, str(device))
+    if key in layout.cache:
+        return layout.cache[key]
+    first = layout.doc_first_position
+    start, length, row = layout.doc_start, layout.doc_length, layout.doc_row
+    # logical range of each document's queries (the last num_queries key positions)
+    q_first = first + (layout.query_begin - start).clamp(min=0)
+    last = first + length  # exclusive
+    has_queries = q_first < last
+    seg_first = torch.div(q_first, w, rounding_mode="floor")
+    seg_count = torch.where(has_queries, torch.div(last - 1, w, rounding_mode="floor") - seg_first + 1, 0)
+    doc_of_seg = torch.repeat_interleave(torch.arange(len(seg_count)), seg_count)
+    seg_number = seg_first[doc_of_seg] + torch.arange(len(doc_of_seg)) - torch.repeat_interleave(
+        torch.cumsum(seg_count, 0) - seg_count, seg_count
+    )
+    seg_base = seg_number * w
+    hi = torch.minimum(seg_base + w, last[doc_of_seg])
+    k_lo = torch.maximum(seg_base, first[doc_of_seg])
+    q_lo = torch.maximum(seg_base, q_first[doc_of_seg])
+    offs = torch.tensor(offsets, dtype=torch.long)
+    k_t, k_valid = _participating(seg_base, k_lo, hi, offs, r)
+    q_t, q_valid = _participating(seg_base, q_lo, hi, offs, r)
+
+    group = num_heads // num_kv_heads
+    heads = torch.arange(num_heads).view(1, -1, 1)
+    doc_row = row[doc_of_seg].view(-1, 1, 1)
+    to_physical = (start - first)[doc_of_seg].view(-1, 1, 1)
+    k_index = ((doc_row * layout.num_keys + k_t + to_physical) * num_kv_heads + heads // group)
+    q_index = ((doc_row * layout.num_queries + q_t + to_physical - layout.query_begin) * num_heads + heads)
+    tables = _BranchTables(
+        q_index=torch.where(q_valid, q_index, 0).to(device),
+        q_valid=q_valid.to(device),
+        k_index=torch.where(k_valid, k_index, 0).to(device),
+        k_valid=k_valid.to(device),
+        q_position=q_t.to(device),
+        k_position=k_t.to(device),
+    )
+    layout.cache[key] = tables
+    return tables
+
+
+def _chunks(tables: _BranchTables):
+    """(segment slice, query-row slice) pairs whose score matrices hold about _CHUNK_ELEMENTS elements."""
+    num_segments, num_heads, q_len = tables.q_index.shape
+    k_len = tables.k_index.shape[2]
+    per_row = max(1, num_heads * k_len)
+    rows = max(1, _CHUNK_ELEMENTS // per_row)
+    if rows >= q_len:
+        segments = max(1, rows // max(q_len, 1))
+        for s in range(0, num_segments, segments):
+            yield slice(s, min(s + segments, num_segments)), slice(0, q_len)
+    else:
+        for s in range(num_segments):
+            for j in range(0, q_len, rows):
+                yield slice(s, s + 1), slice(j, min(j + rows, q_len))
+
+
+def _dropout_keep(shape, seed: int, branch: int, chunk: int, dropout_p: float, device) -> torch.Tensor:
+    # One generator per (branch, chunk), so that the backward pass redraws the same mask without replaying
+    # the forward's order.
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + branch * 65_537 + chunk) % (1 << 63))
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _gather(x_flat, index):
+    return x_flat.index_select(0, index.reshape(-1)).view(*index.shape, x_flat.shape[-1])
+
+
+def _scores(q_rows, k_rows, tables, segs, rows, causal, scale):
+    """Masked scores (s, H, lq, Lk) of one chunk and the mask of allowed (query, key) pairs."""
+    scores = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
+    allowed = tables.k_valid[segs].unsqueeze(-2) & tables.q_valid[segs, :, rows].unsqueeze(-1)
+    if causal:
+        allowed = allowed & (tables.k_position[segs].unsqueeze(-2) <= tables.q_position[segs, :, rows].unsqueeze(-1))
+    return scores.masked_fill(~allowed, float("-inf")), allowed
+
+
+class _TorchDilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, layout, causal, scale, dropout_p):
+        batch, num_queries, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[2]
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        q_flat = q.reshape(-1, head_dim)
+        k_flat = k.reshape(-1, head_dim)
+        v_flat = v.reshape(-1, head_dim)
+        rows_total = q_flat.shape[0]
+        # one spare row at the end receives the writes of padding entries of the gather tables
+        out = torch.zeros(rows_total + 1, head_dim, dtype=compute, device=q.device)
+        lse = torch.full((rows_total + 1,), float("-inf"), dtype=compute, device=q.device)
+        seed = int(torch.randint(0, 1 << 62, (1,))) if dropout_p > 0 else 0
+
+        for branch, (w, r) in enumerate(pattern.branches):
+            tables = _branch_tables(layout, w, r, pattern.head_offsets(branch, num_heads), num_heads, num_kv_heads, q.device)
+            if tables.q_index.numel() == 0:
+                continue
+            for chunk, (segs, rows) in enumerate(_chunks(tables)):
+                q_rows = _gather(q_flat, tables.q_index[segs, :, rows]).to(compute)
+                k_rows = _gather(k_flat, tables.k_index[segs]).to(compute)
+                v_rows = _gather(v_flat, tables.k_index[segs]).to(compute)
+                scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
+                chunk_lse = torch.logsumexp(scores, dim=-1)
+                chunk_lse = torch.where(allowed.any(-1), chunk_lse, float("-inf"))
+                probs = torch.exp(scores - chunk_lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+                if dropout_p > 0:
+                    keep = _dropout_keep(probs.shape, seed, branch, chunk, dropout_p, q.device)
+                    probs = probs * keep / (1.0 - dropout_p)
+                chunk_out = torch.matmul(probs, v_rows)
+                # merge into the running output, like a flash-attention kernel merges key blocks
+                target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total).reshape(-1)
+                old_lse = lse[target]
+                new_lse = torch.logaddexp(old_lse, chunk_lse.reshape(-1))
+                safe = new_lse.nan_to_num(neginf=0.0)
+                merged = out[target] * torch.exp(old_lse - safe).unsqueeze(-1) + chunk_out.reshape(-1, head_dim) * torch.exp(
+                    chunk_lse.reshape(-1) - safe
+                ).unsqueeze(-1)
+                out[target] = merged
+                lse[target] = new_lse
+
+        out, lse = out[:rows_total], lse[:rows_total]
+        result = out.to(q.dtype).view(batch, num_queries, num_heads, head_dim)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = pattern, layout, causal, scale, dropout_p, seed
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        pattern, layout, causal, scale, dropout_p = ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p
+        head_dim = q.shape[-1]
+        num_heads, num_kv_heads = q.shape[2], k.shape[2]
+        compute = out.dtype
+        q_flat = q.reshape(-1, head_dim)
+        k_flat = k.reshape(-1, head_dim)
+        v_flat = v.reshape(-1, head_dim)
+        do_flat = grad_out.reshape(-1, head_dim).to(compute)
+        # rowsum(dO * O): the softmax-Jacobian term shared by every branch
+        delta = (do_flat * out).sum(-1)
+        dq = torch.zeros(q_flat.shape, dtype=compute, device=q.device)
+        dk = torch.zeros(k_flat.shape, dtype=compute, device=q.device)
+        dv = torch.zeros(v_flat.shape, dtype=compute, device=q.device)
+        finite_lse = lse.nan_to_num(neginf=0.0)
+
+        for branch, (w, r) in enumerate(pattern.branches):
+            tables = _branch_tables(layout, w, r, pattern.head_offsets(branch, num_heads), num_heads, num_kv_heads, q.device)
+            if tables.q_index.numel() == 0:
+                continue
+            for chunk, (segs, rows) in enumerate(_chunks(tables)):
+                q_idx = tables.q_index[segs, :, rows]
+                k_idx = tables.k_index[segs]
+                q_rows = _gather(q_flat, q_idx).to(compute)
+                k_rows = _gather(k_flat, k_idx).to(compute)
+                v_rows = _gather(v_flat, k_idx).to(compute)
+                do_rows = _gather(do_flat, q_idx)
+                scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
+                probs = torch.exp(scores - finite_lse[q_idx].unsqueeze(-1))  # exactly the mixed softmax's entries
+                d_probs = torch.matmul(do_rows, v_rows.transpose(-1, -2))
+                if dropout_p > 0:
+                    keep = _dropout_keep(probs.shape, ctx.seed, branch, chunk, dropout_p, q.device) / (1.0 - dropout_p)
+                    dv_rows = torch.matmul((probs * keep).transpose(-1, -2), do_rows)
+                    d_probs = d_probs * keep
+                else:
+                    dv_rows = torch.matmul(probs.transpose(-1, -2), do_rows)
+                d_scores = probs * (d_probs - delta[q_idx].unsqueeze(-1)) * scale
+                d_scores = d_scores.masked_fill(~allowed, 0.0)
+                dq.index_add_(0, q_idx.reshape(-1), torch.matmul(d_scores, k_rows).reshape(-1, head_dim))
+                dk.index_add_(0, k_idx.reshape(-1), torch.matmul(d_scores.transpose(-1, -2), q_rows).reshape(-1, head_dim))
+                dv.index_add_(0, k_idx.reshape(-1), dv_rows.reshape(-1, head_dim))
+
+        return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None, None, None
+
+
+def _torch_backend(q, k, v, pattern: DilatedPattern, layout: TokenLayout, *, causal: bool, softmax_scale: float, dropout_p: float):
+    return _TorchDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
