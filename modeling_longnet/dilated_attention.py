@@ -394,7 +394,8 @@ def dilated_attention(
     backend: str = "auto",
     position_offset: torch.Tensor | int | None = None,
     token_layout: TokenLayout | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of SPEC.md: a mixture of (segment length, dilation rate) branches.
 
     Args:
@@ -415,9 +416,12 @@ def dilated_attention(
             dropped the tokens no query can see again passes how many it dropped).
         token_layout: a :class:`TokenLayout` built once and reused across layers, instead of ``attention_mask`` /
             ``cu_seqlens`` / ``position_offset``.
+        return_lse: also return the log-sum-exp of the mixed softmax, ``(B, N_q, H)`` in float32 (float64 for
+            float64 inputs), ``-inf`` where a query sees nothing. It is differentiable: partial results computed
+            apart (for instance on different devices) mix exactly as ``sum_j exp(lse_j - logsumexp_j lse_j) O_j``.
 
     Returns:
-        ``(B, N_q, H, D)``, the dtype of ``q``.
+        ``(B, N_q, H, D)`` in the dtype of ``q``, and the LSE if ``return_lse``.
     """
     _check_qkv(q, k, v)
     pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
@@ -445,10 +449,17 @@ def dilated_attention(
                 f"{(token_layout.batch_size, token_layout.num_keys, token_layout.num_queries)}, the tensors have "
                 f"{(batch, num_keys, num_queries)}"
             )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
     run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
     if q.numel() == 0 or k.numel() == 0:
-        return q.new_zeros(q.shape)
-    return run(q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p))
+        out = q.new_zeros(q.shape)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (out, q.new_full(q.shape[:3], float("-inf"), dtype=lse_dtype)) if return_lse else out
+    out, lse = run(
+        q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
+    )
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,6 +562,19 @@ def _chunks(tables: _BranchTables):
                 yield slice(s, s + 1), slice(j, min(j + rows, q_len))
 
 
+def merge_partial(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor):
+    """Mix a partial result (its rows' outputs and log-sum-exps) into the running ``out`` / ``lse``, in place.
+
+    This is how a flash-attention kernel merges key blocks, and how the branches mix: the result is the softmax
+    over the union of the keys seen so far. ``rows`` must not repeat, except for a spare row nobody reads.
+    """
+    old_lse = lse[rows]
+    new_lse = torch.logaddexp(old_lse, part_lse)
+    finite = new_lse.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
+    out[rows] = out[rows] * torch.exp(old_lse - finite).unsqueeze(-1) + part_out * torch.exp(part_lse - finite).unsqueeze(-1)
+    lse[rows] = new_lse
+
+
 def _dropout_keep(shape, seed: int, branch: int, chunk: int, dropout_p: float, device) -> torch.Tensor:
     # One generator per (branch, chunk), so that the backward pass redraws the same mask without replaying
     # the forward's order.
@@ -603,26 +627,19 @@ class _TorchDilatedAttention(torch.autograd.Function):
                     keep = _dropout_keep(probs.shape, seed, branch, chunk, dropout_p, q.device)
                     probs = probs * keep / (1.0 - dropout_p)
                 chunk_out = torch.matmul(probs, v_rows)
-                # merge into the running output, like a flash-attention kernel merges key blocks
-                target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total).reshape(-1)
-                old_lse = lse[target]
-                new_lse = torch.logaddexp(old_lse, chunk_lse.reshape(-1))
-                safe = new_lse.nan_to_num(neginf=0.0)
-                merged = out[target] * torch.exp(old_lse - safe).unsqueeze(-1) + chunk_out.reshape(-1, head_dim) * torch.exp(
-                    chunk_lse.reshape(-1) - safe
-                ).unsqueeze(-1)
-                out[target] = merged
-                lse[target] = new_lse
+                target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total)
+                merge_partial(out, lse, target.reshape(-1), chunk_out.reshape(-1, head_dim), chunk_lse.reshape(-1))
 
         out, lse = out[:rows_total], lse[:rows_total]
         result = out.to(q.dtype).view(batch, num_queries, num_heads, head_dim)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = pattern, layout, causal, scale, dropout_p, seed
-        return result
+        ctx.set_materialize_grads(False)
+        return result, lse.view(batch, num_queries, num_heads)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         pattern, layout, causal, scale, dropout_p = ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p
         head_dim = q.shape[-1]
@@ -631,9 +648,14 @@ class _TorchDilatedAttention(torch.autograd.Function):
         q_flat = q.reshape(-1, head_dim)
         k_flat = k.reshape(-1, head_dim)
         v_flat = v.reshape(-1, head_dim)
+        if grad_out is None:
+            grad_out = torch.zeros(q.shape, dtype=compute, device=q.device)
         do_flat = grad_out.reshape(-1, head_dim).to(compute)
-        # rowsum(dO * O): the softmax-Jacobian term shared by every branch
+        # rowsum(dO * O): the softmax-Jacobian term shared by every branch. A gradient on the LSE enters the same
+        # way with the opposite sign, since d LSE / d s = P.
         delta = (do_flat * out).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.reshape(-1).to(compute)
         dq = torch.zeros(q_flat.shape, dtype=compute, device=q.device)
         dk = torch.zeros(k_flat.shape, dtype=compute, device=q.device)
         dv = torch.zeros(v_flat.shape, dtype=compute, device=q.device)

@@ -1,0 +1,465 @@
+"""The dilated attention core against the brute-force reference: values, gradients, dropout, coverage, errors."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import head_offset, reference_dilated_attention
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, uncovered_positions
+
+# the package exports the function under the module's name, so reach the module through importlib
+dilated_attention_module = importlib.import_module("modeling_longnet.dilated_attention")
+
+# ---------------------------------------------------------------------------------------------------------
+# random cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def attention_cases(draw, max_len=300, max_heads=8, head_dims=(8, 16, 64), max_branches=5):
+    num_keys = draw(st.integers(1, max_len))
+    layout = draw(st.sampled_from(["none", "left", "right", "padded_rows", "packed", "decode"]))
+    batch = 1 if layout == "packed" else draw(st.integers(1, 3))
+    num_kv_heads = draw(st.integers(1, max_heads))
+    group = draw(st.sampled_from([g for g in range(1, max_heads + 1) if num_kv_heads * g <= max_heads]))
+    branches = draw(st.integers(1, max_branches))
+    segment_lengths = [
+        draw(st.one_of(st.integers(1, 64), st.integers(num_keys, 2 * num_keys + 8))) for _ in range(branches)
+    ]
+    dilation_rates = [draw(st.integers(1, 8)) for _ in range(branches)]
+    case = dict(
+        batch=batch,
+        num_keys=num_keys,
+        num_queries=num_keys,
+        num_heads=num_kv_heads * group,
+        num_kv_heads=num_kv_heads,
+        head_dim=draw(st.sampled_from(head_dims)),
+        segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates,
+        causal=draw(st.booleans()),
+        offsets=draw(st.sampled_from(["interleaved", "grouped"])),
+        attention_mask=None,
+        cu_seqlens=None,
+        position_offset=None,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if layout in ("left", "right", "padded_rows", "decode"):
+        mask = torch.ones(batch, num_keys, dtype=torch.long)
+        for b in range(batch):
+            pad = draw(st.integers(0, num_keys))
+            if layout == "padded_rows" and b == 0:
+                pad = num_keys  # a row of nothing but padding
+            if layout == "right":
+                mask[b, num_keys - pad :] = 0
+            else:
+                mask[b, :pad] = 0
+        case["attention_mask"] = mask
+    if layout == "packed":
+        cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=6)))
+        case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
+    if layout == "decode":
+        case["num_queries"] = draw(st.integers(1, num_keys))
+        case["position_offset"] = torch.tensor([draw(st.integers(0, 200)) for _ in range(batch)])
+    return case
+
+
+def make_inputs(case, dtype=torch.float64, requires_grad=True):
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape_q = (case["batch"], case["num_queries"], case["num_heads"], case["head_dim"])
+    shape_kv = (case["batch"], case["num_keys"], case["num_kv_heads"], case["head_dim"])
+    q = torch.randn(shape_q, generator=generator, dtype=dtype)
+    k = torch.randn(shape_kv, generator=generator, dtype=dtype)
+    v = torch.randn(shape_kv, generator=generator, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def call_kwargs(case):
+    return dict(
+        causal=case["causal"],
+        offsets=case["offsets"],
+        attention_mask=case["attention_mask"],
+        cu_seqlens=case["cu_seqlens"],
+        position_offset=case["position_offset"],
+    )
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as uncovered queries."""
+    x, y = x.detach(), y.detach()
+    return float((x - y).norm() / max(float(y.norm()), 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values and gradients
+# ---------------------------------------------------------------------------------------------------------
+
+
+@given(attention_cases())
+def test_torch_backend_matches_reference_values_and_gradients(case):
+    q, k, v = make_inputs(case)
+    out = dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", **call_kwargs(case))
+    ref = reference_dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], **call_kwargs(case))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) <= 1e-10
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g, w in zip("qkv", got, want):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, w) <= 1e-10, name
+
+
+@settings(max_examples=12)
+@given(attention_cases(max_len=10, max_heads=2, head_dims=(8,), max_branches=3))
+def test_gradcheck(case):
+    q, k, v = make_inputs(case)
+
+    def attention(q, k, v):
+        return dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", **call_kwargs(case))
+
+    # fast mode checks random projections of the Jacobian: the same failures, a fraction of the time
+    assert torch.autograd.gradcheck(attention, (q, k, v), fast_mode=True)
+
+
+def reference_lse(q, k, case):
+    """The LSE of the mixed softmax from the reference: attention with v = identity rows gives it indirectly;
+    here it is computed directly from the reference's dense masks."""
+    from reference import allowed_mask, logical_positions
+
+    batch, num_queries, num_heads, head_dim = q.shape
+    doc, pos = logical_positions(batch, k.shape[1], case["attention_mask"], case["cu_seqlens"], case["position_offset"])
+    allowed = allowed_mask(
+        case["segment_lengths"], case["dilation_rates"], num_heads, num_queries, doc, pos, case["causal"], case["offsets"]
+    )
+    group = num_heads // k.shape[2]
+    scores = q.transpose(1, 2) @ k.repeat_interleave(group, dim=2).transpose(1, 2).transpose(-1, -2) * head_dim**-0.5
+    scores = torch.where(allowed, scores, float("-inf"))  # (branches, B, H, Nq, Nk)
+    return torch.logsumexp(scores.permute(1, 3, 2, 0, 4).flatten(-2), dim=-1)  # (B, Nq, H)
+
+
+@settings(max_examples=30)
+@given(attention_cases(max_len=80))
+def test_returned_lse_matches_reference_and_is_differentiable(case):
+    q, k, v = make_inputs(case)
+    out, lse = dilated_attention(
+        q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", return_lse=True, **call_kwargs(case)
+    )
+    want = reference_lse(q, k, case)
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float64
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert relative_error(lse[finite], want[finite]) <= 1e-10
+    # gradient through the LSE (where finite) and the output together
+    weights = torch.randn(lse.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(7))
+    loss = (out.sum(-1) + torch.where(finite, lse, 0.0)) * weights
+    got = torch.autograd.grad(loss.sum(), (q, k, v))
+    ref = reference_dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], **call_kwargs(case))
+    loss_ref = (ref.sum(-1) + torch.where(finite, want, 0.0)) * weights
+    wanted = torch.autograd.grad(loss_ref.sum(), (q, k, v))
+    for name, g, w in zip("qkv", got, wanted):
+        assert relative_error(g, w) <= 1e-10, name
+
+
+def test_lse_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    attention = lambda q, k, v: dilated_attention(q, k, v, [4, 8], [1, 3], causal=True, return_lse=True, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_follow_the_reference(dtype):
+    case = dict(batch=2, num_keys=200, num_queries=200, num_heads=4, num_kv_heads=2, head_dim=16, seed=3)
+    q, k, v = make_inputs(case, dtype=dtype, requires_grad=False)
+    out = dilated_attention(q, k, v, [16, 64], [1, 4], causal=True, backend="torch")
+    ref = reference_dilated_attention(q.double(), k.double(), v.double(), [16, 64], [1, 4], causal=True)
+    assert out.dtype == dtype
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert relative_error(out.double(), ref) <= tolerance
+
+
+def test_fully_padded_batch_gives_zeros_not_nan():
+    q, k, v = (torch.randn(2, 9, 2, 8, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    out, lse = dilated_attention(q, k, v, [4], [2], attention_mask=mask, causal=True, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
+def test_segment_longer_than_sequence_is_one_segment():
+    q, k, v = (torch.randn(1, 50, 2, 8, dtype=torch.float64) for _ in range(3))
+    long = dilated_attention(q, k, v, [10**9], [1], causal=True)
+    exact = dilated_attention(q, k, v, [50], [1], causal=True)
+    assert torch.equal(long, exact)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    ).transpose(1, 2)
+    assert relative_error(long, dense) <= 1e-12
+
+
+def test_token_layout_reuse_equals_direct_call():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 4, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :13] = 0
+    layout = TokenLayout.build(2, 40, attention_mask=mask)
+    first = dilated_attention(q, k, v, [8, 32], [1, 4], token_layout=layout, causal=True)
+    again = dilated_attention(q, k, v, [8, 32], [1, 4], token_layout=layout, causal=True)  # cached tables
+    direct = dilated_attention(q, k, v, [8, 32], [1, 4], attention_mask=mask, causal=True)
+    assert torch.equal(first, direct) and torch.equal(again, direct)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------
+
+DROPOUT_ARGS = dict(segment_lengths=[4, 16], dilation_rates=[1, 2], causal=True)
+
+
+def _dropout_inputs(n=24, dim=8):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(1, n, 2, dim, generator=generator, dtype=torch.float64) for _ in range(3)]
+
+
+def test_dropout_same_seed_same_result_different_seed_different_result():
+    q, k, v = _dropout_inputs()
+    torch.manual_seed(11)
+    a = dilated_attention(q, k, v, dropout_p=0.3, **DROPOUT_ARGS)
+    torch.manual_seed(11)
+    b = dilated_attention(q, k, v, dropout_p=0.3, **DROPOUT_ARGS)
+    torch.manual_seed(12)
+    c = dilated_attention(q, k, v, dropout_p=0.3, **DROPOUT_ARGS)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_dropout_zero_is_the_plain_function():
+    q, k, v = _dropout_inputs()
+    assert torch.equal(dilated_attention(q, k, v, dropout_p=0.0, **DROPOUT_ARGS), dilated_attention(q, k, v, **DROPOUT_ARGS))
+
+
+def test_dropout_is_unbiased():
+    q, k, v = _dropout_inputs()
+    exact = dilated_attention(q, k, v, **DROPOUT_ARGS)
+    torch.manual_seed(0)
+    draws = torch.stack([dilated_attention(q, k, v, dropout_p=0.25, **DROPOUT_ARGS) for _ in range(400)])
+    mean, std = draws.mean(0), draws.std(0)
+    varying = std > 0
+    assert torch.equal(mean[~varying], exact[~varying])
+    z = (mean - exact)[varying] / (std[varying] / math.sqrt(len(draws)))
+    assert z.abs().max() < 6.0
+    assert 0.7 < float((z**2).mean()) < 1.3  # z is standard normal if the mean is right
+
+
+def test_dropout_gradient_is_exact_for_a_fixed_mask():
+    q, k, v = (t.requires_grad_() for t in _dropout_inputs(n=12, dim=4))
+
+    def attention(q, k, v):
+        torch.manual_seed(5)  # the same dropout mask on every call
+        return dilated_attention(q, k, v, dropout_p=0.4, return_lse=True, **DROPOUT_ARGS)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# coverage
+# ---------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6)), min_size=1, max_size=3),
+    st.integers(1, 8),
+    st.sampled_from(["interleaved", "grouped"]),
+)
+def test_uncovered_positions_matches_brute_force_and_the_function(branches, num_heads, offsets):
+    segment_lengths = [w for w, _ in branches]
+    dilation_rates = [r for _, r in branches]
+    got = uncovered_positions(segment_lengths, dilation_rates, num_heads, offsets)
+    period = math.lcm(*segment_lengths)
+    want = [
+        (t, h)
+        for t in range(period)
+        for h in range(num_heads)
+        if not any((t % w) % r == head_offset(h, r, num_heads, offsets) for w, r in branches)
+    ]
+    assert got == want
+    # the queries at those positions are exactly the ones that see nothing
+    q = k = v = torch.randn(1, period, num_heads, 8, dtype=torch.float64)
+    _, lse = dilated_attention(q, k, v, segment_lengths, dilation_rates, offsets=offsets, return_lse=True)
+    assert sorted(map(tuple, torch.isneginf(lse[0]).nonzero().tolist())) == want
+
+
+def test_uncovered_positions_errors():
+    with pytest.raises(ValueError, match="num_heads"):
+        uncovered_positions([4], [2], 0)
+    with pytest.raises(ValueError, match="max_period"):
+        uncovered_positions([1009, 1013], [2, 3], 4, max_period=10_000)
+    assert uncovered_positions([2048, 4096], [1, 2], 12) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory: nothing quadratic
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_tensor(n: int, monkeypatch) -> int:
+    monkeypatch.setattr(dilated_attention_module, "_CHUNK_ELEMENTS", 1 << 16)  # small chunks, small test
+    q, k, v = (torch.randn(1, n, 1, 8, requires_grad=True) for _ in range(3))
+    with _LargestAllocation() as probe:
+        out = dilated_attention(q, k, v, [n], [1], causal=True, backend="torch")  # one segment of the whole sequence
+        out.sum().backward()
+    return probe.largest
+
+
+def test_torch_backend_never_builds_an_n_by_n_matrix(monkeypatch):
+    n = 2048
+    largest = _largest_tensor(n, monkeypatch)
+    assert largest < n * n / 16, f"a tensor of {largest} elements for N={n}"
+    assert _largest_tensor(2 * n, monkeypatch) <= 2 * largest  # linear growth
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad inputs: clear errors naming the parameter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _qkv(batch=1, n=8, heads=4, kv_heads=4, dim=8, dtype=torch.float32):
+    return torch.randn(batch, n, heads, dim, dtype=dtype), torch.randn(batch, n, kv_heads, dim, dtype=dtype), torch.randn(
+        batch, n, kv_heads, dim, dtype=dtype
+    )
+
+
+@pytest.mark.parametrize(
+    "segment_lengths, dilation_rates, error, match",
+    [
+        ([4, 8], [1], ValueError, "one entry per branch"),
+        ([], [], ValueError, "segment_lengths.*empty"),
+        ([4], [], ValueError, "dilation_rates.*empty"),
+        ([0], [1], ValueError, "segment_lengths.*positive"),
+        ([4], [-1], ValueError, "dilation_rates.*positive"),
+        ([4.0], [1], TypeError, "segment_lengths.*ints"),
+        ([4], [1.5], TypeError, "dilation_rates.*ints"),
+        ([True], [1], TypeError, "segment_lengths"),
+        ("48", [1], TypeError, "segment_lengths"),
+        (4, None, TypeError, "dilation_rates"),
+    ],
+)
+def test_bad_branches(segment_lengths, dilation_rates, error, match):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, segment_lengths, dilation_rates)
+
+
+def test_int_branches_mean_one_branch():
+    q, k, v = _qkv()
+    assert torch.equal(dilated_attention(q, k, v, 4, 2), dilated_attention(q, k, v, [4], [2]))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, "`q` must have shape"),
+        (lambda q, k, v: (q, k[..., :4], v[..., :4]), ValueError, "head_dim"),
+        (lambda q, k, v: (q, k, v[:, :4]), ValueError, "`k` and `v` must have the same shape"),
+        (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch size"),
+        (lambda q, k, v: (torch.cat([q, q], 1), k, v), ValueError, "queries are the last positions"),
+        (lambda q, k, v: (q, k[:, :, :3], v[:, :, :3]), ValueError, "multiple of the number of key/value heads"),
+        (lambda q, k, v: (q, k.double(), v.double()), TypeError, "one dtype"),
+        (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "`q` must be a floating-point"),
+        (lambda q, k, v: (q, k.to("meta"), v.to("meta")), ValueError, "one device"),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, "`q` must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors(change, error, match):
+    q, k, v = change(*_qkv())
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, [4], [1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(offsets="random"), ValueError, "offsets"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(causal=1), TypeError, "causal"),
+        (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+        (dict(softmax_scale="1"), ValueError, "softmax_scale"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(return_lse=1), TypeError, "return_lse"),
+        (dict(attention_mask=torch.ones(1, 7)), ValueError, "attention_mask.*shape"),
+        (dict(attention_mask=torch.ones(8)), ValueError, "attention_mask.*shape"),
+        (dict(attention_mask=torch.full((1, 8), 2)), ValueError, "attention_mask.*1 for real tokens"),
+        (dict(attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]])), ValueError, "attention_mask.*padding between"),
+        (dict(attention_mask=torch.ones(1, 8, device="meta")), ValueError, "attention_mask.*is on"),
+        (dict(attention_mask=[[1] * 8]), TypeError, "attention_mask"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 8])), TypeError, None),  # int64 is accepted: no error
+        (dict(cu_seqlens=torch.tensor([0.0, 8.0])), TypeError, "cu_seqlens.*int32"),
+        (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "cu_seqlens.*end at the sequence length"),
+        (dict(cu_seqlens=torch.tensor([1, 8], dtype=torch.int32)), ValueError, "cu_seqlens.*start at 0"),
+        (dict(cu_seqlens=torch.tensor([0, 6, 3, 8], dtype=torch.int32)), ValueError, "cu_seqlens.*non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([[0, 8]], dtype=torch.int32)), ValueError, "cu_seqlens.*1-D"),
+        (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), attention_mask=torch.ones(1, 8)), ValueError, "not both"),
+        (dict(position_offset=-1), ValueError, "position_offset.*non-negative"),
+        (dict(position_offset=torch.tensor([1, 2])), ValueError, "position_offset.*shape"),
+        (dict(position_offset=1.5), TypeError, "position_offset"),
+        (dict(token_layout=TokenLayout.build(1, 9)), ValueError, "token_layout"),
+        (dict(token_layout=TokenLayout.build(1, 8), attention_mask=torch.ones(1, 8)), ValueError, "token_layout"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    q, k, v = _qkv()
+    if match is None:
+        dilated_attention(q, k, v, [4], [1], **kwargs)
+        return
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, [4], [1], **kwargs)
+
+
+def test_cu_seqlens_needs_batch_of_one():
+    q, k, v = _qkv(batch=2)
+    with pytest.raises(ValueError, match="cu_seqlens.*batch size must be 1"):
+        dilated_attention(q, k, v, [4], [1], cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+def test_flash_backend_absent_is_a_clear_error():
+    pytest.importorskip("modeling_longnet.dilated_attention")
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        dilated_attention(q, k, v, [4], [1], backend="flash")
+
+
+def test_pattern_is_validated_once_and_reports_offsets():
+    pattern = DilatedPattern([4, 8], [2, 3], "grouped")
+    assert pattern.branches == [(4, 2), (8, 3)]
+    assert pattern.head_offsets(1, 5) == [0, 0, 1, 1, 2]
+    assert DilatedPattern([4, 8], [2, 3]).head_offsets(1, 5) == [0, 1, 2, 0, 1]
