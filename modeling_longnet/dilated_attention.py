@@ -324,30 +324,41 @@ def _check_qkv(q, k, v) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Backend:
+    check_supported: object  # (q, pattern, layout, dropout_p) -> None, or a ValueError naming the parameter
+    supports: object  # (q, pattern, layout, dropout_p) -> bool
+    run: object  # (q, k, v, pattern, layout, *, causal, softmax_scale, dropout_p) -> (out, lse)
+
+
+def _optional_backend(name: str) -> _Backend | None:
+    """An optional backend that can run on this machine, else None.
+
+    The imports are lazy (triton and flash-attn are optional) and spelled ``from .module import ...`` on purpose:
+    transformers copies into a saved model exactly the files named by such lines, so the backends travel with
+    remote code.
+    """
+    try:
+        if name == "triton":
+            from .dilated_attention_triton import check_supported, is_available, supports
+            from .dilated_attention_triton import dilated_attention_triton as run
+        else:
+            from .dilated_attention_flash import check_supported, is_available, supports
+            from .dilated_attention_flash import dilated_attention_flash as run
+    except ImportError:
+        return None
+    return _Backend(check_supported, supports, run) if is_available() else None
+
+
 def available_backends() -> list[str]:
     """Backends that can run on this machine (each still checks its own shape limits)."""
-    names = ["torch"]
-    if _triton_module() is not None:
-        names.append("triton")
-    if _flash_module() is not None:
-        names.append("flash")
-    return names
+    return ["torch"] + [name for name in ("triton", "flash") if _optional_backend(name) is not None]
 
 
-def _triton_module():
-    try:
-        from . import dilated_attention_triton
-    except ImportError:
-        return None
-    return dilated_attention_triton if dilated_attention_triton.is_available() else None
-
-
-def _flash_module():
-    try:
-        from . import dilated_attention_flash
-    except ImportError:
-        return None
-    return dilated_attention_flash if dilated_attention_flash.is_available() else None
+_BACKEND_NEEDS = {
+    "triton": "the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests)",
+    "flash": "the `flash-attn` package and a CUDA GPU (pip install flash-attn)",
+}
 
 
 def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: float):
@@ -355,27 +366,16 @@ def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: f
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return _torch_backend
-    if backend == "triton":
-        module = _triton_module()
-        if module is None:
-            raise RuntimeError(
-                "backend='triton' needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests); "
-                "use backend='torch' or 'auto'"
-            )
-        module.check_supported(q, pattern, layout, dropout_p)
-        return module.dilated_attention_triton
-    if backend == "flash":
-        module = _flash_module()
-        if module is None:
-            raise RuntimeError("backend='flash' needs the `flash-attn` package and a CUDA GPU: pip install flash-attn")
-        module.check_supported(q, pattern, layout, dropout_p)
-        return module.dilated_attention_flash
-    # auto: the fused kernel where it runs, else the readable path
-    if q.is_cuda:
-        module = _triton_module()
-        if module is not None and module.supports(q, pattern, layout, dropout_p):
-            return module.dilated_attention_triton
-    return _torch_backend
+    if backend == "auto":  # the fused kernel where it runs, else the readable path
+        triton_backend = _optional_backend("triton") if q.is_cuda else None
+        if triton_backend is not None and triton_backend.supports(q, pattern, layout, dropout_p):
+            return triton_backend.run
+        return _torch_backend
+    chosen = _optional_backend(backend)
+    if chosen is None:
+        raise RuntimeError(f"backend={backend!r} needs {_BACKEND_NEEDS[backend]}; use backend='torch' or 'auto'")
+    chosen.check_supported(q, pattern, layout, dropout_p)
+    return chosen.run
 
 
 def dilated_attention(

@@ -21,10 +21,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
-def _interface():
-    from flash_attn import flash_attn_interface
+# A module-level guarded import: transformers' remote-code loader demands every package imported outside a
+# try block, even inside a function, so an import in a function body would make flash-attn mandatory there.
+try:
+    from flash_attn import flash_attn_interface as _flash_attn_interface
+except ImportError:
+    _flash_attn_interface = None
 
-    return flash_attn_interface
+
+def _interface():
+    if _flash_attn_interface is None:
+        raise ImportError("flash-attn is not installed: pip install flash-attn")
+    return _flash_attn_interface
 
 
 def is_available() -> bool:

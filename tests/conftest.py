@@ -12,6 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `-n 2` on 2 cores: one thread per worker; more oversubscribes the machine
+
 sys.path.insert(0, os.path.dirname(__file__))  # `from reference import ...`
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -67,5 +67,3 @@ def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_
 flash_attn_interface = types.SimpleNamespace(
     _flash_attn_varlen_forward=_flash_attn_varlen_forward, _flash_attn_varlen_backward=_flash_attn_varlen_backward
 )
-module = types.ModuleType("flash_attn")
-module.flash_attn_interface = flash_attn_interface

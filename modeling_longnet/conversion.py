@@ -1,0 +1,98 @@
+"""Llama -> LongNet: a ``LlamaForCausalLM`` becomes a ``LongNetForCausalLM`` with the same weights.
+
+A LongNet block with the default options (RMSNorm pre-norm, gated SiLU MLP, rotary positions) is a Llama block
+whose attention is dilated, and its parameters carry Llama's names, so the conversion copies the configuration's
+sizes and the state dict as they are. With one branch covering the whole context (the default:
+``segment_lengths=[max_position_embeddings]``, ``dilation_rates=[1]``) the converted model computes what Llama
+computes; pass the branches you want to fine-tune with as overrides.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .configuration_longnet import LongNetConfig
+from .modeling_longnet import LongNetForCausalLM
+
+__all__ = ["convert_llama_to_longnet", "longnet_config_from_llama"]
+
+# LongNetConfig field <- LlamaConfig field
+_SAME_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "use_cache",
+)
+
+
+def longnet_config_from_llama(llama_config: LlamaConfig, **overrides) -> LongNetConfig:
+    """The LongNet configuration of a Llama one: same sizes, rotary parameters and special tokens."""
+    if not isinstance(llama_config, LlamaConfig):
+        raise TypeError(f"`llama_config` must be a LlamaConfig, got {type(llama_config).__name__}")
+    fields = {name: getattr(llama_config, name) for name in _SAME_FIELDS}
+    fields.update(
+        rope_parameters=dict(llama_config.rope_parameters),
+        norm_eps=llama_config.rms_norm_eps,
+        normalization="rmsnorm",
+        gated_mlp=True,
+        position_encoding="rope",
+        causal=True,
+        segment_lengths=[llama_config.max_position_embeddings],
+        dilation_rates=[1],
+    )
+    unknown = sorted(set(overrides) - set(LongNetConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown LongNetConfig field(s) in the overrides: {unknown}")
+    fields.update(overrides)
+    return LongNetConfig(**fields)
+
+
+def convert_llama_to_longnet(
+    model_or_path: LlamaForCausalLM | str | os.PathLike, **config_overrides
+) -> LongNetForCausalLM:
+    """Converts a Llama causal LM (a ``LlamaForCausalLM``, or a folder / Hub repo id holding one) into a
+    ``LongNetForCausalLM`` with the same weights, dtype and generation config.
+
+    Keyword arguments override fields of the LongNet configuration, e.g. ``segment_lengths=[2048, 8192]``,
+    ``dilation_rates=[1, 4]``.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        llama = LlamaForCausalLM.from_pretrained(model_or_path, dtype="auto")
+    elif isinstance(model_or_path, LlamaForCausalLM):
+        llama = model_or_path
+    else:
+        raise TypeError(
+            "`model_or_path` must be a LlamaForCausalLM or the path / Hub id of one, got "
+            f"{type(model_or_path).__name__}"
+        )
+    config = longnet_config_from_llama(llama.config, **config_overrides)
+    longnet = LongNetForCausalLM(config).to(device=llama.device, dtype=llama.dtype)
+    state = llama.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the embedding is the head
+    missing, unexpected = longnet.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"the Llama checkpoint does not map onto LongNet: missing {missing}, unexpected {unexpected} (is it a "
+            "Llama of a layout this converter knows?)"
+        )
+    longnet.generation_config = llama.generation_config
+    longnet.train(llama.training)
+    return longnet

@@ -1,0 +1,175 @@
+"""Generation with the KV cache: the full and the bounded cache against generation without a cache, padded batches,
+and the bounded cache's memory and per-step work."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from modeling_longnet import ALL_DILATED_ATTENTION_FUNCTIONS, LongNetBoundedCache, LongNetConfig, LongNetForCausalLM
+
+# transformers 5.24 renamed `past_key_values` to `cache`; generate takes the name of the installed version
+CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# the tiny preset has branches w = 4, 8, 16; these lengths cross several boundaries of every branch
+PROMPT, NEW = 13, 40
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return LongNetForCausalLM(LongNetConfig.from_preset("tiny", **overrides)).eval()
+
+
+def generate(model, ids, attention_mask=None, cache=None, use_cache=True, new_tokens=NEW, **kwargs):
+    if attention_mask is None:
+        attention_mask = torch.ones_like(ids)
+    if cache is not None:
+        kwargs[CACHE_KWARG] = cache
+    return model.generate(
+        ids,
+        attention_mask=attention_mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+
+
+def prompt(batch=1, length=PROMPT, seed=0):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.transformers_versions
+@pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
+def test_cached_generation_equals_uncached(position_encoding, cache_kind):
+    model = tiny_model(position_encoding=position_encoding, dilation_offsets="grouped")
+    ids = prompt(batch=2)
+    expected = generate(model, ids, use_cache=False)
+    cache = LongNetBoundedCache(model.config) if cache_kind == "bounded" else None
+    got = generate(model, ids, cache=cache)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.transformers_versions
+@pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
+def test_left_padded_batch_generates_what_each_row_generates_alone(cache_kind):
+    model = tiny_model()
+    rows = [prompt(length=n, seed=n) for n in (13, 5, 21)]
+    width = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - row.shape[1] :], mask[b, width - row.shape[1] :] = row[0], 1
+    make_cache = (lambda: LongNetBoundedCache(model.config)) if cache_kind == "bounded" else (lambda: None)
+    batched = generate(model, ids, attention_mask=mask, cache=make_cache())
+    for b, row in enumerate(rows):
+        alone = generate(model, row, cache=make_cache())
+        assert torch.equal(batched.sequences[b, width:], alone.sequences[0, row.shape[1] :]), f"row {b}"
+        for a, c in zip(batched.logits, alone.logits):
+            torch.testing.assert_close(a[b], c[0], rtol=1e-5, atol=1e-5)
+
+
+def decode(model, ids, cache, steps, attention_mask=None):
+    """Greedy decoding by hand; yields the cache after each step."""
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    out = model(ids, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(token, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
+        yield cache
+
+
+def kept_tokens(cache):
+    return [layer.keys.shape[-2] for layer in cache.layers]
+
+
+@pytest.mark.transformers_versions
+def test_bounded_cache_memory_stops_growing_after_the_longest_segment():
+    model = tiny_model()
+    longest = max(model.config.segment_lengths)
+    kept = [
+        max(kept_tokens(cache)) for cache in decode(model, prompt(length=3), LongNetBoundedCache(model.config), 120)
+    ]
+    assert max(kept) == longest - 1  # the most that future queries can still see
+    assert max(kept[longest:]) == max(kept)  # reached, and never exceeded however long the generation
+    full = [max(kept_tokens(cache)) for cache in decode(model, prompt(length=3), DynamicCache(), 120)]
+    assert full[-1] == 3 + 120
+
+
+@pytest.mark.transformers_versions
+def test_bounded_cache_with_left_padding_keeps_at_most_the_padding_difference_more():
+    model = tiny_model()
+    longest = max(model.config.segment_lengths)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0
+    caches = decode(model, prompt(batch=2, length=20), LongNetBoundedCache(model.config), 60, attention_mask=mask)
+    assert max(max(kept_tokens(cache)) for cache in caches) <= longest - 1 + 7
+
+
+def test_each_decoding_step_attends_a_bounded_number_of_keys():
+    model = tiny_model()
+    key_lengths = []
+
+    def recording_attention(module, query, key, value, token_layout, **kwargs):
+        key_lengths.append(key.shape[1])
+        return ALL_DILATED_ATTENTION_FUNCTIONS["auto"](module, query, key, value, token_layout, **kwargs)
+
+    ALL_DILATED_ATTENTION_FUNCTIONS["recording"] = recording_attention
+    try:
+        model.set_attn_implementation("recording")
+        for _ in decode(model, prompt(length=40), LongNetBoundedCache(model.config), 80):
+            pass
+    finally:
+        del ALL_DILATED_ATTENTION_FUNCTIONS["recording"]
+    decode_steps = key_lengths[model.config.num_hidden_layers :]  # after the prefill
+    assert max(decode_steps) <= max(model.config.segment_lengths)
+
+
+@pytest.mark.transformers_versions
+def test_prefill_in_chunks_with_the_bounded_cache_equals_one_forward():
+    model = tiny_model(position_encoding="xpos")
+    ids = prompt(length=70)
+    expected = model(ids).logits
+    cache = LongNetBoundedCache(model.config)
+    pieces = []
+    for start in range(0, 70, 11):
+        chunk = ids[:, start : start + 11]
+        mask = torch.ones(1, start + chunk.shape[1], dtype=torch.long)
+        pieces.append(model(chunk, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-5, atol=1e-5)
+    assert max(kept_tokens(cache)) < max(model.config.segment_lengths)
+
+
+def test_beam_search_with_the_bounded_cache_equals_beam_search_without_cache():
+    model = tiny_model()
+    ids = prompt(batch=2)
+    kwargs = dict(
+        num_beams=3,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(ids),
+    )
+    expected = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(model.generate(ids, **{CACHE_KWARG: LongNetBoundedCache(model.config)}, **kwargs), expected)
+
+
+def test_bounded_cache_errors():
+    with pytest.raises(ValueError, match=re.escape("LongNetBoundedCache needs a causal model (`config.causal=True`)")):
+        LongNetBoundedCache(LongNetConfig.from_preset("tiny", causal=False))
+    cache = LongNetBoundedCache(LongNetConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="LongNetBoundedCache cannot be rolled back"):
+        cache.crop(-1)
