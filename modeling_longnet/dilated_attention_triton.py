@@ -1,0 +1,828 @@
+"""Fused Triton kernels for dilated attention: the forward pass and its exact gradient, computed in place.
+
+The function is the one of ``dilated_attention.py`` (SPEC.md). Public implementations gather every branch into new
+tensors, run a dense attention kernel per branch and scatter the result back; these kernels read the rows of q, k,
+v (and o, dO) where they lie instead. For branch (w, r), head h with offset o(h), the rows of one (segment, head)
+are the key positions ``segment start + o(h) + j * r``, j = 0, 1, ...: in the index j they form a short dense
+attention (causal iff ``j_key <= j_query``), and the kernel reaches row j through the row stride ``r * stride``.
+Each row is ``D`` contiguous elements, so every row load is coalesced.
+
+Forward, one launch per branch: a program owns a block of query rows of one (document segment, head), runs the
+online softmax over the keys of that segment, and merges its result into the running output by log-sum-exp. A
+branch writes each (position, head) at most once, so the merge needs no atomics; a branch with r = 1 covers every
+query and runs last, writing the final output in the input dtype.
+
+Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - LSE)`` with the *merged* LSE is
+exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O) - dLSE``, as in a
+flash-attention backward. Some programs own a block of keys (one kv-head, all the query heads of its group that
+share those key rows, so grouped-query attention needs no atomics) and accumulate dK, dV over the query blocks;
+the others own a block of queries and accumulate dQ over the key blocks. Every gradient row has one writer per
+launch, so the sum over branches is a plain read-add-write between launches; the r = 1 branch runs first and, when
+it covers every row, stores without reading. For 16-bit inputs that sum is kept in the gradient's own dtype (each
+branch's contribution is summed in float32 first), which keeps the scratch memory at zero; a row touched by k
+branches carries k roundings instead of one (bfloat16 gradients measured within 3e-3 of float32, see
+docs/benchmarks.md).
+
+Any :class:`TokenLayout` works: padding, packed documents and KV-cache decoding (fewer queries than keys) become
+per-branch lists of (document, segment) work items, built once per layout and kept in ``layout.cache``.
+
+Dropout draws a Philox number per (branch, work item, head, query j, key j): the backward regenerates the same mask
+from the seed, which is drawn from torch's default CPU generator (``torch.manual_seed`` makes it reproducible).
+
+Precision: 16-bit inputs run the matrix products in their dtype with float32 accumulation; float32 inputs run them
+in full float32 (``input_precision="ieee"``, not tf32), which is exact to float32 rounding but slower. float64
+inputs are left to the PyTorch backend.
+
+On a machine without a GPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before
+this module is imported (the tests do this); that is for testing only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without Triton, on the PyTorch backend
+    triton = None
+
+__all__ = ["check_supported", "dilated_attention_triton", "is_available", "supports"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_available() -> bool:
+    """Triton is installed and can run: on a CUDA GPU, or under the interpreter (TRITON_INTERPRET=1)."""
+    return triton is not None and (torch.cuda.is_available() or _interpreting())
+
+
+def _unsupported_reason(q: torch.Tensor, pattern, layout, dropout_p: float) -> str | None:
+    if triton is None:
+        return "backend='triton' needs the `triton` package"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return (
+            f"backend='triton' supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}; "
+            "use backend='torch' (float64 is the reference precision)"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"backend='triton' supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={q.shape[-1]}; use backend='torch'"
+    if q.is_cuda:
+        major, _ = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return f"backend='triton' needs a GPU of compute capability 8.0 or newer, got {major}.x; use backend='torch'"
+    elif not _interpreting():
+        return f"backend='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got a tensor on {q.device}"
+    return None
+
+
+def supports(q: torch.Tensor, pattern, layout, dropout_p: float) -> bool:
+    """Whether these kernels take this call; ``backend="auto"`` falls back to the PyTorch path when they don't."""
+    return _unsupported_reason(q, pattern, layout, dropout_p) is None
+
+
+def check_supported(q: torch.Tensor, pattern, layout, dropout_p: float) -> None:
+    """Raises a ValueError naming what these kernels cannot take."""
+    reason = _unsupported_reason(q, pattern, layout, dropout_p)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Work items: the (document, segment) pairs of a branch, computed once per layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BranchPlan:
+    """What one branch's launches need, built once per (layout, branch) and kept in ``layout.cache``.
+
+    Work item i is one segment of one document that holds queries: batch row ``item_row[i]``; ``item_base[i]``,
+    the physical key index of the segment's logical start (negative when a document starts mid-segment); and,
+    relative to that start, where its keys begin, where its queries begin, and where both end. A head with offset
+    o reads rows ``j`` with ``lo <= o + j * r < end``.
+    """
+
+    dilation_rate: int
+    item_row: torch.Tensor  # int32 (items,)
+    item_base: torch.Tensor  # int64 (items,)
+    item_key_lo: torch.Tensor  # int32 (items,)
+    item_query_lo: torch.Tensor  # int32 (items,)
+    item_end: torch.Tensor  # int32 (items,)
+    max_rows: int  # an upper bound on the rows j of any (item, head)
+    head_offset: torch.Tensor  # int32 (H,)
+    # Query heads grouped by (kv head, offset): the heads of one class read the same key rows, so one backward
+    # program sums their dK/dV contributions in registers and no two programs write the same rows.
+    class_kv_head: torch.Tensor  # int32 (classes,)
+    class_size: torch.Tensor  # int32 (classes,)
+    class_heads: torch.Tensor  # int32 (classes, group), padded with 0
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_row.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_kv_head.numel())
+
+
+def _branch_plan(layout, w: int, r: int, offsets: list[int], num_heads: int, num_kv_heads: int, device) -> _BranchPlan:
+    key = ("triton", w, r, tuple(offsets), num_heads, num_kv_heads, str(device))
+    if key in layout.cache:
+        return layout.cache[key]
+    first, start, length = layout.doc_first_position, layout.doc_start, layout.doc_length
+    # logical range of each document's queries: they are the last `num_queries` key positions of the row
+    query_first = first + (layout.query_begin - start).clamp(min=0)
+    end = first + length
+    has_queries = query_first < end
+    first_segment = torch.div(query_first, w, rounding_mode="floor")
+    segment_count = torch.where(has_queries, torch.div(end - 1, w, rounding_mode="floor") - first_segment + 1, 0)
+    doc = torch.repeat_interleave(torch.arange(len(segment_count)), segment_count)
+    segment = first_segment[doc] + torch.arange(len(doc)) - torch.repeat_interleave(
+        torch.cumsum(segment_count, 0) - segment_count, segment_count
+    )
+    segment_start = segment * w
+    item_end = torch.minimum(segment_start + w, end[doc]) - segment_start
+    item_key_lo = torch.clamp(first[doc] - segment_start, min=0)
+    item_query_lo = torch.clamp(query_first[doc] - segment_start, min=0)
+    item_base = segment_start - first[doc] + start[doc]
+    max_rows = -(-int(item_end.max()) // r) if len(doc) else 0
+
+    group = num_heads // num_kv_heads
+    classes: dict[tuple[int, int], list[int]] = {}
+    for h in range(num_heads):
+        classes.setdefault((h // group, offsets[h]), []).append(h)
+    class_heads = torch.zeros(len(classes), group, dtype=torch.int32)
+    for c, heads in enumerate(classes.values()):
+        class_heads[c, : len(heads)] = torch.tensor(heads, dtype=torch.int32)
+
+    def to_device(x, dtype=torch.int32):
+        return x.to(dtype).to(device)
+
+    plan = _BranchPlan(
+        dilation_rate=r,
+        item_row=to_device(layout.doc_row[doc]),
+        item_base=to_device(item_base, torch.int64),
+        item_key_lo=to_device(item_key_lo),
+        item_query_lo=to_device(item_query_lo),
+        item_end=to_device(item_end),
+        max_rows=max_rows,
+        head_offset=to_device(torch.tensor(offsets)),
+        class_kv_head=to_device(torch.tensor([kv for kv, _ in classes])),
+        class_size=to_device(torch.tensor([len(h) for h in classes.values()])),
+        class_heads=class_heads.to(device),
+    )
+    layout.cache[key] = plan
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_m: int  # query rows per program
+    block_n: int  # key rows per step; divides block_m
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_n1: int  # key rows of a dK/dV program
+    block_m1: int  # query rows per step of a dK/dV program; divides block_n1
+    block_m2: int  # query rows of a dQ program
+    block_n2: int  # key rows per step of a dQ program; divides block_m2
+    num_warps: int
+    num_stages: int
+    interleave_roles: bool = True  # alternate dK/dV and dQ programs in the grid instead of all dK/dV first
+
+
+def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
+    """The forward launch configuration; measured choices are recorded in docs/triton_notes.md."""
+    if _interpreting():  # small blocks exercise the multi-block paths on small test shapes
+        return ForwardConfig(16, 16, 4, 1)
+    if dtype == torch.float32:  # matrix products on the FMA units: small tiles, no spills
+        return ForwardConfig(64, 32, 8, 2) if head_dim <= 64 else ForwardConfig(32, 16, 4, 2)
+    if head_dim <= 64:  # fastest of the candidates swept on an H200, see docs/triton_notes.md
+        return ForwardConfig(128, 64, 4, 3)
+    if head_dim <= 128:  # spills with 64 x 64 tiles, but less than with 128 x 64 (docs/triton_notes.md)
+        return ForwardConfig(64, 64, 4, 3)
+    return ForwardConfig(64, 32, 4, 2)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    if _interpreting():
+        return BackwardConfig(32, 16, 32, 16, 4, 1)
+    if dtype == torch.float32:
+        return BackwardConfig(32, 16, 32, 16, 4, 2) if head_dim <= 64 else BackwardConfig(16, 16, 16, 16, 4, 1)
+    if head_dim <= 64:
+        return BackwardConfig(128, 32, 64, 64, 4, 3)
+    if head_dim <= 128:
+        return BackwardConfig(64, 32, 64, 32, 4, 3)
+    return BackwardConfig(64, 16, 64, 16, 8, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _cdiv_nonneg(x, r):
+        """ceil(max(x, 0) / r): the first row j with o + j * r >= o + x."""
+        return (tl.maximum(x, 0) + r - 1) // r
+
+    @triton.jit
+    def _dropout_keep(seed, stream, item, query_rows, key_rows, dropout_p):
+        """Keep-mask of shape (query_rows x key_rows): a pure function of (seed, branch/head, item, j_q, j_k)."""
+        zero = (query_rows + key_rows) * 0
+        c0 = (query_rows + zero).to(tl.uint32, bitcast=True)
+        c1 = (key_rows + zero).to(tl.uint32, bitcast=True)
+        c2 = (zero + stream).to(tl.uint32, bitcast=True)
+        c3 = (zero + item).to(tl.uint32, bitcast=True)
+        random, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+        return tl.uint_to_uniform_float(random) >= dropout_p
+
+    @triton.jit
+    def _forward_steps(
+        acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, lo, hi, key_lo, key_end, key_stride,
+        qk_scale, seed, stream, item, dropout_p,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Online softmax over key rows [lo, hi); MASKED steps check key bounds and causality, the others don't.
+
+        Row j of K (and V) starts at ``k_rows_ptr + j * key_stride``. Addresses are rebuilt each step from a
+        vector of row offsets: a loop-carried tile of 64-bit pointers would hold two registers per element.
+        """
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            key_rows = start_n + offs_n
+            row_offsets = key_rows.to(tl.int64) * key_stride
+            k_ptrs = k_rows_ptr + row_offsets[None, :] + offs_d[:, None]
+            v_ptrs = v_rows_ptr + row_offsets[:, None] + offs_d[None, :]
+            if MASKED:
+                key_valid = (key_rows >= key_lo) & (key_rows < key_end)
+                k = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_valid[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            if MASKED:
+                allowed = key_valid[None, :]
+                if CAUSAL:
+                    allowed = allowed & (key_rows[None, :] <= query_rows[:, None])
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row with no key yet keeps m = -inf; subtract 0 instead so that nothing turns into NaN
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_shift = m_new
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DROPOUT:
+                # the denominator counts every key; only the weights applied to V are dropped
+                p = tl.where(_dropout_keep(seed, stream, item, query_rows[:, None], key_rows[None, :], dropout_p), p, 0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    # Run-time integers that differ from branch to branch would each compile a new specialization otherwise.
+    @triton.jit(do_not_specialize=["dilation", "query_begin", "num_query_blocks", "seed", "stream_base"])
+    def _forward_kernel(
+        Q, K, V, Out, Acc, Lse,
+        HeadOffset, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
+        stride_qb, stride_qn, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_on, stride_oh,
+        stride_lb, stride_ln,
+        dilation, query_begin, num_query_blocks,
+        qk_scale, seed, stream_base, dropout_p,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        item = pid // num_query_blocks
+        # the last query blocks see the most keys under causality: start them first
+        query_block = num_query_blocks - 1 - pid % num_query_blocks
+        offset = tl.load(HeadOffset + head)
+        query_lo = _cdiv_nonneg(tl.load(ItemQueryLo + item) - offset, dilation)
+        end = _cdiv_nonneg(tl.load(ItemEnd + item) - offset, dilation)
+        start_m = query_block * BLOCK_M
+        if (start_m >= end) | (start_m + BLOCK_M <= query_lo):
+            return
+        key_lo = _cdiv_nonneg(tl.load(ItemKeyLo + item) - offset, dilation)
+        batch = tl.load(ItemRow + item).to(tl.int64)
+        base = tl.load(ItemBase + item) + offset  # physical key index of row j = 0
+        kv_head = head // GROUP
+
+        offs_d = tl.arange(0, HEAD_DIM)
+        query_rows = start_m + tl.arange(0, BLOCK_M)
+        query_valid = (query_rows >= query_lo) & (query_rows < end)
+        query_index = base + query_rows.to(tl.int64) * dilation - query_begin
+        q_ptrs = Q + batch * stride_qb + head * stride_qh + query_index[:, None] * stride_qn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=query_valid[:, None], other=0.0)
+
+        # K is read as (D, BLOCK_N) tiles, V as (BLOCK_N, D); row j lies r rows after row j - 1
+        k_rows_ptr = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
+        v_rows_ptr = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
+        key_stride = dilation * stride_kn
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        stream = stream_base + head
+
+        # key blocks: a leading partial block (document starting mid-segment), full blocks that need no mask,
+        # then the diagonal and trailing blocks, which do
+        key_stop = tl.minimum(end, start_m + BLOCK_M) if CAUSAL else end
+        first_full = ((key_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        last_full = (end // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            last_full = tl.minimum(last_full, start_m)
+        last_full = tl.maximum(last_full, first_full)
+        lead_start = (key_lo // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _forward_steps(
+            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, lead_start, tl.minimum(first_full, key_stop),
+            key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _forward_steps(
+            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, first_full, last_full,
+            key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+            BLOCK_N, HEAD_DIM, False, CAUSAL, DROPOUT, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _forward_steps(
+            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, last_full, key_stop,
+            key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+        )
+
+        # every valid query sees at least itself, so l_i > 0 on the rows that are stored
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        if DROPOUT:
+            out = out / (1.0 - dropout_p)
+        # rows outside the block's queries are never stored; 0 keeps them finite through the merge below
+        lse = tl.where(query_valid, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, 0.0)
+        lse_ptrs = Lse + batch * stride_lb + query_index * stride_ln + head
+        o_offsets = batch * stride_ob + head * stride_oh + query_index[:, None] * stride_on + offs_d[None, :]
+        if MERGE:  # an earlier branch wrote a partial result: mix it in by log-sum-exp
+            previous_lse = tl.load(lse_ptrs, mask=query_valid, other=float("-inf"))
+            has_previous = previous_lse > float("-inf")
+            previous = tl.load(Acc + o_offsets, mask=has_previous[:, None], other=0.0)
+            merged_lse = tl.maximum(previous_lse, lse)
+            merged_lse += tl.log(tl.exp(previous_lse - merged_lse) + tl.exp(lse - merged_lse))
+            out = previous * tl.exp(previous_lse - merged_lse)[:, None] + out * tl.exp(lse - merged_lse)[:, None]
+            lse = merged_lse
+        tl.store(lse_ptrs, lse, mask=query_valid)
+        if FINAL:
+            tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=query_valid[:, None])
+        else:
+            tl.store(Acc + o_offsets, out, mask=query_valid[:, None])
+
+    @triton.jit(do_not_specialize=["num_rows", "num_queries"])
+    def _delta_kernel(
+        Output, GradOutput, Delta, num_rows, num_heads, num_queries,
+        stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O) over (batch, query, head) rows; 0 where the query sees nothing."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = rows < num_rows
+        head = rows % num_heads
+        position = (rows // num_heads) % num_queries
+        batch = rows // (num_heads * num_queries)
+        offs_d = tl.arange(0, HEAD_DIM)
+        o_offsets = batch * stride_ob + position * stride_on + head * stride_oh
+        do_offsets = batch * stride_db + position * stride_dn + head * stride_dh
+        o = tl.load(Output + o_offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        do = tl.load(GradOutput + do_offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(Delta + rows, tl.sum(o * do, 1), mask=valid)
+
+    @triton.jit
+    def _backward_kv_steps(
+        dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
+        query_stride, do_stride, lse_stride, qk_scale, seed, stream, item, dropout_p,
+        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """dK, dV of one key block from query rows [lo, hi); MASKED steps apply causality.
+
+        Query rows outside the range load as zeros (q, dO, delta, LSE), which adds exactly nothing.
+        """
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_m in range(lo, hi, BLOCK_M):
+            query_rows = start_m + offs_m
+            query_valid = (query_rows >= query_lo) & (query_rows < query_end)
+            rows = query_rows.to(tl.int64)
+            q_t = tl.load(
+                q_rows_ptr + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
+            )  # (D, BLOCK_M)
+            lse = tl.load(lse_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0) * 1.4426950408889634
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            if MASKED:
+                p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
+            do = tl.load(
+                do_rows_ptr + (rows * do_stride)[:, None] + offs_d[None, :], mask=query_valid[:, None], other=0.0
+            )  # (BLOCK_M, D)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, stream, item, query_rows[None, :], key_rows[:, None], dropout_p)
+                scale_kept = 1.0 / (1.0 - dropout_p)
+                dv = tl.dot(tl.where(keep, p_t * scale_kept, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+                dp_t = tl.where(keep, dp_t * scale_kept, 0.0)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            delta = tl.load(delta_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _backward_q_steps(
+        dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, lo, hi, key_lo, key_end, key_stride,
+        qk_scale, seed, stream, item, dropout_p,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dQ of one query block from key rows [lo, hi); MASKED steps check key bounds and causality.
+
+        Keys outside the bounds load as zeros, so that their (finite) dS multiplies a zero row of K.
+        """
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        for start_n in range(lo, hi, BLOCK_N):
+            key_rows = start_n + offs_n
+            row_offsets = key_rows.to(tl.int64) * key_stride
+            k_ptrs = k_rows_ptr + row_offsets[None, :] + offs_d[:, None]  # (D, BLOCK_N)
+            v_ptrs = v_rows_ptr + row_offsets[None, :] + offs_d[:, None]
+            if MASKED:
+                key_valid = (key_rows >= key_lo) & (key_rows < key_end)
+                k_t = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
+                v_t = tl.load(v_ptrs, mask=key_valid[None, :], other=0.0)
+            else:
+                k_t = tl.load(k_ptrs)
+                v_t = tl.load(v_ptrs)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            if MASKED and CAUSAL:
+                p = tl.where(query_rows[:, None] >= key_rows[None, :], p, 0.0)
+            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, stream, item, query_rows[:, None], key_rows[None, :], dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+        return dq
+
+    @triton.jit(
+        do_not_specialize=[
+            "dilation", "query_begin", "num_key_blocks", "num_query_blocks", "num_classes", "num_kv_programs",
+            "num_q_programs", "seed", "stream_base",
+        ]
+    )
+    def _backward_kernel(
+        Q, K, V, DO, DQ, DK, DV, Lse, Delta,
+        HeadOffset, ClassKvHead, ClassSize, ClassHeads, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
+        stride_qb, stride_qn, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_don, stride_doh,
+        stride_dqb, stride_dqn, stride_dqh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_lb, stride_ln,
+        dilation, query_begin, num_heads, num_key_blocks, num_query_blocks, num_classes, num_kv_programs,
+        num_q_programs, softmax_scale, seed, stream_base, dropout_p,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, INTERLEAVE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One branch's share of dQ, dK, dV; the first num_kv_programs programs do dK/dV, the rest dQ.
+
+        ACCUMULATE adds to what earlier branches stored; without it this branch is the first and writes every row.
+        """
+        pid = tl.program_id(0)
+        qk_scale = softmax_scale * 1.4426950408889634
+        offs_d = tl.arange(0, HEAD_DIM)
+        if INTERLEAVE:
+            # the heaviest programs of both roles come first, side by side, instead of all dQ work trailing
+            paired = 2 * tl.minimum(num_kv_programs, num_q_programs)
+            if pid < paired:
+                pid = tl.where(pid % 2 == 0, pid // 2, num_kv_programs + pid // 2)
+            elif num_kv_programs > num_q_programs:
+                pid = pid - paired + num_q_programs
+            else:
+                pid = pid - paired + num_kv_programs + num_kv_programs
+        if pid < num_kv_programs:
+            # ---- dK, dV of one key block of one (item, kv head, offset class) ----
+            key_block = pid % num_key_blocks
+            cls = (pid // num_key_blocks) % num_classes
+            item = pid // (num_key_blocks * num_classes)
+            offset = tl.load(HeadOffset + tl.load(ClassHeads + cls * GROUP))
+            end = _cdiv_nonneg(tl.load(ItemEnd + item) - offset, dilation)
+            key_lo = _cdiv_nonneg(tl.load(ItemKeyLo + item) - offset, dilation)
+            start_n = key_block * BLOCK_N1
+            if (start_n >= end) | (start_n + BLOCK_N1 <= key_lo):
+                return
+            query_lo = _cdiv_nonneg(tl.load(ItemQueryLo + item) - offset, dilation)
+            batch = tl.load(ItemRow + item).to(tl.int64)
+            base = tl.load(ItemBase + item) + offset
+            kv_head = tl.load(ClassKvHead + cls)
+
+            key_rows = start_n + tl.arange(0, BLOCK_N1)
+            key_valid = (key_rows >= key_lo) & (key_rows < end)
+            key_index = base + key_rows.to(tl.int64) * dilation
+            k = tl.load(
+                K + batch * stride_kb + kv_head * stride_kh + key_index[:, None] * stride_kn + offs_d[None, :],
+                mask=key_valid[:, None], other=0.0,
+            )
+            v = tl.load(
+                V + batch * stride_vb + kv_head * stride_vh + key_index[:, None] * stride_vn + offs_d[None, :],
+                mask=key_valid[:, None], other=0.0,
+            )
+            dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+
+            # query blocks: those crossing the diagonal need the causal mask, the later ones don't
+            first = (query_lo // BLOCK_M1) * BLOCK_M1
+            if CAUSAL:
+                first = tl.maximum(first, start_n)
+                diagonal_end = tl.maximum(tl.minimum(start_n + BLOCK_N1, end), first)
+            else:
+                diagonal_end = first
+            q_row0 = base - query_begin  # physical query index of row j = 0
+            for member in range(tl.load(ClassSize + cls)):
+                head = tl.load(ClassHeads + cls * GROUP + member)
+                q_rows_ptr = Q + batch * stride_qb + head * stride_qh + q_row0 * stride_qn
+                do_rows_ptr = DO + batch * stride_dob + head * stride_doh + q_row0 * stride_don
+                lse_rows_ptr = Lse + batch * stride_lb + head + q_row0 * stride_ln
+                delta_rows_ptr = Delta + batch * stride_lb + head + q_row0 * stride_ln
+                dk, dv = _backward_kv_steps(
+                    dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, first, diagonal_end,
+                    query_lo, end, dilation * stride_qn, dilation * stride_don, dilation * stride_ln,
+                    qk_scale, seed, stream_base + head, item, dropout_p,
+                    BLOCK_M1, HEAD_DIM, CAUSAL, DROPOUT, DOT_PRECISION,
+                )
+                dk, dv = _backward_kv_steps(
+                    dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, diagonal_end, end,
+                    query_lo, end, dilation * stride_qn, dilation * stride_don, dilation * stride_ln,
+                    qk_scale, seed, stream_base + head, item, dropout_p,
+                    BLOCK_M1, HEAD_DIM, False, DROPOUT, DOT_PRECISION,
+                )
+            # one writer per row in this launch: add this branch's share to what earlier branches left
+            grad_offsets = batch * stride_dkb + kv_head * stride_dkh + key_index[:, None] * stride_dkn + offs_d[None, :]
+            dk = dk * softmax_scale
+            if ACCUMULATE:
+                dk += tl.load(DK + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
+                dv += tl.load(DV + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
+            tl.store(DK + grad_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
+            tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
+        else:
+            # ---- dQ of one query block of one (item, head) ----
+            pid = pid - num_kv_programs
+            query_block = num_query_blocks - 1 - pid % num_query_blocks
+            head = (pid // num_query_blocks) % num_heads
+            item = pid // (num_query_blocks * num_heads)
+            offset = tl.load(HeadOffset + head)
+            query_lo = _cdiv_nonneg(tl.load(ItemQueryLo + item) - offset, dilation)
+            end = _cdiv_nonneg(tl.load(ItemEnd + item) - offset, dilation)
+            start_m = query_block * BLOCK_M2
+            if (start_m >= end) | (start_m + BLOCK_M2 <= query_lo):
+                return
+            key_lo = _cdiv_nonneg(tl.load(ItemKeyLo + item) - offset, dilation)
+            batch = tl.load(ItemRow + item).to(tl.int64)
+            base = tl.load(ItemBase + item) + offset
+            kv_head = head // GROUP
+
+            query_rows = start_m + tl.arange(0, BLOCK_M2)
+            query_valid = (query_rows >= query_lo) & (query_rows < end)
+            query_index = base + query_rows.to(tl.int64) * dilation - query_begin
+            q = tl.load(
+                Q + batch * stride_qb + head * stride_qh + query_index[:, None] * stride_qn + offs_d[None, :],
+                mask=query_valid[:, None], other=0.0,
+            )
+            do = tl.load(
+                DO + batch * stride_dob + head * stride_doh + query_index[:, None] * stride_don + offs_d[None, :],
+                mask=query_valid[:, None], other=0.0,
+            )
+            lse = tl.load(Lse + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
+            lse = lse * 1.4426950408889634
+            delta = tl.load(Delta + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
+
+            k_rows_ptr = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
+            v_rows_ptr = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
+            key_stride = dilation * stride_kn
+            dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+            key_stop = tl.minimum(end, start_m + BLOCK_M2) if CAUSAL else end
+            first_full = ((key_lo + BLOCK_N2 - 1) // BLOCK_N2) * BLOCK_N2
+            last_full = (end // BLOCK_N2) * BLOCK_N2
+            if CAUSAL:
+                last_full = tl.minimum(last_full, start_m)
+            last_full = tl.maximum(last_full, first_full)
+            stream = stream_base + head
+            dq = _backward_q_steps(
+                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
+                tl.minimum(first_full, key_stop), key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+            )
+            dq = _backward_q_steps(
+                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, first_full, last_full,
+                key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+                BLOCK_N2, HEAD_DIM, False, CAUSAL, DROPOUT, DOT_PRECISION,
+            )
+            dq = _backward_q_steps(
+                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, last_full, key_stop,
+                key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
+                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+            )
+            dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + query_index[:, None] * stride_dqn + offs_d[None, :]
+            dq = dq * softmax_scale
+            if ACCUMULATE:
+                dq += tl.load(dq_ptrs, mask=query_valid[:, None], other=0.0).to(tl.float32)
+            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=query_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: launches and the autograd Function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # float32 inputs ask for float32 results; tf32 would cost them three decimal digits
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _plans(q, k, pattern, layout) -> list[tuple[int, _BranchPlan]]:
+    """(branch index, plan) in launch order: r = 1 branches last, so the last launch can write the final output."""
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    order = sorted(range(len(pattern.branches)), key=lambda i: pattern.dilation_rates[i] == 1)
+    plans = []
+    for i in order:
+        w, r = pattern.branches[i]
+        plan = _branch_plan(layout, w, r, pattern.head_offsets(i, num_heads), num_heads, num_kv_heads, q.device)
+        if plan.num_items > 0:
+            plans.append((i, plan))
+    return plans
+
+
+def _every_query_is_real(layout) -> bool:
+    key = ("triton", "every_query_is_real")
+    if key not in layout.cache:
+        queries = (layout.doc_length - (layout.query_begin - layout.doc_start).clamp(min=0)).clamp(min=0)
+        layout.cache[key] = int(queries.sum()) == layout.batch_size * layout.num_queries
+    return layout.cache[key]
+
+
+def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
+    batch, num_queries, num_heads, head_dim = q.shape
+    plans = _plans(q, k, pattern, layout)
+    lse = torch.full((batch, num_queries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    # Running output in float32 across branches. A last branch with r = 1 covers every real query and writes the
+    # final output itself; otherwise the float32 running output is cast at the end.
+    write_final = q.dtype != torch.float32 and bool(plans) and plans[-1][1].dilation_rate == 1
+    if q.dtype == torch.float32:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        running = out
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if write_final and not _every_query_is_real(layout):
+            out.zero_()  # padding queries get 0
+        running = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(plans) > 1 or not write_final else out
+    config = forward_config(head_dim, q.dtype)
+    for position, (branch, plan) in enumerate(plans):
+        num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
+        final = write_final and position == len(plans) - 1
+        _forward_kernel[(num_query_blocks * plan.num_items, num_heads)](
+            q, k, v, out, running, lse,
+            plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
+            lse.stride(0), lse.stride(1),
+            plan.dilation_rate, layout.query_begin, num_query_blocks,
+            softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
+            GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0, FINAL=final,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    if not write_final and q.dtype != torch.float32:
+        # positions no branch wrote hold garbage in `running`; they have lse = -inf and get 0
+        out = running.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0).to(q.dtype)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed):
+    _, num_queries, num_heads, head_dim = q.shape
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = _last_dim_contiguous(grad_out)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    rows = delta.numel()
+    _delta_kernel[(triton.cdiv(rows, 64),)](
+        out, grad_out, delta, rows, num_heads, num_queries,
+        *_row_strides(out), *_row_strides(grad_out),
+        BLOCK=64, HEAD_DIM=head_dim,
+    )
+    if grad_lse is not None:
+        # d LSE / d s = P: a gradient on the LSE enters dS like -delta
+        delta -= grad_lse
+    # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
+    # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
+    plans = _plans(q, k, pattern, layout)[::-1]
+    first_writes_all = (
+        bool(plans)
+        and plans[0][1].dilation_rate == 1
+        and layout.num_queries == layout.num_keys
+        and _every_query_is_real(layout)
+    )
+    allocate = torch.empty if first_writes_all else torch.zeros
+    grad_q = allocate(q.shape, dtype=q.dtype, device=q.device)
+    grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
+    grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
+    config = backward_config(head_dim, q.dtype)
+    for position, (branch, plan) in enumerate(plans):
+        num_key_blocks = triton.cdiv(plan.max_rows, config.block_n1)
+        num_query_blocks = triton.cdiv(plan.max_rows, config.block_m2)
+        num_kv_programs = num_key_blocks * plan.num_classes * plan.num_items
+        num_q_programs = num_query_blocks * num_heads * plan.num_items
+        _backward_kernel[(num_kv_programs + num_q_programs,)](
+            q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
+            plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
+            plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
+            *_row_strides(grad_q), *_row_strides(grad_k),
+            lse.stride(0), lse.stride(1),
+            plan.dilation_rate, layout.query_begin, num_heads, num_key_blocks, num_query_blocks,
+            plan.num_classes, num_kv_programs, num_q_programs,
+            softmax_scale, seed, branch << 16, dropout_p,
+            GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
+            BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
+            CAUSAL=causal, DROPOUT=dropout_p > 0, ACCUMULATE=position > 0 or not first_writes_all,
+            INTERLEAVE=config.interleave_roles,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return grad_q, grad_k, grad_v
+
+
+class _TritonDilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
+        seed = int(torch.randint(0, 1 << 62, (1,))) if dropout_p > 0 else 0
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            out, lse = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            grads = _backward(
+                q, k, v, out, lse, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale,
+                ctx.dropout_p, ctx.seed,
+            )
+        return *grads, None, None, None, None, None
+
+
+def dilated_attention_triton(q, k, v, pattern, layout, *, causal: bool, softmax_scale: float, dropout_p: float):
+    """The Triton backend of :func:`~modeling_longnet.dilated_attention.dilated_attention`: ``(out, lse)``."""
+    check_supported(q, pattern, layout, dropout_p)
+    return _TritonDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)

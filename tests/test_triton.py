@@ -1,0 +1,367 @@
+"""The Triton kernels against the brute-force reference: values, LSE, gradients, dropout, layouts, errors.
+
+Without a GPU they run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before anything imports them),
+which is slow: the shapes here are small, yet they cross every block boundary the kernels have (the interpreter
+runs them with 16-row blocks). The interpreter computes bfloat16 matrix products wrongly (it multiplies the raw
+16-bit storage), so bfloat16 is checked on the GPU only. Tests marked ``gpu`` repeat the checks at realistic
+sizes against the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import allowed_mask, logical_positions, reference_dilated_attention
+
+from modeling_longnet import TokenLayout, dilated_attention
+
+triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
+core = importlib.import_module("modeling_longnet.dilated_attention")
+
+if not triton_backend.is_available():
+    pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# random cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def attention_cases(draw, max_len=72, max_heads=4, head_dims=(16, 32), max_branches=3):
+    num_keys = draw(st.integers(1, max_len))
+    layout = draw(st.sampled_from(["none", "left", "right", "padded_rows", "packed", "decode"]))
+    batch = 1 if layout == "packed" else draw(st.integers(1, 2))
+    num_kv_heads = draw(st.integers(1, max_heads))
+    group = draw(st.sampled_from([g for g in range(1, max_heads + 1) if num_kv_heads * g <= max_heads]))
+    branches = draw(st.integers(1, max_branches))
+    # short segments make many work items (slow in the interpreter); long ones exercise w > N
+    segment_lengths = [draw(st.one_of(st.integers(8, 48), st.integers(num_keys, 2 * num_keys + 8))) for _ in range(branches)]
+    case = dict(
+        batch=batch,
+        num_keys=num_keys,
+        num_queries=num_keys,
+        num_heads=num_kv_heads * group,
+        num_kv_heads=num_kv_heads,
+        head_dim=draw(st.sampled_from(head_dims)),
+        segment_lengths=segment_lengths,
+        dilation_rates=[draw(st.integers(1, 6)) for _ in range(branches)],
+        causal=draw(st.booleans()),
+        offsets=draw(st.sampled_from(["interleaved", "grouped"])),
+        attention_mask=None,
+        cu_seqlens=None,
+        position_offset=None,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if layout in ("left", "right", "padded_rows", "decode"):
+        mask = torch.ones(batch, num_keys, dtype=torch.long)
+        for b in range(batch):
+            pad = num_keys if layout == "padded_rows" and b == 0 else draw(st.integers(0, num_keys))
+            if layout == "right":
+                mask[b, num_keys - pad :] = 0
+            else:
+                mask[b, :pad] = 0
+        case["attention_mask"] = mask
+    if layout == "packed":
+        cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=4)))
+        case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
+    if layout == "decode":
+        case["num_queries"] = draw(st.integers(1, num_keys))
+        case["position_offset"] = torch.tensor([draw(st.integers(0, 100)) for _ in range(batch)])
+    return case
+
+
+def make_inputs(case, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape_q = (case["batch"], case["num_queries"], case["num_heads"], case["head_dim"])
+    shape_kv = (case["batch"], case["num_keys"], case["num_kv_heads"], case["head_dim"])
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in (shape_q, shape_kv, shape_kv)]
+
+
+def layout_kwargs(case, device=DEVICE):
+    def moved(t):
+        return None if t is None else t.to(device)
+
+    return dict(
+        attention_mask=moved(case["attention_mask"]),
+        cu_seqlens=moved(case["cu_seqlens"]),
+        position_offset=moved(case["position_offset"]),
+    )
+
+
+def reference_kwargs(case):
+    return dict(
+        causal=case["causal"],
+        offsets=case["offsets"],
+        attention_mask=case["attention_mask"],
+        cu_seqlens=case["cu_seqlens"],
+        position_offset=case["position_offset"],
+    )
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as padding queries."""
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    return float((x - y).norm() / max(float(y.norm()), 1.0))
+
+
+def reference_lse(q, k, case):
+    """The log-sum-exp of the mixed softmax, from the reference's dense masks: (B, N_q, H)."""
+    batch, num_queries, num_heads, head_dim = q.shape
+    doc, pos = logical_positions(batch, k.shape[1], case["attention_mask"], case["cu_seqlens"], case["position_offset"])
+    allowed = allowed_mask(
+        case["segment_lengths"], case["dilation_rates"], num_heads, num_queries, doc, pos, case["causal"], case["offsets"]
+    )
+    keys = k.repeat_interleave(num_heads // k.shape[2], dim=2).transpose(1, 2)
+    scores = q.transpose(1, 2) @ keys.transpose(-1, -2) * head_dim**-0.5
+    scores = torch.where(allowed, scores, float("-inf"))  # (branches, B, H, N_q, N_k)
+    return torch.logsumexp(scores.permute(1, 3, 2, 0, 4).flatten(-2), dim=-1)
+
+
+def triton_attention(q, k, v, case, **kwargs):
+    return dilated_attention(
+        q, k, v, case["segment_lengths"], case["dilation_rates"], causal=case["causal"], offsets=case["offsets"],
+        backend="triton", **layout_kwargs(case), **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values, LSE and gradients against the reference
+# ---------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(attention_cases())
+def test_values_lse_and_gradients_match_reference(case):
+    q64, k64, v64 = (t.requires_grad_() for t in make_inputs(case))
+    q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
+    out, lse = triton_attention(q, k, v, case, return_lse=True)
+    ref = reference_dilated_attention(q64, k64, v64, case["segment_lengths"], case["dilation_rates"], **reference_kwargs(case))
+    want_lse = reference_lse(q64, k64, case)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) <= 1e-5
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert relative_error(lse.cpu()[finite], want_lse[finite]) <= 1e-5
+
+    # the output and the LSE both carry gradient (sequence parallelism mixes partial results by their LSE)
+    generator = torch.Generator().manual_seed(case["seed"] + 1)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
+    loss = (out.double().cpu() * grad_out).sum() + (torch.where(finite, lse.double().cpu(), 0.0) * grad_lse).sum()
+    want_loss = (ref * grad_out).sum() + (torch.where(finite, want_lse, 0.0) * grad_lse).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(want_loss, (q64, k64, v64))
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert relative_error(g, w) <= 1e-5, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float16_follows_reference(causal):
+    case = dict(
+        batch=2, num_keys=70, num_queries=70, num_heads=4, num_kv_heads=2, head_dim=32, segment_lengths=[16, 64],
+        dilation_rates=[1, 4], causal=causal, offsets="interleaved", attention_mask=None, cu_seqlens=None,
+        position_offset=None, seed=5,
+    )
+    q64, k64, v64 = make_inputs(case)
+    q, k, v = (t.half().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
+    out = triton_attention(q, k, v, case)
+    upcast = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = reference_dilated_attention(*upcast, case["segment_lengths"], case["dilation_rates"], **reference_kwargs(case))
+    assert out.dtype == torch.float16
+    assert relative_error(out, ref) <= 2e-3
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, (q, k, v), grad_out.half().to(DEVICE))
+    want = torch.autograd.grad(ref, upcast, grad_out.half().double())
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == torch.float16
+        assert relative_error(g, w) <= 5e-3, name
+
+
+def test_strided_inputs_and_broadcast_output_gradient():
+    """q, k, v as views of one fused projection, and the stride-0 gradient that ``out.sum()`` sends back."""
+    torch.manual_seed(0)
+    fused = torch.randn(1, 40, 3, 2, 16, dtype=torch.float64)
+    q64, k64, v64 = (fused[:, :, i].clone().requires_grad_() for i in range(3))
+    fused32 = fused.float().to(DEVICE).requires_grad_()
+    q, k, v = fused32.unbind(2)
+    assert not q.is_contiguous()
+    out = dilated_attention(q, k, v, [8, 32], [1, 2], causal=True, backend="triton")
+    ref = reference_dilated_attention(q64, k64, v64, [8, 32], [1, 2], causal=True)
+    assert relative_error(out, ref) <= 1e-5
+    out.sum().backward()
+    ref.sum().backward()
+    want = torch.stack([q64.grad, k64.grad, v64.grad], dim=2)
+    assert relative_error(fused32.grad, want) <= 1e-5
+
+
+def test_backward_grid_orders_agree(monkeypatch):
+    """The backward's two program roles give the same gradients whether interleaved in the grid or not."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 80, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    grads = []
+    for interleave in (True, False):
+        config = dataclasses.replace(triton_backend.backward_config(16, torch.float32), interleave_roles=interleave)
+        monkeypatch.setattr(triton_backend, "backward_config", lambda *args, c=config: c)
+        out = dilated_attention(q, k[:, :, :2], v[:, :, :2], [16, 48], [1, 3], causal=True, backend="triton")
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_layout_tables_are_built_once_per_layout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 48, 2, 16, device=DEVICE) for _ in range(3))
+    layout = TokenLayout.build(1, 48, 48)
+    first = dilated_attention(q, k, v, [16, 32], [1, 2], backend="triton", token_layout=layout)
+    plans = {key: value for key, value in layout.cache.items() if key[0] == "triton"}
+    assert plans
+    second = dilated_attention(q, k, v, [16, 32], [1, 2], backend="triton", token_layout=layout)
+    assert torch.equal(first, second)
+    assert all(layout.cache[key] is value for key, value in plans.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_is_reproducible_by_seed_and_backward_sees_the_forward_mask():
+    q, k, v = (torch.randn(1, 64, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return dilated_attention(q, k, v, [16, 32], [1, 2], causal=True, dropout_p=0.3, backend="triton")
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # the output is linear in v with the dropped weights A: <dO, A v> = <A^T dO, v> holds only if the backward
+    # drops exactly what the forward dropped
+    grad_out = torch.randn_like(first)
+    (grad_v,) = torch.autograd.grad(first, (v,), grad_out)
+    assert torch.allclose((first * grad_out).sum(), (grad_v * v).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_dropout_matches_reference_with_the_kernels_mask(dilation):
+    """One branch, v = identity rows: the output reveals the dropped, rescaled weights P * keep / (1 - p); the
+    reference with that mask must then give the same values and the same gradients for random inputs."""
+    torch.manual_seed(0)
+    num_keys, heads, p = 32, 2, 0.25
+    q64, k64 = (torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64) for _ in range(2))
+    identity = torch.eye(num_keys, dtype=torch.float64).view(1, num_keys, 1, num_keys).expand(1, num_keys, heads, num_keys)
+    q, k = (t.float().to(DEVICE) for t in (q64, k64))
+
+    torch.manual_seed(11)
+    weights = dilated_attention(q, k, identity.float().to(DEVICE), [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
+    weights = weights.double().cpu()  # (B, N_q, H, N_k): row i of A
+    probs = reference_dilated_attention(q64, k64, identity, [num_keys], [dilation], causal=True)
+    keep = weights != 0
+    assert torch.allclose(weights[keep], probs[keep] / (1 - p), rtol=1e-5)
+    kept = keep.sum() / (probs != 0).sum()
+    assert 0.6 < float(kept) < 0.9  # 1 - p = 0.75 on ~500 allowed entries
+
+    v64 = torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q64, k64, v64)]
+    torch.manual_seed(11)
+    out = dilated_attention(*leaves, [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
+    probs = reference_dilated_attention(leaves64[0], leaves64[1], identity, [num_keys], [dilation], causal=True)
+    ref = torch.einsum("bqhk,bkhd->bqhd", probs * keep / (1 - p), leaves64[2])
+    assert relative_error(out, ref) <= 1e-5
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, grad_out.float().to(DEVICE))
+    want = torch.autograd.grad(ref, leaves64, grad_out)
+    for name, g, w in zip("qkv", got, want):
+        assert relative_error(g, w) <= 1e-5, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the backend takes, and its errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_head_dim_and_dtype_raise_naming_the_parameter():
+    q = torch.randn(1, 8, 2, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        dilated_attention(q, q, q, [4], [1], backend="triton")
+    q = torch.randn(1, 8, 2, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        dilated_attention(q, q, q, [4], [1], backend="triton")
+
+
+def test_supports_answers_without_raising():
+    pattern = core.DilatedPattern([4], [1])
+    layout = TokenLayout.build(1, 8, 8)
+    ok = torch.randn(1, 8, 2, 16, device=DEVICE)
+    assert triton_backend.supports(ok, pattern, layout, 0.0)
+    assert not triton_backend.supports(ok.double(), pattern, layout, 0.0)
+    assert not triton_backend.supports(torch.randn(1, 8, 2, 24, device=DEVICE), pattern, layout, 0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter message")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="CUDA"):
+        triton_backend.check_supported(q, core.DilatedPattern([4], [1]), TokenLayout.build(1, 8, 8), 0.0)
+    # "auto" never picks Triton for CPU tensors
+    assert core._select_backend("auto", q, core.DilatedPattern([4], [1]), None, 0.0) is core._torch_backend
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: realistic sizes against the PyTorch path
+# ---------------------------------------------------------------------------------------------------------
+
+gpu_cases = [
+    dict(batch=1, num_keys=16384, num_heads=4, num_kv_heads=4, head_dim=64, causal=True, offsets="interleaved",
+         segment_lengths=[2048, 4096, 8192, 16384], dilation_rates=[1, 2, 4, 6]),
+    dict(batch=2, num_keys=6000, num_heads=8, num_kv_heads=2, head_dim=128, causal=False, offsets="grouped",
+         segment_lengths=[1000, 3000], dilation_rates=[2, 3], mask="left"),
+    dict(batch=1, num_keys=9000, num_heads=4, num_kv_heads=1, head_dim=32, causal=True, offsets="interleaved",
+         segment_lengths=[512, 4096], dilation_rates=[1, 4], packed=[0, 100, 3000, 3001, 9000]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", gpu_cases, ids=["paper-causal", "gqa-mask", "packed-mqa"])
+def test_gpu_matches_torch_path(spec, dtype):
+    torch.manual_seed(0)
+    b, n, h, hkv, d = spec["batch"], spec["num_keys"], spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+    q = torch.randn(b, n, h, d, device="cuda")
+    k, v = (torch.randn(b, n, hkv, d, device="cuda") for _ in range(2))
+    kwargs = dict(causal=spec["causal"], offsets=spec["offsets"])
+    if spec.get("mask") == "left":
+        mask = torch.ones(b, n, dtype=torch.long, device="cuda")
+        mask[0, : n // 3] = 0
+        kwargs["attention_mask"] = mask
+    if "packed" in spec:
+        kwargs["cu_seqlens"] = torch.tensor(spec["packed"], dtype=torch.int32, device="cuda")
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    reference_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    out, lse = dilated_attention(*leaves, spec["segment_lengths"], spec["dilation_rates"], backend="triton", return_lse=True, **kwargs)
+    ref, ref_lse = dilated_attention(
+        *reference_leaves, spec["segment_lengths"], spec["dilation_rates"], backend="torch", return_lse=True, **kwargs
+    )
+    tolerance = 2e-5 if dtype == torch.float32 else 1.5e-2
+    assert relative_error(out, ref) <= tolerance
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert relative_error(lse[finite], ref_lse[finite]) <= tolerance
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    want = torch.autograd.grad(ref, reference_leaves, grad_out.to(dtype).float())
+    for name, g, w in zip("qkv", got, want):
+        assert relative_error(g, w) <= tolerance, name
