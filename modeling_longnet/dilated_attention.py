@@ -423,6 +423,7 @@ def dilated_attention(
     Returns:
         ``(B, N_q, H, D)`` in the dtype of ``q``, and the LSE if ``return_lse``.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
     pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
     if not isinstance(causal, bool):
@@ -456,10 +457,23 @@ def dilated_attention(
         out = q.new_zeros(q.shape)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, q.new_full(q.shape[:3], float("-inf"), dtype=lse_dtype)) if return_lse else out
-    out, lse = run(
-        q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
-    )
+    # The backends choose their own precision (float32 accumulation for 16-bit inputs): autocast must not recast it.
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = run(
+            q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
+        )
     return (out, lse) if return_lse else out
+
+
+def _autocast_inputs(q, k, v):
+    """Under autocast, attention runs in the autocast dtype, as ``scaled_dot_product_attention`` does (rotary
+    positions computed in float32 often leave q and k in float32 while v comes out of a bf16 projection)."""
+    tensors = (q, k, v)
+    if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors) and q.device.type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(q.device.type):
+            dtype = torch.get_autocast_dtype(q.device.type)
+            return tuple(t.to(dtype) for t in tensors)
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -186,6 +186,21 @@ def test_low_precision_inputs_follow_the_reference(dtype):
     assert relative_error(out.double(), ref) <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_the_autocast_dtype_like_sdpa(dtype):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 40, 4, 16, generator=generator)  # float32, as after rotary positions
+    k = torch.randn(2, 40, 2, 16, generator=generator)
+    v = torch.randn(2, 40, 2, 16, generator=generator).to(dtype)  # straight out of a projection under autocast
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = dilated_attention(q, k, v, [8, 32], [1, 4], causal=True)
+    plain = dilated_attention(q.detach().to(dtype), k.detach().to(dtype), v.detach(), [8, 32], [1, 4], causal=True)
+    assert out.dtype == dtype and torch.equal(out, plain)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == dtype
+
+
 def test_fully_padded_batch_gives_zeros_not_nan():
     q, k, v = (torch.randn(2, 9, 2, 8, requires_grad=True) for _ in range(3))
     mask = torch.zeros(2, 9, dtype=torch.bool)

@@ -1,0 +1,662 @@
+"""Data for training and evaluating LongNet: the embedded default dataset, tokenizers that need no download,
+loading text from files or the Hub, and packing into fixed-length contexts.
+
+The embedded default dataset (:func:`generate_default_dataset`) is generated, not downloaded: a document is a
+pure function of ``(split, seed, index)``, so every machine builds the same data without a network. It mixes
+three tasks:
+
+* ``passkey``: a five-digit pass key stated once, then ordinary sentences, then the question "What is the pass
+  key? The pass key is" and the key again.
+* ``key_value``: a list of ``name = value`` records, then "The value of NAME is" and that record's value.
+* ``text``: ordinary English sentences from a small grammar (no retrieval).
+
+In the retrieval tasks the answer's only evidence lies at least ``min_distance`` characters before the answer,
+and the answer string occurs nowhere in between: the model has to attend that far back. With the byte-level
+tokenizer one character is one token, so ``min_distance`` larger than the smallest segment length of a LongNet
+puts the evidence outside the smallest segment, where only the longer, dilated branches reach. Each record
+carries the character spans of its evidence and its answer, from which :mod:`modeling_longnet.evaluation`
+measures retrieval accuracy by distance with any tokenizer that reports offsets.
+
+``datasets`` is imported only by the functions that build :class:`datasets.DatasetDict` objects, so that the
+generator, the tokenizers and the packing also run where that package is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "END_OF_TEXT",
+    "PACKING_MODES",
+    "PADDING",
+    "TASKS",
+    "PackedRowsCollator",
+    "byte_level_tokenizer",
+    "generate_default_dataset",
+    "is_retrieval_record",
+    "least_document_length",
+    "load_records",
+    "load_text_datasets",
+    "load_tokenizer",
+    "pack_documents",
+    "tokenize_and_pack",
+    "train_bpe_tokenizer",
+]
+
+TASKS = ("passkey", "key_value", "text")
+PACKING_MODES = ("documents", "concat")
+END_OF_TEXT = "<|endoftext|>"
+PADDING = "<|pad|>"
+NO_SPAN = -1  # span fields of `text` records, which have no answer
+_SPAN_FIELDS = ("evidence_start", "evidence_end", "answer_start", "answer_end")
+
+# File extensions -> the `datasets` builder that reads them.
+_FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded default dataset
+# ----------------------------------------------------------------------------------------------------------
+
+_SUBJECTS = (
+    "The old sailor", "A small child", "The gardener", "My neighbour", "The teacher", "A tired traveller",
+    "The baker", "Her brother", "The young doctor", "A quiet student", "The farmer", "Our guide", "The painter",
+    "A stray cat", "The engineer", "His grandmother", "The librarian", "A curious fox", "The captain", "The poet",
+)
+_VERBS = (
+    "painted", "found", "carried", "watched", "repaired", "forgot", "described", "cleaned", "opened", "sold",
+    "borrowed", "measured", "followed", "drew", "hid", "counted", "visited", "wrapped", "noticed", "built",
+)
+_OBJECTS = (
+    "a wooden boat", "the red door", "an old map", "the garden wall", "a basket of apples", "the broken clock",
+    "a letter from home", "the blue kite", "a pile of books", "the narrow bridge", "a silver spoon",
+    "the stone well", "a paper lantern", "the winter coat", "a jar of honey", "the church bell", "a long rope",
+    "the kitchen table", "a bright umbrella", "the last train",
+)
+_PLACES = (
+    "near the river", "in the market", "behind the library", "on the hill", "by the harbour", "in the forest",
+    "at the station", "under the bridge", "beside the lake", "in the old town", "on the beach", "at the farm",
+)
+_TIMES = (
+    "In the morning", "After the storm", "Before dinner", "Every Sunday", "Late at night", "During the summer",
+    "On a cold day", "Years ago", "At noon", "Last spring",
+)
+_ADJECTIVES = ("quiet", "warm", "grey", "busy", "bright", "calm", "windy", "strange", "pleasant", "long")
+_WEATHER_NOUNS = ("day", "evening", "week", "winter", "afternoon", "journey", "season", "morning")
+
+_PASSKEY_INTRO = "A pass key is hidden in the text below. Find it and remember it.\n"
+_PASSKEY_QUESTION = "What is the pass key? The pass key is "
+_KEY_VALUE_INTRO = "Here is a list of names and their values.\n"
+
+
+def _sentence(rng: random.Random) -> str:
+    pattern = rng.randrange(4)
+    subject, verb, obj, place = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_PLACES)
+    if pattern == 0:
+        return f"{subject} {verb} {obj} {place}."
+    if pattern == 1:
+        return f"{rng.choice(_TIMES)}, {subject[0].lower() + subject[1:]} {verb} {obj}."
+    if pattern == 2:
+        return f"{subject} {verb} {obj} and {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+    return f"It was a {rng.choice(_ADJECTIVES)} {rng.choice(_WEATHER_NOUNS)} {place}."
+
+
+def _prose(rng: random.Random, num_chars: int) -> str:
+    """Paragraphs of 3 to 6 sentences, at most ``num_chars`` characters (possibly empty)."""
+    text, sentences_left = "", rng.randint(3, 6)
+    while True:
+        sentence = _sentence(rng)
+        separator = "" if not text else ("\n" if sentences_left == 0 else " ")
+        if len(text) + len(separator) + len(sentence) > num_chars:
+            return text
+        if sentences_left == 0:
+            sentences_left = rng.randint(3, 6)
+        text += separator + sentence
+        sentences_left -= 1
+
+
+def _document_rng(split: str, seed: int, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512: the same on every machine and independent of PYTHONHASHSEED.
+    return random.Random(f"longnet-default/{split}/{seed}/{index}")
+
+
+def _passkey_document(rng: random.Random, length: int, min_distance: int) -> dict:
+    key = str(rng.randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it.\n"
+    after_key = len(needle) - needle.index(key) - len(key)  # characters of the needle after the key
+    # The prose after the needle spans a random share of the room, and at least what the distance needs.
+    room = length - len(_PASSKEY_INTRO) - len(needle) - len(_PASSKEY_QUESTION) - len(key) - 1
+    least_after = max(min_distance - after_key - len(_PASSKEY_QUESTION), 0)
+    prose_after = _prose(rng, rng.randint(least_after, max(least_after, room - 1)))
+    while len(prose_after) < least_after:  # prose comes in whole sentences: top it up
+        prose_after += ("\n" if prose_after else "") + _sentence(rng)
+    prose_after += "\n"
+    prose_before = _prose(rng, room - len(prose_after) - 1)
+    if prose_before:
+        prose_before += "\n"
+    text = _PASSKEY_INTRO + prose_before + needle + prose_after + _PASSKEY_QUESTION
+    evidence_start = len(_PASSKEY_INTRO) + len(prose_before) + needle.index(key)
+    answer_start = len(text)
+    text += key + "."
+    return _record(text, "passkey", evidence_start, evidence_start + len(key), answer_start, answer_start + len(key))
+
+
+def _key_value_document(rng: random.Random, length: int, min_distance: int) -> dict:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    seen: set[str] = set()
+    records: list[tuple[str, str, int]] = []  # name, value, where the value starts
+    text = _KEY_VALUE_INTRO
+    question_length = len("The value of abcd is 0000.")
+    while True:
+        name = "".join(rng.choice(letters) for _ in range(4))
+        value = f"{rng.randrange(10000):04d}"
+        if name in seen or value in seen:
+            continue  # unique names and values: the queried value occurs once before the answer
+        line = f"{name} = {value}\n"
+        if len(text) + len(line) + question_length > length:
+            break
+        seen.update((name, value))
+        records.append((name, value, len(text) + len(name) + 3))
+        text += line
+    # Query a record whose value ends at least `min_distance` characters before the answer.
+    answer_start = len(text) + len("The value of abcd is ")
+    candidates = [record for record in records if answer_start - (record[2] + len(record[1])) >= min_distance]
+    name, value, evidence_start = rng.choice(candidates)
+    text += f"The value of {name} is {value}."
+    return _record(text, "key_value", evidence_start, evidence_start + len(value), answer_start, answer_start + len(value))
+
+
+def _text_document(rng: random.Random, length: int) -> dict:
+    return _record(_prose(rng, length), "text", NO_SPAN, NO_SPAN, NO_SPAN, NO_SPAN)
+
+
+def _record(text: str, task: str, evidence_start: int, evidence_end: int, answer_start: int, answer_end: int) -> dict:
+    return {
+        "text": text,
+        "task": task,
+        "evidence_start": evidence_start,
+        "evidence_end": evidence_end,
+        "answer_start": answer_start,
+        "answer_end": answer_end,
+    }
+
+
+def generate_default_dataset(
+    num_documents: int,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    max_chars: int = 1024,
+    min_distance: int = 128,
+    task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+) -> list[dict]:
+    """The embedded default dataset: ``num_documents`` records, a deterministic function of the arguments.
+
+    Args:
+        num_documents: how many documents.
+        split: any name; different splits (e.g. ``"train"``, ``"validation"``) give different documents.
+        seed: another way to get different documents for the same split.
+        max_chars: the longest document, in characters (ASCII: one byte-level token each); documents are
+            between half of it (at least ``min_distance + 192``) and all of it.
+        min_distance: the least distance, in characters, from the end of the evidence to the start of the answer.
+            Set it above the smallest segment length to make retrieval need the dilated, longer branches.
+        task_weights: relative frequencies of ``passkey``, ``key_value`` and ``text`` documents.
+
+    Returns:
+        A list of dicts with ``text``, ``task`` (one of :data:`TASKS`), and the character spans
+        ``evidence_start``/``evidence_end`` of the evidence and ``answer_start``/``answer_end`` of the answer
+        (``-1`` for ``text`` documents). Document ``i`` does not depend on ``num_documents``.
+    """
+    _check_int(num_documents, "num_documents", minimum=0)
+    _check_int(seed, "seed", minimum=0)
+    _check_int(min_distance, "min_distance", minimum=1)
+    _check_int(max_chars, "max_chars", minimum=1)
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"`split` must be a non-empty string, got {split!r}")
+    least_length = least_document_length(min_distance)
+    if max_chars < least_length:
+        raise ValueError(
+            f"`max_chars` ({max_chars}) is too short for `min_distance`={min_distance}: documents must be able to "
+            f"hold the evidence, the distance and the question; use max_chars >= {least_length}"
+        )
+    if (
+        len(task_weights) != len(TASKS)
+        or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in task_weights)
+        or sum(task_weights) <= 0
+    ):
+        raise ValueError(
+            f"`task_weights` must be {len(TASKS)} non-negative numbers (for {', '.join(TASKS)}) with a positive "
+            f"sum, got {list(task_weights)!r}"
+        )
+    documents = []
+    for index in range(num_documents):
+        rng = _document_rng(split, seed, index)
+        task = rng.choices(TASKS, weights=task_weights)[0]
+        length = rng.randint(max(max_chars // 2, least_length), max_chars)
+        if task == "passkey":
+            documents.append(_passkey_document(rng, length, min_distance))
+        elif task == "key_value":
+            documents.append(_key_value_document(rng, length, min_distance))
+        else:
+            documents.append(_text_document(rng, length))
+    return documents
+
+
+def least_document_length(min_distance: int) -> int:
+    """The shortest ``max_chars`` that :func:`generate_default_dataset` accepts for ``min_distance``: a document
+    must hold the fixed parts (intro, needle, question: under 150 characters), the distance, and a sentence of
+    slack."""
+    return min_distance + 192
+
+
+def _check_int(value, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers that need no download
+# ----------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, the alphabet of byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    characters = printable[:]
+    shift = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + shift)
+            shift += 1
+    return dict(zip(printable, map(chr, characters)))
+
+
+def _wrap(tokenizer_object) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=PADDING
+    )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerBase:
+    """A tokenizer whose tokens are the 256 bytes (token id = byte value), plus ``<|endoftext|>`` (256, also BOS)
+    and ``<|pad|>`` (257). Nothing to train or download, lossless on any text, one token per ASCII character;
+    ``save_pretrained`` writes a ``tokenizer.json`` that ``AutoTokenizer`` loads back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocabulary = {character: byte for byte, character in _bytes_to_unicode().items()}
+    vocabulary[END_OF_TEXT] = 256
+    vocabulary[PADDING] = 257
+    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([END_OF_TEXT, PADDING])
+    return _wrap(tokenizer)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on ``texts`` with ``vocab_size`` tokens (>= 258: the 256 bytes and the
+    two special tokens come first), the same special tokens as :func:`byte_level_tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 258:
+        raise ValueError(f"`vocab_size` must be an int >= 258 (256 bytes and 2 special tokens), got {vocab_size!r}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT, PADDING],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _wrap(tokenizer)
+
+
+def load_tokenizer(
+    name_or_path: str, *, texts: Iterable[str] | None = None, vocab_size: int = 4096, **from_pretrained_kwargs
+) -> PreTrainedTokenizerBase:
+    """``"byte"``: :func:`byte_level_tokenizer`; ``"bpe"``: :func:`train_bpe_tokenizer` on ``texts``; anything
+    else: ``AutoTokenizer.from_pretrained(name_or_path)`` (a folder or a Hub id). A tokenizer without a padding
+    token gets its end-of-sequence token as padding."""
+    if name_or_path == "byte":
+        return byte_level_tokenizer()
+    if name_or_path == "bpe":
+        if texts is None:
+            raise ValueError("`texts` are needed to train the 'bpe' tokenizer")
+        return train_bpe_tokenizer(texts, vocab_size)
+    from transformers import AutoTokenizer
+
+    if _looks_like_path(name_or_path) and not Path(name_or_path).exists():
+        raise FileNotFoundError(f"tokenizer folder {name_or_path!r} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id ("user/name"): absolute, relative with ./ or ../, or existing."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading text
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _builder_for(paths: Sequence[str], option: str) -> str:
+    builders = set()
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{option}: file {path!r} does not exist")
+        suffix = Path(path).suffix.lower()
+        if suffix not in _FILE_BUILDERS:
+            raise ValueError(
+                f"{option}: cannot read {path!r}: the extension {suffix or '(none)'!r} is not one of "
+                f"{sorted(_FILE_BUILDERS)} (text, JSON lines or parquet)"
+            )
+        builders.add(_FILE_BUILDERS[suffix])
+    if len(builders) > 1:
+        raise ValueError(f"{option}: mix of file kinds {sorted(builders)}; give files of one kind")
+    return builders.pop()
+
+
+def load_text_datasets(
+    *,
+    train_files: Sequence[str] = (),
+    validation_files: Sequence[str] = (),
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    text_column: str = "text",
+    sample_by: str = "document",
+    validation_fraction: float = 0.05,
+    seed: int = 0,
+    default_documents: int = 2000,
+    default_validation_documents: int = 100,
+    default_max_chars: int = 1024,
+    default_min_distance: int = 128,
+) -> DatasetDict:
+    """A :class:`datasets.DatasetDict` with ``train`` and ``validation`` splits that have a ``text`` column.
+
+    The source is, by priority: ``train_files`` (text, JSON lines or parquet files, by extension), else the Hub
+    dataset ``dataset_name`` (``dataset_config`` names its configuration), else the embedded default dataset
+    (:func:`generate_default_dataset` with ``default_*`` sizes, different documents in each split).
+
+    Text files are read one example per file (``sample_by="document"``), per blank-line separated paragraph or
+    per line. ``text_column`` names the column that holds the text in JSON, parquet and Hub data; it is renamed
+    ``text``. Without ``validation_files`` (or a Hub ``validation`` split), ``validation_fraction`` of the
+    training examples are held out.
+    """
+    try:
+        import datasets
+    except ImportError as error:  # the GPU machines of the project's CI carry no `datasets`
+        raise ImportError("loading data needs the `datasets` package: pip install datasets") from error
+
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"`validation_fraction` must be in [0, 1), got {validation_fraction!r}")
+    if sample_by not in ("document", "paragraph", "line"):
+        raise ValueError(f"`sample_by` must be 'document', 'paragraph' or 'line', got {sample_by!r}")
+    if validation_files and not train_files:
+        raise ValueError("validation files were given without training files")
+    if train_files and dataset_name:
+        raise ValueError("give either training files or a Hub dataset name, not both")
+
+    if train_files:
+        builder = _builder_for(train_files, "train files")
+        data_files = {"train": list(train_files)}
+        if validation_files:
+            if _builder_for(validation_files, "validation files") != builder:
+                raise ValueError("training and validation files must be of the same kind (text, JSON or parquet)")
+            data_files["validation"] = list(validation_files)
+        kwargs = {"sample_by": sample_by} if builder == "text" else {}
+        try:
+            loaded = datasets.load_dataset(builder, data_files=data_files, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"cannot read {', '.join(train_files)} as {builder}: {cause}") from error
+    elif dataset_name:
+        try:
+            loaded = datasets.load_dataset(dataset_name, dataset_config)
+        except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as error:
+            offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+            hint = (
+                " (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+                if offline
+                else " (no network? use local files with --train-files, or the embedded default dataset)"
+            )
+            raise ConnectionError(f"cannot load the Hub dataset {dataset_name!r}: {error}{hint}") from error
+        if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
+            raise ValueError(f"the Hub dataset {dataset_name!r} has no 'train' split")
+    else:
+        return datasets.DatasetDict(
+            train=datasets.Dataset.from_list(
+                generate_default_dataset(
+                    default_documents, split="train", seed=seed, max_chars=default_max_chars,
+                    min_distance=default_min_distance,
+                )
+            ),
+            validation=datasets.Dataset.from_list(
+                generate_default_dataset(
+                    default_validation_documents, split="validation", seed=seed, max_chars=default_max_chars,
+                    min_distance=default_min_distance,
+                )
+            ),
+        )
+
+    for name, split in loaded.items():
+        if text_column not in split.column_names:
+            raise ValueError(
+                f"the {name} data has no column {text_column!r} (its columns: {split.column_names}); "
+                "name the text column with text_column"
+            )
+    if text_column != "text":
+        if "text" in loaded["train"].column_names:
+            loaded = loaded.remove_columns("text")  # the chosen column replaces it
+        loaded = loaded.rename_column(text_column, "text")
+    if "validation" not in loaded:
+        if validation_fraction == 0.0 or len(loaded["train"]) < 2:
+            loaded["validation"] = loaded["train"].select([])
+        else:
+            parts = loaded["train"].train_test_split(test_size=validation_fraction, seed=seed)
+            loaded = datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+    return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"])
+
+
+def load_records(
+    *,
+    files: Sequence[str] = (),
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "test",
+    text_column: str = "text",
+    sample_by: str = "document",
+    default_documents: int = 200,
+    default_max_chars: int = 1024,
+    default_min_distance: int = 128,
+    seed: int = 0,
+) -> list[dict]:
+    """Evaluation records (dicts with at least ``text``) from files, a Hub dataset split, or the embedded default
+    dataset's ``split``. Retrieval fields (``evidence_start``, ``evidence_end``, ``answer_start``,
+    ``answer_end``) are kept where the data has them."""
+    if not files and not dataset_name:
+        return generate_default_dataset(
+            default_documents, split=split, seed=seed, max_chars=default_max_chars, min_distance=default_min_distance
+        )
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("reading files or Hub datasets needs the `datasets` package: pip install datasets") from error
+    if files and dataset_name:
+        raise ValueError("give either files or a Hub dataset name, not both")
+    if files:
+        builder = _builder_for(files, "files")
+        kwargs = {"sample_by": sample_by} if builder == "text" else {}
+        try:
+            loaded = datasets.load_dataset(builder, data_files={"train": list(files)}, **kwargs)["train"]
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise ValueError(f"cannot read {', '.join(files)} as {builder}: {error.__cause__ or error}") from error
+    else:
+        try:
+            loaded = datasets.load_dataset(dataset_name, dataset_config, split=split)
+        except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as error:
+            raise ConnectionError(f"cannot load the Hub dataset {dataset_name!r} (split {split!r}): {error}") from error
+        except ValueError as error:  # an unknown split
+            raise ValueError(f"the Hub dataset {dataset_name!r}: {error}") from error
+    if text_column not in loaded.column_names:
+        raise ValueError(f"the data has no column {text_column!r} (its columns: {loaded.column_names})")
+    records = loaded.to_list()
+    if text_column != "text":
+        for record in records:
+            record["text"] = record.pop(text_column)
+    return records
+
+
+def is_retrieval_record(record: dict) -> bool:
+    """Whether a record has evidence and answer spans to score retrieval on."""
+    return all(isinstance(record.get(key), int) and record[key] >= 0 for key in _SPAN_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pack_documents(
+    documents: Iterable[Sequence[int]],
+    block_size: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    mode: str = "documents",
+) -> dict[str, list[list[int]]]:
+    """Packs token sequences into rows of exactly ``block_size`` tokens.
+
+    Every document gets ``eos_token_id`` appended. Then:
+
+    * ``mode="documents"``: documents are placed whole, in order, into the current row while they fit, else
+      into a new row; a document longer than a row is cut into row-sized pieces. ``position_ids`` restart at 0
+      with each document (piece): LongNet reads the restarts as document boundaries, so every document's logical
+      positions, hence its segments, start at 0, and no token attends another document (see
+      :class:`PackedRowsCollator`). The rest of a row is padding, with positions of its own restarting at 0 (a
+      pseudo-document nobody attends) and label -100. The first token of each document has label -100 too: it
+      is not predicted from another document.
+    * ``mode="concat"``: the documents are concatenated and cut every ``block_size`` tokens, as in GPT-2
+      pre-training; the tail shorter than a row is dropped. Positions run 0..block_size-1 in every row, and
+      attention crosses document boundaries.
+
+    Returns:
+        ``input_ids``, ``labels`` and ``position_ids``: lists of rows.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
+    if mode not in PACKING_MODES:
+        raise ValueError(f"`mode` must be one of {PACKING_MODES}, got {mode!r}")
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+
+    if mode == "concat":
+        stream: list[int] = []
+        for document in documents:
+            stream.extend(document)
+            stream.append(eos_token_id)
+            while len(stream) >= block_size:
+                row, stream = stream[:block_size], stream[block_size:]
+                rows["input_ids"].append(row)
+                rows["labels"].append(list(row))
+                rows["position_ids"].append(list(range(block_size)))
+        return rows
+
+    current: dict[str, list[int]] = {key: [] for key in rows}
+
+    def close_row() -> None:
+        if not current["input_ids"]:
+            return
+        padding = block_size - len(current["input_ids"])
+        current["input_ids"] += [pad_token_id] * padding
+        current["labels"] += [-100] * padding
+        current["position_ids"] += list(range(padding))
+        for key, kept_rows in rows.items():
+            kept_rows.append(current[key])
+            current[key] = []
+
+    for document in documents:
+        tokens = list(document) + [eos_token_id]
+        for start in range(0, len(tokens), block_size):
+            piece = tokens[start : start + block_size]
+            if len(current["input_ids"]) + len(piece) > block_size:
+                close_row()
+            current["input_ids"] += piece
+            current["labels"] += [-100] + piece[1:]
+            current["position_ids"] += list(range(len(piece)))
+    close_row()
+    return rows
+
+
+class PackedRowsCollator:
+    """Collates rows made by :func:`pack_documents`.
+
+    ``mode="documents"``: the rows of a batch are joined end to end into a single row of
+    ``batch_size * block_size`` tokens, with no attention mask, so that the restarting ``position_ids`` mark
+    every document (LongNet, like transformers' ``DataCollatorWithFlattening`` convention, reads packed
+    documents from a batch of one row). ``mode="concat"``: the rows are stacked into ``(batch, block_size)``.
+    """
+
+    def __init__(self, mode: str = "documents"):
+        if mode not in PACKING_MODES:
+            raise ValueError(f"`mode` must be one of {PACKING_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        import torch
+
+        keys = ("input_ids", "labels", "position_ids") if self.mode == "documents" else ("input_ids", "labels")
+        batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in keys}
+        if self.mode == "documents":
+            batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+        return batch
+
+
+def tokenize_and_pack(
+    dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    mode: str = "documents",
+    num_proc: int | None = None,
+    description: str = "data",
+):
+    """Tokenizes the ``text`` column of a :class:`datasets.Dataset` and packs it with :func:`pack_documents`;
+    returns a dataset of ``input_ids``, ``labels`` and ``position_ids`` rows."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def tokenize(batch):
+        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+
+    def pack(batch):
+        return pack_documents(
+            batch["input_ids"], block_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id, mode=mode
+        )
+
+    tokenized = dataset.map(
+        tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {description}"
+    )
+    return tokenized.map(
+        pack, batched=True, batch_size=1000, remove_columns=tokenized.column_names, num_proc=num_proc,
+        desc=f"Packing {description} into blocks of {block_size}",
+    )

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Generate text with a saved LongNet (a folder or a Hub id), streaming the tokens as they come.
+
+Needs only transformers: where the modeling_longnet package is not installed, pass --trust-remote-code to run
+the model code saved beside the weights (train.py and push_to_hub.py save it there).
+
+Examples:
+    python scripts/generate.py outputs/tiny --prompt "What is the pass key? The pass key is"
+    python scripts/generate.py user/longnet-tiny --trust-remote-code --prompt-file long_prompt.txt \\
+        --max-new-tokens 200 --do-sample --temperature 0.8 --top-p 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PROG = "generate.py"
+DEFAULT_PROMPT = "The old sailor"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="a saved model: folder or Hub id (user/name)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the model code stored with the model (needed where modeling_longnet is not installed)",
+    )
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--no-prompt-echo", action="store_true", help="print only the generated text, not the prompt")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights' dtype")
+    return parser
+
+
+def _is_local_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1 or os.path.exists(name)
+
+
+def load(args: argparse.Namespace) -> tuple:
+    """The model, its tokenizer and the prompt; everything that can fail on user input."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes, where installed)
+    except ImportError:
+        pass
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.do_sample and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
+        raise ValueError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if _is_local_path(args.model) and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
+    if args.prompt_file is not None:
+        if not Path(args.prompt_file).is_file():
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
+        prompt = Path(args.prompt_file).read_text()
+    else:
+        prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    options = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **options)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **options)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), tokenizer, prompt
+
+
+def generate(args: argparse.Namespace, model, tokenizer, prompt: str) -> str:
+    """Streams the continuation of ``prompt`` to stdout and returns it."""
+    import torch
+    from transformers import TextStreamer
+
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.no_prompt_echo, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} if args.do_sample else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **sampling,
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model, tokenizer, prompt = load(args)
+    except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    generate(args, model, tokenizer, prompt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

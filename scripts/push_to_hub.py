@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Publish a trained LongNet on the Hugging Face Hub, or any Hub-compatible endpoint (HF_ENDPOINT).
+
+The repository gets the weights (safetensors), the config, the model code (so that it loads with
+AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True) without this package), the tokenizer, the
+training summary, the evaluation files of scripts/evaluate.py and a model card (README.md) describing the
+configuration, the data and the evaluation with its figures.
+
+The token comes from --token, else HF_TOKEN, else the one saved by `hf auth login`.
+
+Examples:
+    python scripts/push_to_hub.py outputs/tiny --repo-id my-user/longnet-tiny
+    HF_ENDPOINT=https://hub.example.org python scripts/push_to_hub.py outputs/tiny --repo-id team/longnet --private
+    python scripts/push_to_hub.py outputs/tiny --repo-id my-user/longnet-tiny --dry-run --staging-dir /tmp/card
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+if importlib.util.find_spec("modeling_longnet") is None:  # run from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROG = "push_to_hub.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", help="the model folder written by train.py")
+    parser.add_argument("--repo-id", required=True, help="the repository: user/name (or name alone, for the token's user)")
+    parser.add_argument("--evaluation-dir", default=None, help="folder with evaluate.py's files (default: MODEL_DIR/evaluation)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--commit-message", default="Upload LongNet model", help="the commit's message")
+    parser.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument("--staging-dir", default=None, help="prepare the repository's files here (default: a temporary folder)")
+    parser.add_argument("--dry-run", action="store_true", help="prepare the files (needs --staging-dir to keep them) but upload nothing")
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def run(args: argparse.Namespace) -> str | None:
+    from modeling_longnet.hub import prepare_upload_folder, upload_to_hub
+
+    if args.dry_run and args.staging_dir is None:
+        raise ValueError("--dry-run keeps nothing without --staging-dir")
+    with tempfile.TemporaryDirectory(prefix="longnet-upload-") as temporary:
+        staging = Path(args.staging_dir or temporary)
+        folder = prepare_upload_folder(args.model_dir, staging, repo_id=args.repo_id, evaluation_dir=args.evaluation_dir)
+        files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+        print(f"{PROG}: prepared {len(files)} files in {folder}: {', '.join(files)}")
+        if args.dry_run:
+            return None
+        url = upload_to_hub(
+            folder, args.repo_id, token=args.token, endpoint=args.endpoint, private=args.private,
+            commit_message=args.commit_message,
+        )
+    print(f"{PROG}: uploaded to {url}")
+    return url
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from modeling_longnet.hub import HubPublishError
+
+    try:
+        run(args)
+    except (HubPublishError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,565 @@
+#!/usr/bin/env python
+"""Train or fine-tune a LongNet causal language model with the transformers Trainer.
+
+Data: local text / JSON lines / parquet files, a Hub dataset, or (by default) the embedded synthetic dataset of
+modeling_longnet.data (pass-key and key-value retrieval over long distances, plus ordinary sentences), packed into
+contexts of --block-size tokens. The model comes from a preset of configuration/ (--preset), a config file
+(--config) or a saved model (--model, to fine-tune); the tokenizer is byte-level by default (nothing to download;
+saved with the model). The output folder holds the model with its code (loadable with trust_remote_code=True),
+the tokenizer, checkpoints, and training_summary.json.
+
+Examples:
+    python scripts/train.py --output-dir outputs/tiny --max-steps 200
+    python scripts/train.py --train-files corpus.jsonl --tokenizer bpe --vocab-size 8192 --preset tiny \\
+        --set hidden_size=256 --set num_hidden_layers=4 --block-size 4096 --precision bf16
+    accelerate launch --config_file configuration/accelerate_ddp.yaml scripts/train.py --output-dir outputs/ddp
+    python scripts/train.py --output-dir outputs/tiny --max-steps 400 --resume-from-checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if importlib.util.find_spec("modeling_longnet") is None:  # run from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROG = "train.py"
+SUMMARY_FILE = "training_summary.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", help="name of a preset configuration in configuration/ (default: tiny)")
+    model.add_argument("--config", help="a LongNet config.json (or a folder holding one); replaces --preset")
+    model.add_argument("--model", help="a saved LongNet (folder or Hub id) to fine-tune; replaces --preset and --config")
+    model.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a config field (VALUE is JSON, else a string), e.g. --set hidden_size=64 "
+        "--set 'segment_lengths=[64,256,1024]'; repeatable",
+    )
+    model.add_argument(
+        "--attn-implementation", default=None,
+        help="LongNet attention function: auto (default), torch, triton, flash or eager",
+    )
+    model.add_argument(
+        "--sequence-parallel-size", type=int, default=1,
+        help="split each sequence over this many processes (modeling_longnet.sequence_parallel; needs --packing "
+        "concat and a launcher with a multiple of this many processes); 1 = off",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-files", nargs="+", default=[], help="training files: .txt/.md, .json/.jsonl or .parquet")
+    data.add_argument("--validation-files", nargs="+", default=[], help="validation files, of the same kind")
+    data.add_argument("--dataset", help="a Hub dataset name (needs network access), instead of files")
+    data.add_argument("--dataset-config", help="the configuration name of the Hub dataset")
+    data.add_argument("--text-column", default="text", help="column holding the text in JSON, parquet and Hub data")
+    data.add_argument(
+        "--sample-by", choices=("document", "paragraph", "line"), default="document",
+        help="what one example of a text file is (default: the whole file)",
+    )
+    data.add_argument("--validation-fraction", type=float, default=0.05, help="share of training examples held out when no validation data is given")
+    data.add_argument("--default-documents", type=int, default=2000, help="training documents of the embedded default dataset")
+    data.add_argument("--default-validation-documents", type=int, default=100, help="validation documents of the embedded default dataset")
+    data.add_argument("--default-max-chars", type=int, default=None, help="longest document of the embedded default dataset, in characters (default: --block-size - 1, so that a document and its end token fill at most one context)")
+    data.add_argument(
+        "--default-min-distance", type=int, default=None,
+        help="least evidence-to-answer distance of the default dataset (default: twice the smallest segment length)",
+    )
+    data.add_argument(
+        "--tokenizer", default=None,
+        help="'byte' (256 bytes + 2 special tokens; default for a new model), 'bpe' (byte-level BPE trained on the "
+        "training text), or an AutoTokenizer folder / Hub id (default with --model: the model's own)",
+    )
+    data.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the 'bpe' tokenizer")
+    data.add_argument("--block-size", type=int, default=None, help="tokens per packed context (default: min(1024, max_position_embeddings))")
+    data.add_argument(
+        "--packing", choices=("documents", "concat"), default="documents",
+        help="documents: whole documents per context, kept apart by restarting position ids; concat: GPT-2 style "
+        "concatenation cut every --block-size tokens",
+    )
+    data.add_argument("--num-proc", type=int, default=None, help="processes for tokenization and packing")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output-dir", default="outputs/longnet", help="where the model, checkpoints and summary go")
+    training.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --num-train-epochs)")
+    training.add_argument("--num-train-epochs", type=float, default=1.0, help="passes over the training data")
+    training.add_argument("--per-device-train-batch-size", type=int, default=8, help="contexts per device per step")
+    training.add_argument("--per-device-eval-batch-size", type=int, default=8, help="contexts per device per evaluation step")
+    training.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    training.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate of AdamW")
+    training.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    training.add_argument("--warmup-steps", type=float, default=0.05, help="warm-up steps (a float < 1 is a share of all steps)")
+    training.add_argument("--lr-scheduler-type", default="cosine", help="transformers scheduler name (cosine, linear, constant, ...)")
+    training.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    training.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None,
+        help="mixed precision (default: what an accelerate config sets, else fp32)",
+    )
+    training.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    training.add_argument("--eval-steps", type=int, default=0, help="evaluate every this many steps (0: only at the end)")
+    training.add_argument("--logging-steps", type=int, default=10, help="log the training loss every this many steps")
+    training.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps")
+    training.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep")
+    training.add_argument(
+        "--resume-from-checkpoint", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="resume from this checkpoint folder, or (no value) from the latest one in --output-dir",
+    )
+    training.add_argument("--seed", type=int, default=0, help="random seed (data generation, initialisation, order)")
+    training.add_argument("--dataloader-num-workers", type=int, default=0, help="data loading worker processes")
+    training.add_argument("--report-to", default="none", help="experiment trackers (transformers' report_to): none, tensorboard, wandb, ...")
+    training.add_argument("--use-cpu", action="store_true", help="train on the CPU even where a GPU is present")
+    training.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["hidden_size=64", "segment_lengths=[8,16]"]`` -> ``{"hidden_size": 64, "segment_lengths": [8, 16]}``."""
+    overrides = {}
+    for item in items:
+        name, separator, text = item.partition("=")
+        if not separator or not name.strip():
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name.strip()] = text
+    return overrides
+
+
+def build_config(preset: str | None, config_path: str | None, overrides: dict):
+    """A LongNetConfig from a config file (or folder) if given, else from a named preset, with ``overrides``."""
+    from modeling_longnet import LongNetConfig
+
+    if config_path:
+        path = Path(config_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: {config_path!r} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config: {config_path!r} is not valid JSON ({error})") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"--config: {config_path!r} must hold a JSON object of config fields")
+        if values.get("model_type", "longnet") != "longnet":
+            raise ValueError(f"--config: {config_path!r} is a {values['model_type']!r} config, not a LongNet one")
+        values.pop("model_type", None)
+        values.update(overrides)
+        return LongNetConfig(**values)
+    return LongNetConfig.from_preset(preset, **overrides)
+
+
+def build_model(config=None, *, pretrained: str | None = None, attn_implementation: str | None = None):
+    """A new LongNetForCausalLM from ``config``, or the saved one at ``pretrained`` (a folder or Hub id)."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_longnet import LongNetForCausalLM  # importing the package registers LongNet with the Auto classes
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if pretrained is not None:
+        if _is_local_path(pretrained) and not Path(pretrained).is_dir():
+            raise FileNotFoundError(f"--model: folder {pretrained!r} does not exist")
+        return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+    model = LongNetForCausalLM(config)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def load_pretrained_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
+
+    if _is_local_path(name_or_path) and not Path(name_or_path).is_dir():
+        raise FileNotFoundError(f"--model: folder {name_or_path!r} does not exist")
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type != "longnet":
+        raise ValueError(f"--model: {name_or_path!r} is a {config.model_type!r} model, not a LongNet")
+    return config
+
+
+def _is_local_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1 or os.path.exists(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequence parallelism: the integration point with modeling_longnet/sequence_parallel.py (owned separately)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_sequence_parallel(size: int, *, config, block_size: int, packing: str):
+    """Validates --sequence-parallel-size against the launch, the data and the model.
+
+    Sequence parallelism splits each row of ``block_size`` tokens into ``size`` chunks, one per rank of a group of
+    ``size`` processes; the world (``accelerate launch`` / ``torchrun``) is ``data-parallel x size`` processes."""
+    try:
+        from modeling_longnet import sequence_parallel
+    except ImportError as error:
+        raise ValueError(f"--sequence-parallel-size {size} needs modeling_longnet.sequence_parallel ({error})") from error
+    if not hasattr(sequence_parallel, "apply_sequence_parallel"):
+        raise ValueError(
+            f"--sequence-parallel-size {size}: this version of modeling_longnet.sequence_parallel has no "
+            "apply_sequence_parallel(model, group) to apply it to a model; train with --sequence-parallel-size 1"
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % size != 0:
+        raise ValueError(
+            f"--sequence-parallel-size {size} needs a multiple of {size} processes (launch with `accelerate launch "
+            f"--num_processes N` or torchrun), got {world_size}"
+        )
+    if packing != "concat":
+        raise ValueError(
+            f"--sequence-parallel-size {size} needs --packing concat: the ranks split rows of one sequence, without "
+            "padding or packed documents"
+        )
+    if block_size % size != 0 or sequence_parallel.compatible_chunk_length(config.segment_lengths, size, block_size // size) != block_size // size:
+        raise ValueError(
+            f"--block-size {block_size} cannot be split into {size} chunks that every segment length "
+            f"{config.segment_lengths} fits (each must divide the chunk, be a multiple of it, or cover the row); "
+            f"a block size that fits: {size * sequence_parallel.compatible_chunk_length(config.segment_lengths, size, max(1, block_size // size))}"
+        )
+
+
+def apply_sequence_parallel(model, size: int):
+    """Builds the (data-parallel x sequence-parallel) device mesh over the launched processes and makes the model's
+    attention run across the ranks of its sequence-parallel group; returns that group (None for size 1)."""
+    if size == 1:
+        return None
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from modeling_longnet.sequence_parallel import apply_sequence_parallel as apply
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size() // size, size), mesh_dim_names=("dp", "sp"))
+    apply(model, mesh["sp"])
+    return mesh["sp"].get_group()
+
+
+def _sequence_parallel_trainer(base):
+    """A Trainer in which the ranks of a sequence-parallel group share each batch, each computing its chunk of every
+    sequence (``shard_batch``), and add their shares into the batch's loss (``sequence_parallel_loss``)."""
+
+    class SequenceParallelTrainer(base):
+        def __init__(self, *args, sp_group, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sp_group = sp_group
+            # The loss below is a mean over the whole batch: let the Trainer divide it by the accumulation steps
+            # and not rescale it by token counts across devices.
+            self.model_accepts_loss_kwargs = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch.distributed as dist
+
+            from modeling_longnet.sequence_parallel import sequence_parallel_loss, shard_batch
+
+            # Every rank of the group must see the same rows: take those of the group's first rank.
+            source = dist.get_global_rank(self.sp_group, 0)
+            for key in ("input_ids", "labels"):
+                dist.broadcast(inputs[key], src=source, group=self.sp_group)
+            outputs = model(**shard_batch(inputs, self.sp_group))
+            loss = sequence_parallel_loss(outputs.loss, self.sp_group)
+            return (loss, outputs) if return_outputs else loss
+
+    return SequenceParallelTrainer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing everything that can fail on user input, before the (slow) Trainer starts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    from modeling_longnet.data import least_document_length, load_text_datasets, load_tokenizer, tokenize_and_pack
+
+    _check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps", "block_size", "default_documents", "sequence_parallel_size")
+    if args.eval_steps < 0:
+        raise ValueError(f"--eval-steps must be >= 0, got {args.eval_steps}")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    overrides = parse_overrides(args.overrides)
+
+    if args.model is None:
+        config = build_config(args.preset, args.config, overrides)
+    elif overrides or args.config:
+        raise ValueError("--set and --config describe a new model; with --model the saved model's config is used")
+    else:
+        config = load_pretrained_config(args.model)
+
+    block_size = args.block_size or min(1024, config.max_position_embeddings)
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"--block-size {block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
+    min_distance = args.default_min_distance or 2 * min(config.segment_lengths)
+    max_chars = args.default_max_chars or block_size - 1
+    if not (args.train_files or args.dataset) and max_chars < least_document_length(min_distance):
+        raise ValueError(
+            f"the default dataset's documents (at most {max_chars} characters: --default-max-chars, by default "
+            f"--block-size - 1) are too short for evidence {min_distance} characters before the answer "
+            "(--default-min-distance, by default twice the smallest segment length); raise --block-size or "
+            f"--default-max-chars to at least {least_document_length(min_distance)} or lower --default-min-distance"
+        )
+    data_settings = {
+        "default_documents": args.default_documents,
+        "default_validation_documents": args.default_validation_documents,
+        "default_max_chars": max_chars,
+        "default_min_distance": min_distance,
+    }
+    datasets = load_text_datasets(
+        train_files=args.train_files, validation_files=args.validation_files, dataset_name=args.dataset,
+        dataset_config=args.dataset_config, text_column=args.text_column, sample_by=args.sample_by,
+        validation_fraction=args.validation_fraction, seed=args.seed, **data_settings,
+    )
+    if len(datasets["train"]) == 0:
+        raise ValueError("the training data is empty")
+
+    tokenizer_name = args.tokenizer or (args.model if args.model else "byte")
+    tokenizer = load_tokenizer(tokenizer_name, texts=datasets["train"]["text"], vocab_size=args.vocab_size)
+
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the initialisation of a new model
+    if args.model is None:
+        # A new model takes its vocabulary and special tokens from the tokenizer.
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+            tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+        )
+        model = build_model(config, attn_implementation=args.attn_implementation)
+    else:
+        model = build_model(pretrained=args.model, attn_implementation=args.attn_implementation)
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if args.sequence_parallel_size > 1:
+        check_sequence_parallel(args.sequence_parallel_size, config=model.config, block_size=block_size, packing=args.packing)
+
+    packed = {
+        split: tokenize_and_pack(
+            datasets[split], tokenizer, block_size, mode=args.packing, num_proc=args.num_proc, description=f"{split} data"
+        )
+        for split in ("train", "validation")
+        if len(datasets[split])
+    }
+    if not packed.get("train") or len(packed["train"]) == 0:
+        raise ValueError(f"no training context of {block_size} tokens could be made: the data is too short for --block-size")
+    source = (
+        {"kind": "files", "train_files": args.train_files, "validation_files": args.validation_files}
+        if args.train_files
+        else {"kind": "hub", "dataset": args.dataset, "config": args.dataset_config}
+        if args.dataset
+        else {"kind": "default", **data_settings, "seed": args.seed}
+    )
+    return {
+        "model": model,
+        "checkpoint": checkpoint,
+        "tokenizer": tokenizer,
+        "tokenizer_name": tokenizer_name,
+        "datasets": packed,
+        "block_size": block_size,
+        "data": {"source": source, "documents": {split: len(datasets[split]) for split in datasets}, "packing": args.packing},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def training_arguments(args: argparse.Namespace, has_validation: bool):
+    from transformers import TrainingArguments
+
+    optional = {}
+    if args.precision == "bf16":
+        optional["bf16"] = True
+    elif args.precision == "fp16":
+        optional["fp16"] = True
+    if args.gradient_checkpointing:
+        # transformers 5.24 renamed it activation_checkpointing (5.17, the oldest we support, has the old name).
+        fields = TrainingArguments.__dataclass_fields__
+        optional["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        max_grad_norm=args.max_grad_norm,
+        eval_strategy="steps" if args.eval_steps and has_validation else "no",
+        eval_steps=args.eval_steps or None,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_pin_memory=_has_accelerator(args),
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step
+        report_to=args.report_to,
+        use_cpu=args.use_cpu,
+        disable_tqdm=args.quiet,
+        **optional,
+    )
+
+
+def _has_accelerator(args) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not args.use_cpu
+
+
+def resolve_checkpoint(option: str | None, output_dir: str) -> str | None:
+    if option != "latest":
+        return option
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"--resume-from-checkpoint: no checkpoint-* folder in {output_dir!r} to resume from")
+    return last
+
+
+def train(args: argparse.Namespace, prepared: dict) -> dict:
+    from transformers import Trainer
+
+    from modeling_longnet.data import PackedRowsCollator
+
+    model, tokenizer, datasets = prepared["model"], prepared["tokenizer"], prepared["datasets"]
+    has_validation = "validation" in datasets and len(datasets["validation"]) > 0
+    training_args = training_arguments(args, has_validation)  # initialises torch.distributed under a launcher
+    sp_group = apply_sequence_parallel(model, args.sequence_parallel_size)
+    trainer_class, extra = (Trainer, {}) if sp_group is None else (_sequence_parallel_trainer(Trainer), {"sp_group": sp_group})
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"] if has_validation else None,
+        data_collator=PackedRowsCollator(args.packing),
+        processing_class=tokenizer,
+        **extra,
+    )
+    checkpoint = prepared["checkpoint"]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if trainer.is_world_process_zero():
+        print(
+            f"{PROG}: {type(model).__name__} with {num_parameters / 1e6:.2f}M parameters; {len(datasets['train'])} "
+            f"training contexts of {prepared['block_size']} tokens; {trainer.args.world_size} process(es)"
+            + (f"; resuming from {checkpoint}" if checkpoint else ""),
+            flush=True,
+        )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate() if has_validation else {}
+    model.config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it back
+    trainer.save_model(args.output_dir)  # the model with its code (LongNet's save_pretrained), and the tokenizer
+
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    # The ranks of a sequence-parallel group share their rows: count each row once.
+    tokens = (
+        trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * (trainer.args.world_size // args.sequence_parallel_size) * prepared["block_size"]
+    )
+    summary = {
+        "model_class": type(model).__name__,
+        "num_parameters": num_parameters,
+        "config": {"preset": None if args.model or args.config else args.preset, "file": args.config, "pretrained": args.model,
+                   "overrides": parse_overrides(args.overrides)},
+        "tokenizer": prepared["tokenizer_name"],
+        "data": prepared["data"],
+        "block_size": prepared["block_size"],
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_tokens": tokens,
+        "train_seconds": seconds,
+        "train_loss": result.training_loss,
+        "loss_history": losses,
+        "eval_loss": metrics.get("eval_loss"),
+        "eval_perplexity": math.exp(metrics["eval_loss"]) if "eval_loss" in metrics else None,
+        "precision": args.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "fp32"),
+        "world_size": trainer.args.world_size,
+        "sequence_parallel_size": args.sequence_parallel_size,
+        "resumed_from": checkpoint,
+    }
+    if trainer.is_world_process_zero():
+        Path(args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary, args.output_dir)
+    return summary
+
+
+def print_summary(summary: dict, output_dir: str) -> None:
+    losses = summary["loss_history"]
+    first, last = (losses[0][1], losses[-1][1]) if losses else (float("nan"), float("nan"))
+    minutes, seconds = divmod(summary["train_seconds"], 60)
+    rows = [
+        ("model", f"{summary['model_class']}, {summary['num_parameters'] / 1e6:.2f}M parameters"),
+        ("steps", f"{summary['global_step']} ({summary['epochs']:.2f} epochs), {summary['train_tokens']:,} tokens of context {summary['block_size']}"),
+        ("time", f"{int(minutes)}m{seconds:04.1f}s, {summary['train_tokens'] / max(summary['train_seconds'], 1e-9):,.0f} tokens/s"),
+        ("training loss", f"{first:.3f} (step {losses[0][0] if losses else '-'}) -> {last:.3f} (step {losses[-1][0] if losses else '-'})"),
+    ]
+    if summary["eval_loss"] is not None:
+        rows.append(("validation", f"loss {summary['eval_loss']:.3f}, perplexity {summary['eval_perplexity']:.3f}"))
+    rows.append(("saved to", output_dir))
+    width = max(len(name) for name, _ in rows)
+    print("\nTraining summary")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        prepared = prepare(args)
+    except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    train(args, prepared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

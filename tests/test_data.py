@@ -1,0 +1,319 @@
+"""modeling_longnet.data: the embedded dataset (deterministic, long-range), the tokenizers, loading and packing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modeling_longnet import LongNetConfig, LongNetForCausalLM
+from modeling_longnet.data import (
+    END_OF_TEXT,
+    PADDING,
+    TASKS,
+    PackedRowsCollator,
+    byte_level_tokenizer,
+    generate_default_dataset,
+    is_retrieval_record,
+    load_records,
+    load_text_datasets,
+    load_tokenizer,
+    pack_documents,
+    train_bpe_tokenizer,
+)
+from modeling_longnet.evaluation import locate_answer
+
+pytest_plugins = ["scripts_support"]  # its autouse fixture one_torch_thread
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    return byte_level_tokenizer()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded dataset
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _digest(documents) -> str:
+    return hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()
+
+
+def test_generation_is_deterministic_across_processes():
+    """The same arguments give the same documents in another interpreter with another hash seed."""
+    code = (
+        "import hashlib, json; from modeling_longnet.data import generate_default_dataset; "
+        "print(hashlib.sha256(json.dumps(generate_default_dataset(60, split='train', seed=3), sort_keys=True)"
+        ".encode()).hexdigest())"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONHASHSEED="12345")
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == _digest(generate_default_dataset(60, split="train", seed=3))
+
+
+def test_documents_do_not_depend_on_how_many_are_asked():
+    assert generate_default_dataset(7, seed=1) == generate_default_dataset(30, seed=1)[:7]
+
+
+def test_splits_and_seeds_give_different_documents():
+    train = {d["text"] for d in generate_default_dataset(50, split="train")}
+    assert not train & {d["text"] for d in generate_default_dataset(50, split="validation")}
+    assert not train & {d["text"] for d in generate_default_dataset(50, split="train", seed=1)}
+
+
+def test_task_weights_choose_the_tasks():
+    mixed = generate_default_dataset(200)
+    assert {d["task"] for d in mixed} == set(TASKS)
+    only_passkey = generate_default_dataset(30, task_weights=(1, 0, 0))
+    assert {d["task"] for d in only_passkey} == {"passkey"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    min_distance=st.integers(16, 300),
+    extra_chars=st.integers(0, 1500),
+    split=st.sampled_from(["train", "validation", "test"]),
+)
+def test_retrieval_evidence_lies_far_before_the_answer(seed, min_distance, extra_chars, split):
+    """The answer's only evidence lies at least `min_distance` characters back, nothing in between gives it
+    away, and documents respect `max_chars`."""
+    max_chars = min_distance + 192 + extra_chars
+    for record in generate_default_dataset(12, split=split, seed=seed, max_chars=max_chars, min_distance=min_distance):
+        text = record["text"]
+        assert len(text) <= max_chars and text.isascii()
+        if record["task"] == "text":
+            assert not is_retrieval_record(record)
+            continue
+        evidence = text[record["evidence_start"] : record["evidence_end"]]
+        answer = text[record["answer_start"] : record["answer_end"]]
+        assert evidence == answer and answer.isdigit()
+        assert record["answer_start"] - record["evidence_end"] >= min_distance
+        assert answer not in text[record["evidence_end"] : record["answer_start"]]
+        assert text.count(answer) == 2  # the evidence and the answer, nowhere else
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), smallest_segment=st.sampled_from([16, 32, 64, 128]))
+def test_evidence_is_outside_the_smallest_segment_in_tokens(byte_tokenizer, seed, smallest_segment):
+    """With the settings train.py uses (min_distance = twice the smallest segment length) and the byte-level
+    tokenizer, the answer's first token and its evidence never share a segment of the smallest branch: only
+    the longer, dilated branches connect them."""
+    min_distance = 2 * smallest_segment
+    records = generate_default_dataset(10, seed=seed, max_chars=2 * (min_distance + 256), min_distance=min_distance)
+    for record in filter(is_retrieval_record, records):
+        input_ids, evidence, answer = locate_answer(byte_tokenizer, record)
+        assert byte_tokenizer.decode([input_ids[i] for i in answer]) == record["text"][record["answer_start"] : record["answer_end"]]
+        last_evidence_token = evidence + (record["evidence_end"] - record["evidence_start"]) - 1
+        assert answer[0] - last_evidence_token > smallest_segment
+        assert answer[0] // smallest_segment != last_evidence_token // smallest_segment
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_documents": -1}, "`num_documents`"),
+        ({"num_documents": 3, "min_distance": 0}, "`min_distance`"),
+        ({"num_documents": 3, "max_chars": 300, "min_distance": 128}, "`max_chars` (300) is too short"),
+        ({"num_documents": 3, "task_weights": (1, 1)}, "`task_weights`"),
+        ({"num_documents": 3, "task_weights": (0, 0, 0)}, "`task_weights`"),
+        ({"num_documents": 3, "split": ""}, "`split`"),
+    ],
+)
+def test_generator_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate_default_dataset(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=st.text(max_size=200))
+def test_byte_tokenizer_is_lossless_and_its_ids_are_the_bytes(byte_tokenizer, text):
+    ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert byte_tokenizer.decode(ids) == text
+
+
+def test_byte_tokenizer_round_trips_through_auto_tokenizer(tmp_path, byte_tokenizer):
+    from transformers import AutoTokenizer
+
+    byte_tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = f"pass key 12345 é{END_OF_TEXT}"
+    assert loaded(text)["input_ids"] == byte_tokenizer(text)["input_ids"]
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.bos_token_id, len(loaded)) == (256, 257, 256, 258)
+    assert loaded.convert_ids_to_tokens([256, 257]) == [END_OF_TEXT, PADDING]
+
+
+def test_bpe_tokenizer_learns_the_training_text(tmp_path):
+    documents = generate_default_dataset(60)
+    texts = [d["text"] for d in documents]
+    tokenizer = train_bpe_tokenizer(texts, 400)
+    assert 258 < len(tokenizer) <= 400
+    sample = next(d["text"] for d in documents if d["task"] == "text")
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == sample and len(ids) < 0.7 * len(sample)  # merges shorten the text
+    assert train_bpe_tokenizer(texts, 400).get_vocab() == tokenizer.get_vocab()  # deterministic
+    with pytest.raises(ValueError, match="`vocab_size` must be an int >= 258"):
+        train_bpe_tokenizer(texts, 100)
+
+
+def test_load_tokenizer_names_and_errors(tmp_path):
+    assert len(load_tokenizer("byte")) == 258
+    assert len(load_tokenizer("bpe", texts=["abc abc abd"] * 10, vocab_size=300)) <= 300
+    with pytest.raises(ValueError, match="`texts` are needed"):
+        load_tokenizer("bpe")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------
+
+EOS, PAD = 900, 901
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), max_size=12), block_size=st.integers(2, 32))
+def test_document_packing_keeps_documents_whole_and_marks_them(lengths, block_size):
+    documents = [[100 * (i + 1) + j for j in range(n)] for i, n in enumerate(lengths)]
+    rows = pack_documents(documents, block_size, eos_token_id=EOS, pad_token_id=PAD)
+    assert all(len(row) == block_size for key in rows for row in rows[key])
+    # Read the rows back as documents: a new one starts where the position restarts at 0.
+    pieces, labels = [], []
+    for ids, row_labels, positions in zip(rows["input_ids"], rows["labels"], rows["position_ids"]):
+        for token, label, position in zip(ids, row_labels, positions):
+            if position == 0:
+                pieces.append([])
+                labels.append([])
+            pieces[-1].append(token)
+            labels[-1].append(label)
+    real = [(piece, label) for piece, label in zip(pieces, labels) if piece[0] != PAD]
+    expected = [tokens[i : i + block_size] for tokens in (d + [EOS] for d in documents) for i in range(0, len(tokens), block_size)]
+    assert [piece for piece, _ in real] == expected
+    for piece, label in real:
+        assert label == [-100] + piece[1:]  # a document's first token is not predicted from another document
+    for piece, label in zip(pieces, labels):
+        if piece[0] == PAD:
+            assert set(piece) == {PAD} and set(label) == {-100}
+    # A document that fits a row is never cut.
+    for tokens in (d + [EOS] for d in documents):
+        if len(tokens) <= block_size:
+            assert any(tokens == piece for piece, _ in real)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), max_size=12), block_size=st.integers(2, 32))
+def test_concat_packing_cuts_the_stream(lengths, block_size):
+    documents = [[100 * (i + 1) + j for j in range(n)] for i, n in enumerate(lengths)]
+    stream = [token for d in documents for token in d + [EOS]]
+    rows = pack_documents(documents, block_size, eos_token_id=EOS, pad_token_id=PAD, mode="concat")
+    assert rows["input_ids"] == [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    assert rows["labels"] == rows["input_ids"]
+    assert all(p == list(range(block_size)) for p in rows["position_ids"])
+
+
+def test_packing_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`block_size` must be an int >= 2"):
+        pack_documents([[1]], 1, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        pack_documents([[1]], 4, eos_token_id=EOS, pad_token_id=PAD, mode="greedy")
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        PackedRowsCollator("greedy")
+
+
+def test_collator_shapes():
+    rows = pack_documents([[1, 2, 3], [4, 5], [6]], 4, eos_token_id=EOS, pad_token_id=PAD)
+    features = [{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))]
+    flat = PackedRowsCollator("documents")(features)
+    assert set(flat) == {"input_ids", "labels", "position_ids"}
+    assert flat["input_ids"].shape == (1, 4 * len(features))
+    assert flat["position_ids"][0].tolist() == [p for f in features for p in f["position_ids"]]
+    stacked = PackedRowsCollator("concat")(features)
+    assert set(stacked) == {"input_ids", "labels"} and stacked["input_ids"].shape == (len(features), 4)
+
+
+def test_packed_batch_loss_is_the_loss_of_each_document_alone():
+    """LongNet reads the packed documents of a collated batch as separate sequences: the batch loss is the
+    token-weighted mean of the losses of the documents run one by one."""
+    torch.manual_seed(0)
+    config = LongNetConfig.from_preset("tiny", vocab_size=64, segment_lengths=[4, 8, 16], pad_token_id=63, eos_token_id=62)
+    model = LongNetForCausalLM(config).double().eval()
+    documents = [torch.randint(0, 60, (n,)).tolist() for n in (5, 9, 3, 14, 6)]
+    rows = pack_documents(documents, 16, eos_token_id=62, pad_token_id=63)
+    features = [{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))]
+    with torch.no_grad():
+        packed_loss = model(**PackedRowsCollator()(features)).loss
+        total, count = 0.0, 0
+        for document in documents:
+            ids = torch.tensor([document + [62]])
+            loss = model(input_ids=ids, labels=ids).loss
+            total += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    # The loss is reduced in float32; a document attending another would move it by orders of magnitude more.
+    torch.testing.assert_close(float(packed_loss), total / count, rtol=1e-6, atol=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_default_datasets_have_train_and_validation():
+    data = load_text_datasets(default_documents=20, default_validation_documents=5, default_max_chars=600, default_min_distance=32)
+    assert (len(data["train"]), len(data["validation"])) == (20, 5)
+    assert data["train"][0] == generate_default_dataset(1, max_chars=600, min_distance=32)[0]
+
+
+def test_files_of_each_kind_load(tmp_path):
+    import pandas
+
+    texts = [d["text"] for d in generate_default_dataset(10)]
+    for i, text in enumerate(texts[:4]):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    pandas.DataFrame({"text": texts}).to_parquet(tmp_path / "data.parquet")
+
+    from_text = load_text_datasets(train_files=[str(tmp_path / f"doc{i}.txt") for i in range(4)], validation_fraction=0.25)
+    assert sorted(list(from_text["train"]["text"]) + list(from_text["validation"]["text"])) == sorted(texts[:4])
+    from_json = load_text_datasets(train_files=[str(tmp_path / "data.jsonl")], text_column="body", validation_fraction=0.0)
+    assert list(from_json["train"]["text"]) == texts and len(from_json["validation"]) == 0
+    from_parquet = load_text_datasets(train_files=[str(tmp_path / "data.parquet")], validation_files=[str(tmp_path / "data.parquet")])
+    assert list(from_parquet["train"]["text"]) == texts == list(from_parquet["validation"]["text"])
+
+
+def test_loading_errors_name_the_problem(tmp_path):
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
+        load_text_datasets(train_files=[str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="the extension '.csv' is not one of"):
+        load_text_datasets(train_files=[str(tmp_path / "data.csv")])
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        load_text_datasets(train_files=[str(tmp_path / "data.jsonl")])
+    with pytest.raises(ValueError, match="`validation_fraction`"):
+        load_text_datasets(validation_fraction=1.0)
+
+
+def test_evaluation_records_keep_retrieval_spans(tmp_path):
+    records = generate_default_dataset(6, split="test")
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_records(files=[str(tmp_path / "held_out.jsonl")]) == records
+    assert load_records(default_documents=6) == records
+    assert [is_retrieval_record(r) for r in records] == [r["task"] != "text" for r in records]
