@@ -14,14 +14,22 @@ query and runs last, writing the final output in the input dtype.
 
 Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - LSE)`` with the *merged* LSE is
 exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O) - dLSE``, as in a
-flash-attention backward. Some programs own a block of keys (one kv-head, all the query heads of its group that
-share those key rows, so grouped-query attention needs no atomics) and accumulate dK, dV over the query blocks;
-the others own a block of queries and accumulate dQ over the key blocks. Every gradient row has one writer per
-launch, so the sum over branches is a plain read-add-write between launches; the r = 1 branch runs first and, when
-it covers every row, stores without reading. For 16-bit inputs that sum is kept in the gradient's own dtype (each
-branch's contribution is summed in float32 first), which keeps the scratch memory at zero; a row touched by k
-branches carries k roundings instead of one (bfloat16 gradients measured within 3e-3 of float32, see
-docs/benchmarks.md).
+flash-attention backward. Programs that own a block of keys (one kv-head, all the query heads of its group that
+share those key rows, so grouped-query attention needs no atomics for dK, dV) accumulate dK, dV over the query
+blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
+recompute S and dP to accumulate dQ over the key blocks (7 matrix products per tile pair, deterministic), or the
+dK/dV programs also form dS K and add it to a float32 dQ buffer (5 products; FlashAttention-2's scheme), with TMA
+reduce-adds of whole tiles on Hopper. Additions arrive in any order, so ``torch.use_deterministic_algorithms(True)``
+selects recomputation. dK, dV (and a recomputed dQ) have one writer per row and launch, so the sum over branches is
+a plain read-add-write between launches; the r = 1 branch runs first and, when it covers every row, stores without
+reading. For 16-bit inputs that sum is kept in the gradient's own dtype (each branch's contribution is summed in
+float32 first); a row touched by k branches carries k roundings instead of one (bfloat16 gradients measured within
+3e-3 of float32, see docs/benchmarks.md).
+
+Tiles of rows can be loaded through Hopper's tensor-memory accelerator: a (segment, head) is an arithmetic
+progression of rows, which one descriptor per program and tensor describes (row stride ``r * stride``), built on
+the device; Triton then needs an allocator for the descriptors' scratch, and these kernels lend torch's caching
+allocator when none is set. Rows that are not 16-byte aligned fall back to pointer loads.
 
 Any :class:`TokenLayout` works: padding, packed documents and KV-cache decoding (fewer queries than keys) become
 per-branch lists of (document, segment) work items, built once per layout and kept in ``layout.cache``.
@@ -40,6 +48,7 @@ this module is imported (the tests do this); that is for testing only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -120,6 +129,7 @@ class _BranchPlan:
     item_query_lo: torch.Tensor  # int32 (items,)
     item_end: torch.Tensor  # int32 (items,)
     max_rows: int  # an upper bound on the rows j of any (item, head)
+    queries_from_segment_start: bool  # every item's queries begin at its segment's start (no padding, no KV cache)
     head_offset: torch.Tensor  # int32 (H,)
     # Query heads grouped by (kv head, offset): the heads of one class read the same key rows, so one backward
     # program sums their dK/dV contributions in registers and no two programs write the same rows.
@@ -177,6 +187,7 @@ def _branch_plan(layout, w: int, r: int, offsets: list[int], num_heads: int, num
         item_query_lo=to_device(item_query_lo),
         item_end=to_device(item_end),
         max_rows=max_rows,
+        queries_from_segment_start=bool((item_query_lo == 0).all()),
         head_offset=to_device(torch.tensor(offsets)),
         class_kv_head=to_device(torch.tensor([kv for kv, _ in classes])),
         class_size=to_device(torch.tensor([len(h) for h in classes.values()])),
@@ -197,17 +208,32 @@ class ForwardConfig:
     block_n: int  # key rows per step; divides block_m
     num_warps: int
     num_stages: int
+    # Load K/V tiles through Hopper's tensor-memory accelerator (one descriptor per (segment, head), row stride
+    # r * stride) instead of per-element pointers; used only where the tensors allow it (_descriptors_usable).
+    tensor_descriptors: bool = False
+
+
+DQ_MODES = ("recompute", "atomic", "tma-atomic")
 
 
 @dataclass(frozen=True)
 class BackwardConfig:
     block_n1: int  # key rows of a dK/dV program
     block_m1: int  # query rows per step of a dK/dV program; divides block_n1
-    block_m2: int  # query rows of a dQ program
+    block_m2: int  # query rows of a dQ program (dq_mode "recompute")
     block_n2: int  # key rows per step of a dQ program; divides block_m2
     num_warps: int
     num_stages: int
     interleave_roles: bool = True  # alternate dK/dV and dQ programs in the grid instead of all dK/dV first
+    tensor_descriptors: bool = False  # load Q/dO (dK/dV programs) and K/V (dQ programs) tiles through TMA
+    # "recompute": separate dQ programs recompute S and dP (7 matrix products per tile pair, deterministic);
+    # "atomic": the dK/dV programs also form dQ = dS K and add it to a float32 buffer with atomics (5 products);
+    # "tma-atomic": the same, adding whole tiles with TMA reduce-adds (Hopper, GPU only).
+    dq_mode: str = "recompute"
+
+    def __post_init__(self):
+        if self.dq_mode not in DQ_MODES:
+            raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {self.dq_mode!r}")
 
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
@@ -216,8 +242,10 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
         return ForwardConfig(16, 16, 4, 1)
     if dtype == torch.float32:  # matrix products on the FMA units: small tiles, no spills
         return ForwardConfig(64, 32, 8, 2) if head_dim <= 64 else ForwardConfig(32, 16, 4, 2)
-    if head_dim <= 64:  # fastest of the candidates swept on an H200, see docs/triton_notes.md
+    if head_dim < 64:
         return ForwardConfig(128, 64, 4, 3)
+    if head_dim == 64:  # fastest of the candidates swept on an H200, see docs/triton_notes.md
+        return ForwardConfig(128, 64, 4, 3, tensor_descriptors=True)
     if head_dim <= 128:  # spills with 64 x 64 tiles, but less than with 128 x 64 (docs/triton_notes.md)
         return ForwardConfig(64, 64, 4, 3)
     return ForwardConfig(64, 32, 4, 2)
@@ -228,8 +256,10 @@ def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
         return BackwardConfig(32, 16, 32, 16, 4, 1)
     if dtype == torch.float32:
         return BackwardConfig(32, 16, 32, 16, 4, 2) if head_dim <= 64 else BackwardConfig(16, 16, 16, 16, 4, 1)
-    if head_dim <= 64:
+    if head_dim < 64:
         return BackwardConfig(128, 32, 64, 64, 4, 3)
+    if head_dim == 64:  # where _tma_reduce_applies; elsewhere _backward drops to pointer loads and recomputed dQ
+        return BackwardConfig(128, 32, 64, 64, 4, 3, tensor_descriptors=True, dq_mode="tma-atomic")
     if head_dim <= 128:
         return BackwardConfig(64, 32, 64, 32, 4, 3)
     return BackwardConfig(64, 16, 64, 16, 8, 1)
@@ -258,31 +288,52 @@ if triton is not None:
         return tl.uint_to_uniform_float(random) >= dropout_p
 
     @triton.jit
+    def _rows_descriptor(rows_ptr, lo, end, row_stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """A TMA descriptor over the rows j in [lo, end) of one (segment, head); row j is at rows_ptr + j * row_stride.
+
+        A tile of rows starting at j is loaded at coordinate j - lo. Rows outside [lo, end), negative coordinates
+        included, read as zeros and are dropped on stores: what the masks of the pointer path do. The base row is
+        ``lo`` rather than 0 because row 0 may lie before the tensor (a document that starts mid-segment).
+        """
+        return tl.make_tensor_descriptor(
+            rows_ptr + lo.to(tl.int64) * row_stride,
+            shape=[tl.maximum(end - lo, 1), HEAD_DIM],
+            strides=[row_stride, 1],
+            block_shape=[BLOCK, HEAD_DIM],
+        )
+
+    @triton.jit
     def _forward_steps(
-        acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, lo, hi, key_lo, key_end, key_stride,
+        acc, m_i, l_i, q, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
         qk_scale, seed, stream, item, dropout_p,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DROPOUT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """Online softmax over key rows [lo, hi); MASKED steps check key bounds and causality, the others don't.
 
-        Row j of K (and V) starts at ``k_rows_ptr + j * key_stride``. Addresses are rebuilt each step from a
+        With TMA, ``k_rows`` and ``v_rows`` are descriptors (_rows_descriptor, base row ``key_lo``). Otherwise they
+        point at row j = 0, row j starting ``j * key_stride`` later; addresses are then rebuilt each step from a
         vector of row offsets: a loop-carried tile of 64-bit pointers would hold two registers per element.
         """
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for start_n in range(lo, hi, BLOCK_N):
             key_rows = start_n + offs_n
-            row_offsets = key_rows.to(tl.int64) * key_stride
-            k_ptrs = k_rows_ptr + row_offsets[None, :] + offs_d[:, None]
-            v_ptrs = v_rows_ptr + row_offsets[:, None] + offs_d[None, :]
             if MASKED:
                 key_valid = (key_rows >= key_lo) & (key_rows < key_end)
-                k = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=key_valid[:, None], other=0.0)
+            if TMA:
+                k = tl.trans(k_rows.load([start_n - key_lo, 0]))
+                v = v_rows.load([start_n - key_lo, 0])
             else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+                row_offsets = key_rows.to(tl.int64) * key_stride
+                k_ptrs = k_rows + row_offsets[None, :] + offs_d[:, None]
+                v_ptrs = v_rows + row_offsets[:, None] + offs_d[None, :]
+                if MASKED:
+                    k = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=key_valid[:, None], other=0.0)
+                else:
+                    k = tl.load(k_ptrs)
+                    v = tl.load(v_ptrs)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             if MASKED:
                 allowed = key_valid[None, :]
@@ -320,7 +371,7 @@ if triton is not None:
         qk_scale, seed, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         head = tl.program_id(1)
@@ -346,9 +397,12 @@ if triton is not None:
         q = tl.load(q_ptrs, mask=query_valid[:, None], other=0.0)
 
         # K is read as (D, BLOCK_N) tiles, V as (BLOCK_N, D); row j lies r rows after row j - 1
-        k_rows_ptr = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
-        v_rows_ptr = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
+        k_rows = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
+        v_rows = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
         key_stride = dilation * stride_kn
+        if TMA:
+            k_rows = _rows_descriptor(k_rows, key_lo, end, key_stride, BLOCK_N, HEAD_DIM)
+            v_rows = _rows_descriptor(v_rows, key_lo, end, dilation * stride_vn, BLOCK_N, HEAD_DIM)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -365,19 +419,19 @@ if triton is not None:
         last_full = tl.maximum(last_full, first_full)
         lead_start = (key_lo // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _forward_steps(
-            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, lead_start, tl.minimum(first_full, key_stop),
+            acc, m_i, l_i, q, k_rows, v_rows, query_rows, lead_start, tl.minimum(first_full, key_stop),
             key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_steps(
-            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, first_full, last_full,
+            acc, m_i, l_i, q, k_rows, v_rows, query_rows, first_full, last_full,
             key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-            BLOCK_N, HEAD_DIM, False, CAUSAL, DROPOUT, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, False, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
         )
         acc, m_i, l_i = _forward_steps(
-            acc, m_i, l_i, q, k_rows_ptr, v_rows_ptr, query_rows, last_full, key_stop,
+            acc, m_i, l_i, q, k_rows, v_rows, query_rows, last_full, key_stop,
             key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
         )
 
         # every valid query sees at least itself, so l_i > 0 on the rows that are stored
@@ -424,14 +478,17 @@ if triton is not None:
 
     @triton.jit
     def _backward_kv_steps(
-        dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
-        query_stride, do_stride, lse_stride, qk_scale, seed, stream, item, dropout_p,
+        dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
+        query_stride, do_stride, dq_stride, lse_stride, qk_scale, softmax_scale, seed, stream, item, dropout_p,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """dK, dV of one key block from query rows [lo, hi); MASKED steps apply causality.
 
-        Query rows outside the range load as zeros (q, dO, delta, LSE), which adds exactly nothing.
+        Query rows outside the range load as zeros (q, dO, delta, LSE), which adds exactly nothing. With TMA,
+        ``q_rows`` and ``do_rows`` are descriptors with base row ``query_lo``; otherwise pointers to row 0.
+        DQ_MODE 1 and 2 also add this key block's share of dQ = dS K (scaled) to the float32 rows ``dq_rows``:
+        with per-element atomics through pointers (1) or with a TMA reduce-add of the tile (2, a descriptor).
         """
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -439,17 +496,23 @@ if triton is not None:
             query_rows = start_m + offs_m
             query_valid = (query_rows >= query_lo) & (query_rows < query_end)
             rows = query_rows.to(tl.int64)
-            q_t = tl.load(
-                q_rows_ptr + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
-            )  # (D, BLOCK_M)
+            if TMA:
+                q_t = tl.trans(q_rows.load([start_m - query_lo, 0]))  # (D, BLOCK_M)
+            else:
+                q_t = tl.load(
+                    q_rows + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
+                )
             lse = tl.load(lse_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0) * 1.4426950408889634
             s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
             if MASKED:
                 p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
-            do = tl.load(
-                do_rows_ptr + (rows * do_stride)[:, None] + offs_d[None, :], mask=query_valid[:, None], other=0.0
-            )  # (BLOCK_M, D)
+            if TMA:
+                do = do_rows.load([start_m - query_lo, 0])  # (BLOCK_M, D)
+            else:
+                do = tl.load(
+                    do_rows + (rows * do_stride)[:, None] + offs_d[None, :], mask=query_valid[:, None], other=0.0
+                )
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, stream, item, query_rows[None, :], key_rows[:, None], dropout_p)
@@ -459,35 +522,47 @@ if triton is not None:
             else:
                 dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             delta = tl.load(delta_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+            dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+            if DQ_MODE != 0:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, D)
+                if DQ_MODE == 1:
+                    dq_ptrs = dq_rows + (rows * dq_stride)[:, None] + offs_d[None, :]
+                    tl.atomic_add(dq_ptrs, dq, mask=query_valid[:, None], sem="relaxed")
+                else:
+                    dq_rows.atomic_add([start_m - query_lo, 0], dq)
         return dk, dv
 
     @triton.jit
     def _backward_q_steps(
-        dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, lo, hi, key_lo, key_end, key_stride,
+        dq, q, do, lse, delta, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
         qk_scale, seed, stream, item, dropout_p,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DROPOUT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """dQ of one query block from key rows [lo, hi); MASKED steps check key bounds and causality.
 
-        Keys outside the bounds load as zeros, so that their (finite) dS multiplies a zero row of K.
+        Keys outside the bounds load as zeros, so that their (finite) dS multiplies a zero row of K. With TMA,
+        ``k_rows`` and ``v_rows`` are descriptors with base row ``key_lo``; otherwise pointers to row 0.
         """
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         for start_n in range(lo, hi, BLOCK_N):
             key_rows = start_n + offs_n
-            row_offsets = key_rows.to(tl.int64) * key_stride
-            k_ptrs = k_rows_ptr + row_offsets[None, :] + offs_d[:, None]  # (D, BLOCK_N)
-            v_ptrs = v_rows_ptr + row_offsets[None, :] + offs_d[:, None]
-            if MASKED:
-                key_valid = (key_rows >= key_lo) & (key_rows < key_end)
-                k_t = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
-                v_t = tl.load(v_ptrs, mask=key_valid[None, :], other=0.0)
+            if TMA:
+                k_t = tl.trans(k_rows.load([start_n - key_lo, 0]))  # (D, BLOCK_N)
+                v_t = tl.trans(v_rows.load([start_n - key_lo, 0]))
             else:
-                k_t = tl.load(k_ptrs)
-                v_t = tl.load(v_ptrs)
+                row_offsets = key_rows.to(tl.int64) * key_stride
+                k_ptrs = k_rows + row_offsets[None, :] + offs_d[:, None]  # (D, BLOCK_N)
+                v_ptrs = v_rows + row_offsets[None, :] + offs_d[:, None]
+                if MASKED:
+                    key_valid = (key_rows >= key_lo) & (key_rows < key_end)
+                    k_t = tl.load(k_ptrs, mask=key_valid[None, :], other=0.0)
+                    v_t = tl.load(v_ptrs, mask=key_valid[None, :], other=0.0)
+                else:
+                    k_t = tl.load(k_ptrs)
+                    v_t = tl.load(v_ptrs)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
             p = tl.math.exp2(s * qk_scale - lse[:, None])
             if MASKED and CAUSAL:
@@ -521,11 +596,12 @@ if triton is not None:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, INTERLEAVE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One branch's share of dQ, dK, dV; the first num_kv_programs programs do dK/dV, the rest dQ.
 
         ACCUMULATE adds to what earlier branches stored; without it this branch is the first and writes every row.
+        With DQ_MODE 1 or 2 there are no dQ programs: the dK/dV programs add dQ into DQ, a zeroed float32 buffer.
         """
         pid = tl.program_id(0)
         qk_scale = softmax_scale * 1.4426950408889634
@@ -577,23 +653,32 @@ if triton is not None:
             else:
                 diagonal_end = first
             q_row0 = base - query_begin  # physical query index of row j = 0
-            for member in range(tl.load(ClassSize + cls)):
+            query_stride, do_stride, dq_stride = dilation * stride_qn, dilation * stride_don, dilation * stride_dqn
+            # a head with no query rows in this item contributes nothing (and its descriptors would be empty)
+            num_members = tl.where(query_lo < end, tl.load(ClassSize + cls), 0)
+            for member in range(num_members):
                 head = tl.load(ClassHeads + cls * GROUP + member)
-                q_rows_ptr = Q + batch * stride_qb + head * stride_qh + q_row0 * stride_qn
-                do_rows_ptr = DO + batch * stride_dob + head * stride_doh + q_row0 * stride_don
+                q_rows = Q + batch * stride_qb + head * stride_qh + q_row0 * stride_qn
+                do_rows = DO + batch * stride_dob + head * stride_doh + q_row0 * stride_don
+                dq_rows = DQ + batch * stride_dqb + head * stride_dqh + q_row0 * stride_dqn
                 lse_rows_ptr = Lse + batch * stride_lb + head + q_row0 * stride_ln
                 delta_rows_ptr = Delta + batch * stride_lb + head + q_row0 * stride_ln
+                if TMA:
+                    q_rows = _rows_descriptor(q_rows, query_lo, end, query_stride, BLOCK_M1, HEAD_DIM)
+                    do_rows = _rows_descriptor(do_rows, query_lo, end, do_stride, BLOCK_M1, HEAD_DIM)
+                if DQ_MODE == 2:
+                    dq_rows = _rows_descriptor(dq_rows, query_lo, end, dq_stride, BLOCK_M1, HEAD_DIM)
                 dk, dv = _backward_kv_steps(
-                    dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, first, diagonal_end,
-                    query_lo, end, dilation * stride_qn, dilation * stride_don, dilation * stride_ln,
-                    qk_scale, seed, stream_base + head, item, dropout_p,
-                    BLOCK_M1, HEAD_DIM, CAUSAL, DROPOUT, DOT_PRECISION,
+                    dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, first, diagonal_end,
+                    query_lo, end, query_stride, do_stride, dq_stride, dilation * stride_ln,
+                    qk_scale, softmax_scale, seed, stream_base + head, item, dropout_p,
+                    BLOCK_M1, HEAD_DIM, CAUSAL, DROPOUT, TMA, DQ_MODE, DOT_PRECISION,
                 )
                 dk, dv = _backward_kv_steps(
-                    dk, dv, k, v, q_rows_ptr, do_rows_ptr, lse_rows_ptr, delta_rows_ptr, key_rows, diagonal_end, end,
-                    query_lo, end, dilation * stride_qn, dilation * stride_don, dilation * stride_ln,
-                    qk_scale, seed, stream_base + head, item, dropout_p,
-                    BLOCK_M1, HEAD_DIM, False, DROPOUT, DOT_PRECISION,
+                    dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, diagonal_end, end,
+                    query_lo, end, query_stride, do_stride, dq_stride, dilation * stride_ln,
+                    qk_scale, softmax_scale, seed, stream_base + head, item, dropout_p,
+                    BLOCK_M1, HEAD_DIM, False, DROPOUT, TMA, DQ_MODE, DOT_PRECISION,
                 )
             # one writer per row in this launch: add this branch's share to what earlier branches left
             grad_offsets = batch * stride_dkb + kv_head * stride_dkh + key_index[:, None] * stride_dkn + offs_d[None, :]
@@ -603,7 +688,7 @@ if triton is not None:
                 dv += tl.load(DV + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
             tl.store(DK + grad_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
             tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
-        else:
+        elif DQ_MODE == 0:
             # ---- dQ of one query block of one (item, head) ----
             pid = pid - num_kv_programs
             query_block = num_query_blocks - 1 - pid % num_query_blocks
@@ -635,9 +720,12 @@ if triton is not None:
             lse = lse * 1.4426950408889634
             delta = tl.load(Delta + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
 
-            k_rows_ptr = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
-            v_rows_ptr = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
+            k_rows = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
+            v_rows = V + batch * stride_vb + kv_head * stride_vh + base * stride_vn
             key_stride = dilation * stride_kn
+            if TMA:
+                k_rows = _rows_descriptor(k_rows, key_lo, end, key_stride, BLOCK_N2, HEAD_DIM)
+                v_rows = _rows_descriptor(v_rows, key_lo, end, dilation * stride_vn, BLOCK_N2, HEAD_DIM)
             dq = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
             key_stop = tl.minimum(end, start_m + BLOCK_M2) if CAUSAL else end
             first_full = ((key_lo + BLOCK_N2 - 1) // BLOCK_N2) * BLOCK_N2
@@ -647,19 +735,19 @@ if triton is not None:
             last_full = tl.maximum(last_full, first_full)
             stream = stream_base + head
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
+                dq, q, do, lse, delta, k_rows, v_rows, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
                 tl.minimum(first_full, key_stop), key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, first_full, last_full,
+                dq, q, do, lse, delta, k_rows, v_rows, query_rows, first_full, last_full,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-                BLOCK_N2, HEAD_DIM, False, CAUSAL, DROPOUT, DOT_PRECISION,
+                BLOCK_N2, HEAD_DIM, False, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows_ptr, v_rows_ptr, query_rows, last_full, key_stop,
+                dq, q, do, lse, delta, k_rows, v_rows, query_rows, last_full, key_stop,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
-                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, DOT_PRECISION,
+                BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + query_index[:, None] * stride_dqn + offs_d[None, :]
             dq = dq * softmax_scale
@@ -684,6 +772,55 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # float32 inputs ask for float32 results; tf32 would cost them three decimal digits
     return "ieee" if dtype == torch.float32 else None
+
+
+def _descriptors_usable(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these tensors' rows: Triton has them, the GPU is a Hopper or newer (or
+    the interpreter runs), and every base address and row, head and batch stride is a multiple of 16 bytes."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+        for t in tensors
+    )
+
+
+def _tma_reduce_applies(q: torch.Tensor, k: torch.Tensor, plans) -> bool:
+    """Where dq_mode "tma-atomic" runs (see _backward): a GPU (the interpreter has no TMA reductions), one query head
+    per kv head, and every branch's queries starting at their segment's start."""
+    return (
+        q.is_cuda
+        and q.shape[2] == k.shape[2]
+        and all(plan.queries_from_segment_start for _, plan in plans)
+        and _descriptors_usable(q)
+    )
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(needed: bool):
+    """Kernels that build TMA descriptors on the device write them to a global scratch buffer, which Triton asks its
+    allocator for at launch. Unless the caller installed one, lend torch's caching allocator for our launches."""
+    if not needed or _interpreting():
+        yield
+        return
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator
+    current = current.get() if hasattr(current, "get") else current  # a ContextVar since Triton 3.4
+    if not isinstance(current, _allocation.NullAllocator):
+        yield
+        return
+    triton.set_allocator(_torch_scratch)
+    try:
+        yield
+    finally:
+        triton.set_allocator(current)
 
 
 def _plans(q, k, pattern, layout) -> list[tuple[int, _BranchPlan]]:
@@ -723,20 +860,22 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
             out.zero_()  # padding queries get 0
         running = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(plans) > 1 or not write_final else out
     config = forward_config(head_dim, q.dtype)
+    tma = config.tensor_descriptors and _descriptors_usable(k, v)
     for position, (branch, plan) in enumerate(plans):
         num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
         final = write_final and position == len(plans) - 1
-        _forward_kernel[(num_query_blocks * plan.num_items, num_heads)](
-            q, k, v, out, running, lse,
-            plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
-            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
-            lse.stride(0), lse.stride(1),
-            plan.dilation_rate, layout.query_begin, num_query_blocks,
-            softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
-            GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0, FINAL=final,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        with _descriptor_scratch(tma):
+            _forward_kernel[(num_query_blocks * plan.num_items, num_heads)](
+                q, k, v, out, running, lse,
+                plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+                *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
+                lse.stride(0), lse.stride(1),
+                plan.dilation_rate, layout.query_begin, num_query_blocks,
+                softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
+                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0, FINAL=final, TMA=tma,
+                DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+            )
     if not write_final and q.dtype != torch.float32:
         # positions no branch wrote hold garbage in `running`; they have lse = -inf and get 0
         out = running.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0).to(q.dtype)
@@ -768,31 +907,48 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
         and _every_query_is_real(layout)
     )
     allocate = torch.empty if first_writes_all else torch.zeros
-    grad_q = allocate(q.shape, dtype=q.dtype, device=q.device)
     grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
     grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
     config = backward_config(head_dim, q.dtype)
+    # Atomic additions make dQ depend on the order in which programs finish: deterministic mode recomputes it.
+    # TMA reduce-adds are used only where they were validated on the GPU: one query head per kv head, and queries
+    # that start at their segment's start, so that no tile coordinate is negative (docs/triton_notes.md: with
+    # GQA 6/3 in a KV-cache layout they stopped the kernel with an illegal instruction). Elsewhere the plain path.
+    if config.dq_mode != "recompute" and (
+        torch.are_deterministic_algorithms_enabled()
+        or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q, k, plans))
+    ):
+        config = dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute")
+    dq_mode = config.dq_mode
+    if dq_mode == "recompute":
+        grad_q = allocate(q.shape, dtype=q.dtype, device=q.device)
+    else:  # every branch adds into one float32 buffer, cast once at the end
+        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    tma = config.tensor_descriptors and _descriptors_usable(q, k, v, grad_out)
     for position, (branch, plan) in enumerate(plans):
         num_key_blocks = triton.cdiv(plan.max_rows, config.block_n1)
         num_query_blocks = triton.cdiv(plan.max_rows, config.block_m2)
         num_kv_programs = num_key_blocks * plan.num_classes * plan.num_items
-        num_q_programs = num_query_blocks * num_heads * plan.num_items
-        _backward_kernel[(num_kv_programs + num_q_programs,)](
-            q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
-            plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
-            plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
-            *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
-            *_row_strides(grad_q), *_row_strides(grad_k),
-            lse.stride(0), lse.stride(1),
-            plan.dilation_rate, layout.query_begin, num_heads, num_key_blocks, num_query_blocks,
-            plan.num_classes, num_kv_programs, num_q_programs,
-            softmax_scale, seed, branch << 16, dropout_p,
-            GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
-            BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
-            CAUSAL=causal, DROPOUT=dropout_p > 0, ACCUMULATE=position > 0 or not first_writes_all,
-            INTERLEAVE=config.interleave_roles,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        num_q_programs = num_query_blocks * num_heads * plan.num_items if dq_mode == "recompute" else 0
+        with _descriptor_scratch(tma or dq_mode == "tma-atomic"):
+            _backward_kernel[(num_kv_programs + num_q_programs,)](
+                q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
+                plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
+                plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+                *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
+                *_row_strides(grad_q), *_row_strides(grad_k),
+                lse.stride(0), lse.stride(1),
+                plan.dilation_rate, layout.query_begin, num_heads, num_key_blocks, num_query_blocks,
+                plan.num_classes, num_kv_programs, num_q_programs,
+                softmax_scale, seed, branch << 16, dropout_p,
+                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
+                BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
+                CAUSAL=causal, DROPOUT=dropout_p > 0, ACCUMULATE=position > 0 or not first_writes_all,
+                INTERLEAVE=config.interleave_roles, TMA=tma, DQ_MODE=DQ_MODES.index(dq_mode),
+                DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+    if grad_q.dtype != q.dtype:
+        grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v
 
 

@@ -12,6 +12,7 @@ would take with zero gather, scatter and merge cost. Dense SDPA is full causal a
 
     python scripts/benchmark.py                                 # the paper's configuration, N = 8K .. 1M
     python scripts/benchmark.py --check                         # correctness at realistic sizes, then exit
+    python scripts/benchmark.py --check --check-cases 0,5       # some of the cases (one process per case runs in parallel)
     python scripts/benchmark.py --sweep --n 128K                # launch configurations of the kernels
     python scripts/benchmark.py --heads 8 --head-dim 128 --markdown docs/bench.md --plot docs/bench.png
 """
@@ -19,6 +20,7 @@ would take with zero gather, scatter and merge cost. Dense SDPA is full causal a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -62,11 +64,45 @@ def int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def forward_config_from(text: str):
+    """'block_m,block_n,warps,stages[,descriptors 0/1]' -> ForwardConfig."""
+    from modeling_longnet.dilated_attention_triton import ForwardConfig
+
+    values = [v.strip() for v in text.split(",")]
+    return ForwardConfig(*(int(v) for v in values[:4]), *(bool(int(v)) for v in values[4:5]))
+
+
 def backward_config_from(text: str):
+    """'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1[,descriptors 0/1[,dq_mode]]]'."""
     from modeling_longnet.dilated_attention_triton import BackwardConfig
 
-    values = int_list(text)
-    return BackwardConfig(*values[:6], *(bool(v) for v in values[6:]))
+    values = [v.strip() for v in text.split(",")]
+    return BackwardConfig(*(int(v) for v in values[:6]), *(bool(int(v)) for v in values[6:8]), *values[8:9])
+
+
+def config_text(config) -> str:
+    """The command-line form of a ForwardConfig or BackwardConfig (what --forward-config/--backward-config take)."""
+    values = [int(v) if isinstance(v, bool) else v for v in dataclasses.astuple(config)]
+    return ",".join(str(v) for v in values)
+
+
+def use_configs(args, forward=None, backward=None):
+    """Run the kernels with these launch configurations for inputs of --head-dim and --dtype's width; other head
+    dimensions and dtypes (those of --check) keep their defaults."""
+    from modeling_longnet import dilated_attention_triton as kernels
+
+    def scoped(default, config):
+        def choose(head_dim, dtype):
+            if head_dim == args.head_dim and dtype.itemsize == args.dtype.itemsize:
+                return config
+            return default(head_dim, dtype)
+
+        return choose
+
+    if forward is not None:
+        kernels.forward_config = scoped(kernels.forward_config, forward)
+    if backward is not None:
+        kernels.backward_config = scoped(kernels.backward_config, backward)
 
 
 def parse_args(argv=None):
@@ -98,21 +134,29 @@ def parse_args(argv=None):
     parser.add_argument("--min-time", type=float, default=0.5, help="keep repeating until this many seconds were timed")
     parser.add_argument("--check", action="store_true",
                         help="check the Triton kernels against the PyTorch path at realistic sizes (float32, "
-                             "bfloat16, float16, every layout), print the table and exit; status 1 on a failure")
+                             "bfloat16, float16, every layout), print the table and exit; status 1 on a failure. "
+                             "--forward-config/--backward-config apply to the 16-bit rows of --head-dim")
+    parser.add_argument("--check-cases", default=None,
+                        help="for --check: comma-separated indices of the cases to run (0-based, in table order) "
+                             "and/or 'dropout'; all by default")
     parser.add_argument("--sweep", action="store_true",
                         help="first time the launch configurations below at --sweep-n and keep the fastest")
     parser.add_argument("--sweep-n", type=parse_size, default=131072, help="sequence length of the --sweep")
-    parser.add_argument("--forward-configs", default="128,64,8,3;128,64,4,3;64,64,4,3;128,128,8,3",
-                        help="for --sweep: 'block_m,block_n,warps,stages' entries separated by ';'")
+    parser.add_argument("--forward-configs", default="128,64,4,3,0;128,64,4,3,1;128,64,8,3,1",
+                        help="for --sweep: 'block_m,block_n,warps,stages[,descriptors 0/1]' entries separated by ';'")
     parser.add_argument("--backward-configs",
-                        default="128,32,128,32,8,3;64,32,64,32,4,3;128,64,128,64,8,2;64,16,64,16,4,4",
-                        help="for --sweep: 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1]' "
-                             "entries separated by ';'")
+                        default="128,32,64,64,4,3,1,0,recompute;128,32,64,64,4,3,1,1,recompute;"
+                                "128,32,64,64,4,3,1,1,atomic;128,32,64,64,4,3,1,0,atomic;128,64,64,64,8,3,1,1,atomic;"
+                                "128,32,64,64,4,3,1,1,tma-atomic",
+                        help="for --sweep: 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1"
+                             "[,descriptors 0/1[,dq_mode]]]' entries separated by ';' (dq_mode: recompute, atomic, "
+                             "tma-atomic)")
     parser.add_argument("--forward-config", default=None,
-                        help="use this 'block_m,block_n,warps,stages' for the Triton forward instead of the default")
+                        help="use this 'block_m,block_n,warps,stages[,descriptors]' for the Triton forward instead of "
+                             "the default")
     parser.add_argument("--backward-config", default=None,
-                        help="use this 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave]' for the "
-                             "Triton backward")
+                        help="use this 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave[,descriptors"
+                             "[,dq_mode]]]' for the Triton backward")
     parser.add_argument("--markdown", default=None, help="write the result table (markdown) to this file")
     parser.add_argument("--plot", default=None, help="write a log-log plot of time against N to this PNG file")
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")
@@ -346,7 +390,21 @@ def benchmark(args, progress=print) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def sweep_outputs(args, n: int) -> list[torch.Tensor]:
+    """One forward+backward of the Triton kernels, as configured now, on the inputs the benchmark draws for N = n."""
+    pattern = DilatedPattern(args.segment_lengths, args.dilation_rates)
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    shape_q, shape_kv = (args.batch, n, args.heads, args.head_dim), (args.batch, n, args.kv_heads, args.head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=args.dtype, generator=gen).requires_grad_()
+               for shape in (shape_q, shape_kv, shape_kv))
+    grad = torch.randn(shape_q, device="cuda", dtype=args.dtype, generator=gen)
+    out = dilated_attention(q, k, v, pattern.segment_lengths, pattern.dilation_rates, causal=args.causal, backend="triton")
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+
 def sweep(args, progress=print) -> tuple[object, object, list[str]]:
+    """Time each launch configuration at --sweep-n and keep the fastest whose outputs and gradients agree with those
+    of the default configuration (relative error <= 1e-2, what bfloat16 rounding leaves)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -354,18 +412,39 @@ def sweep(args, progress=print) -> tuple[object, object, list[str]]:
 
     n = args.sweep_n
     sweep_args = argparse.Namespace(**{**vars(args), "n": [n], "methods": ["triton"]})
-    lines = [f"Launch configurations at N={size_label(n)} (median ms):", ""]
+    lines = [f"Launch configurations at N={size_label(n)} (median ms; error against the default configuration):", ""]
     default_forward, default_backward = kernels.forward_config, kernels.backward_config
+    # the reference: the default tiles through the plain paths (pointer loads, dQ recomputed)
+    plain_forward = dataclasses.replace(default_forward(args.head_dim, args.dtype), tensor_descriptors=False)
+    plain_backward = dataclasses.replace(
+        default_backward(args.head_dim, args.dtype), tensor_descriptors=False, dq_mode="recompute"
+    )
+    kernels.forward_config, kernels.backward_config = (lambda *a: plain_forward), (lambda *a: plain_backward)
+    reference = sweep_outputs(args, n)  # the forward candidates run with the plain backward too
+
+    def measure(mode: str, config_name: str) -> float | None:
+        try:
+            ms = benchmark(argparse.Namespace(**{**vars(sweep_args), "modes": [mode]}), progress)[0].get("ms")
+            if ms is None:
+                lines.append(f"- {config_name}: skipped")
+                return None
+            got = sweep_outputs(args, n)
+            error = max(float((g.float() - r.float()).norm() / r.float().norm()) for g, r in zip(got, reference))
+            del got
+        except (RuntimeError, ValueError, CompilationError, OutOfResources) as exc:  # not a candidate then
+            lines.append(f"- {config_name}: failed: {str(exc).splitlines()[0][:100]}")
+            progress(lines[-1])
+            return None
+        agrees = error <= 1e-2
+        lines.append(f"- {config_name}: {ms:.3f} ms, error {error:.1e}{'' if agrees else ' FAIL'}")
+        progress(lines[-1])
+        return ms if agrees else None
+
     best_forward = None
     for text in args.forward_configs.split(";"):
-        config = kernels.ForwardConfig(*int_list(text))
+        config = forward_config_from(text)
         kernels.forward_config = lambda *a, c=config: c
-        try:
-            ms = benchmark(argparse.Namespace(**{**vars(sweep_args), "modes": ["fwd"]}), progress)[0].get("ms")
-        except (RuntimeError, ValueError, CompilationError, OutOfResources) as error:  # not a candidate then
-            ms, error_text = None, str(error).splitlines()[0][:80]
-            progress(f"forward {config}: {error_text}")
-        lines.append(f"- forward {config}: {ms if ms is None else round(ms, 3)}")
+        ms = measure("fwd", f"forward {config_text(config)}")
         if ms is not None and (best_forward is None or ms < best_forward[1]):
             best_forward = (config, ms)
     kernels.forward_config = (lambda *a, c=best_forward[0]: c) if best_forward else default_forward
@@ -373,16 +452,12 @@ def sweep(args, progress=print) -> tuple[object, object, list[str]]:
     for text in args.backward_configs.split(";"):
         config = backward_config_from(text)
         kernels.backward_config = lambda *a, c=config: c
-        try:
-            ms = benchmark(argparse.Namespace(**{**vars(sweep_args), "modes": ["fwd+bwd"]}), progress)[0].get("ms")
-        except (RuntimeError, ValueError, CompilationError, OutOfResources) as error:
-            ms, error_text = None, str(error).splitlines()[0][:80]
-            progress(f"backward {config}: {error_text}")
-        lines.append(f"- forward+backward {config}: {ms if ms is None else round(ms, 3)}")
+        ms = measure("fwd+bwd", f"forward+backward {config_text(config)}")
         if ms is not None and (best_backward is None or ms < best_backward[1]):
             best_backward = (config, ms)
     kernels.backward_config = (lambda *a, c=best_backward[0]: c) if best_backward else default_backward
-    lines += ["", f"kept: {best_forward and best_forward[0]}, {best_backward and best_backward[0]}"]
+    kept = [config_text(best[0]) if best else "default" for best in (best_forward, best_backward)]
+    lines += ["", f"kept: forward {kept[0]}; backward {kept[1]}"]
     return best_forward, best_backward, lines
 
 
@@ -399,6 +474,10 @@ CHECK_CASES = [
     ("right padding, D=16", 3, 5000, 2, 2, 16, (256, 1024, 4096), (1, 2, 4), True, "grouped", "right"),
     ("KV cache: 300 queries of 40000 keys", 2, 40000, 6, 3, 64, (2048, 8192), (1, 4), True, "interleaved", "decode"),
     ("D=256", 1, 8192, 2, 2, 256, (1024, 4096), (1, 2), True, "interleaved", None),
+    # one query head per kv head at D = 64: the backward's TMA reduce-add path, with padding and packing
+    ("left padding, D=64, H=Hkv", 2, 20000, 4, 4, 64, (2048, 8192), (1, 4), True, "interleaved", "left"),
+    ("packed documents, D=64, H=Hkv", 1, 20000, 4, 4, 64, (512, 4096), (1, 4), True, "interleaved", "packed"),
+    ("right padding, non-causal, D=64, H=Hkv", 3, 9000, 2, 2, 64, (256, 1024, 4096), (1, 2, 4), False, "grouped", "right"),
 ]
 
 
@@ -435,7 +514,10 @@ def check_dropout() -> tuple[bool, str]:
     )
 
 
-def check(progress=print) -> tuple[bool, list[str]]:
+def check(progress=print, cases: str | None = None) -> tuple[bool, list[str]]:
+    """The CHECK_CASES (all, or the comma-separated indices in ``cases``) and, unless ``cases`` omits it, dropout."""
+    chosen = None if cases is None else {c.strip() for c in cases.split(",")}
+
     def error(x, y):
         x, y = x.detach().double(), y.detach().double()
         return float((x - y).norm() / max(float(y.norm()), 1.0))
@@ -445,7 +527,9 @@ def check(progress=print) -> tuple[bool, list[str]]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     all_ok = True
-    for name, b, n, h, hkv, d, segments, rates, causal, offsets, layout in CHECK_CASES:
+    for index, (name, b, n, h, hkv, d, segments, rates, causal, offsets, layout) in enumerate(CHECK_CASES):
+        if chosen is not None and str(index) not in chosen:
+            continue
         gen = torch.Generator(device="cuda").manual_seed(n)
         nq = 300 if layout == "decode" else n
         q = torch.randn(b, nq, h, d, device="cuda", generator=gen)
@@ -494,10 +578,11 @@ def check(progress=print) -> tuple[bool, list[str]]:
         del q, k, v, ref, want
         torch.cuda.empty_cache()
 
-    dropout_ok, dropout_line = check_dropout()
-    all_ok &= dropout_ok
-    lines += ["", dropout_line]
-    progress(lines[-1])
+    if chosen is None or "dropout" in chosen:
+        dropout_ok, dropout_line = check_dropout()
+        all_ok &= dropout_ok
+        lines += ["", dropout_line]
+        progress(lines[-1])
     return all_ok, lines
 
 
@@ -584,8 +669,13 @@ def main(argv=None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     progress(f"{env}")
+    use_configs(
+        args,
+        forward_config_from(args.forward_config) if args.forward_config else None,
+        backward_config_from(args.backward_config) if args.backward_config else None,
+    )
     if args.check:
-        ok, lines = check(progress)
+        ok, lines = check(progress, args.check_cases)
         text = "\n".join(lines)
         print(text)
         if args.markdown:
@@ -594,17 +684,11 @@ def main(argv=None) -> int:
                         f"{env['date']}. Relative error ||x - ref|| / ||ref|| against the PyTorch path in float32 "
                         f"(16-bit rows: on the same rounded inputs).\n\n{text}\n")
         return 0 if ok else 1
-    from modeling_longnet import dilated_attention_triton as kernels
-
-    if args.forward_config:
-        forward = kernels.ForwardConfig(*int_list(args.forward_config))
-        kernels.forward_config = lambda *a: forward
-    if args.backward_config:
-        backward = backward_config_from(args.backward_config)
-        kernels.backward_config = lambda *a: backward
-    sweep_lines = []
+    sweep_lines, kept = [], {}
     if args.sweep:
-        _, _, sweep_lines = sweep(args, progress)
+        best_forward, best_backward, sweep_lines = sweep(args, progress)
+        kept = {f"{role}_config": config_text(best[0]) for role, best in (("forward", best_forward),
+                                                                             ("backward", best_backward)) if best}
         print("\n".join(sweep_lines))
     results = benchmark(args, progress)
     title = args.title or (
@@ -617,7 +701,8 @@ def main(argv=None) -> int:
             f.write(table + ("\n" + "\n".join(sweep_lines) + "\n" if sweep_lines else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(env=env, args={k: str(v) for k, v in vars(args).items()}, results=results), f, indent=1)
+            json.dump(dict(env=env, args={k: str(v) for k, v in vars(args).items()}, kept=kept, results=results), f,
+                      indent=1)
     if args.plot:
         plot(args, results, env, args.plot)
     return 0

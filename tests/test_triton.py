@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -125,6 +126,31 @@ def reference_lse(q, k, case):
     return torch.logsumexp(scores.permute(1, 3, 2, 0, 4).flatten(-2), dim=-1)
 
 
+@st.composite
+def kernel_variants(draw):
+    """Which load path (pointers or TMA descriptors) and which dQ scheme the kernels use; the tile sizes stay the
+    interpreter's small defaults so that every block boundary is crossed."""
+    return dict(
+        forward_descriptors=draw(st.booleans()),
+        backward_descriptors=draw(st.booleans()),
+        dq_mode=draw(st.sampled_from(["recompute", "atomic"])),
+    )
+
+
+def kernel_variant(forward_descriptors=False, backward_descriptors=False, dq_mode="recompute"):
+    """A context in which the kernels run with this variant of their default launch configurations."""
+    forward = triton_backend.forward_config
+    backward = triton_backend.backward_config
+    patches = mock.patch.multiple(
+        triton_backend,
+        forward_config=lambda *a: dataclasses.replace(forward(*a), tensor_descriptors=forward_descriptors),
+        backward_config=lambda *a: dataclasses.replace(
+            backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode
+        ),
+    )
+    return patches
+
+
 def triton_attention(q, k, v, case, **kwargs):
     return dilated_attention(
         q, k, v, case["segment_lengths"], case["dilation_rates"], causal=case["causal"], offsets=case["offsets"],
@@ -138,11 +164,12 @@ def triton_attention(q, k, v, case, **kwargs):
 
 
 @settings(max_examples=25)
-@given(attention_cases())
-def test_values_lse_and_gradients_match_reference(case):
+@given(attention_cases(), kernel_variants())
+def test_values_lse_and_gradients_match_reference(case, variant):
     q64, k64, v64 = (t.requires_grad_() for t in make_inputs(case))
     q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
-    out, lse = triton_attention(q, k, v, case, return_lse=True)
+    with kernel_variant(**variant):
+        out, lse = triton_attention(q, k, v, case, return_lse=True)
     ref = reference_dilated_attention(q64, k64, v64, case["segment_lengths"], case["dilation_rates"], **reference_kwargs(case))
     want_lse = reference_lse(q64, k64, case)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
@@ -158,7 +185,8 @@ def test_values_lse_and_gradients_match_reference(case):
     grad_lse = torch.randn(lse.shape, generator=generator, dtype=torch.float64)
     loss = (out.double().cpu() * grad_out).sum() + (torch.where(finite, lse.double().cpu(), 0.0) * grad_lse).sum()
     want_loss = (ref * grad_out).sum() + (torch.where(finite, want_lse, 0.0) * grad_lse).sum()
-    got = torch.autograd.grad(loss, (q, k, v))
+    with kernel_variant(**variant):
+        got = torch.autograd.grad(loss, (q, k, v))
     want = torch.autograd.grad(want_loss, (q64, k64, v64))
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
@@ -218,6 +246,67 @@ def test_backward_grid_orders_agree(monkeypatch):
         assert torch.equal(first, second)
 
 
+def test_deterministic_mode_recomputes_dq_instead_of_adding_it_atomically():
+    """Atomic additions of dQ depend on the order in which programs finish; torch's deterministic mode must get the
+    recomputing path, bit for bit."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 80, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    k2, v2 = k[:, :, :2], v[:, :, :2]
+
+    def gradients():
+        out = dilated_attention(q, k2, v2, [16, 48], [1, 3], causal=True, backend="triton")
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    with kernel_variant(dq_mode="recompute"):
+        recomputed = gradients()
+    with kernel_variant(dq_mode="atomic"):
+        added = gradients()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            forced = gradients()
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    assert relative_error(added[0], recomputed[0]) <= 1e-6
+    assert not torch.equal(added[0], recomputed[0])  # the two schemes sum in different orders
+    for first, second in zip(forced, recomputed):
+        assert torch.equal(first, second)
+
+
+def test_unaligned_rows_fall_back_from_descriptors_to_pointers():
+    """TMA descriptors need 16-byte aligned rows; views that break that still run (through pointer loads)."""
+    torch.manual_seed(0)
+    fused = torch.randn(1, 40, 2, 3 * 16 + 1, dtype=torch.float64)
+    q64, k64, v64 = (fused[..., 1 + 16 * i : 1 + 16 * (i + 1)].clone().requires_grad_() for i in range(3))
+    fused32 = fused.float().to(DEVICE).requires_grad_()
+    q, k, v = (fused32[..., 1 + 16 * i : 1 + 16 * (i + 1)] for i in range(3))
+    assert not triton_backend._descriptors_usable(q)  # a 4-byte offset, 196-byte head and 392-byte row strides
+    assert triton_backend._descriptors_usable(q64.float().to(DEVICE))
+    with kernel_variant(forward_descriptors=True, backward_descriptors=True):
+        out = dilated_attention(q, k, v, [8, 32], [1, 2], causal=True, backend="triton")
+        ref = reference_dilated_attention(q64, k64, v64, [8, 32], [1, 2], causal=True)
+        assert relative_error(out, ref) <= 1e-5
+        out.sum().backward()
+    ref.sum().backward()
+    want = torch.cat([fused.new_zeros(1, 40, 2, 1), q64.grad, k64.grad, v64.grad], dim=-1)
+    assert relative_error(fused32.grad, want) <= 1e-5
+
+
+def test_plans_know_whether_queries_start_at_their_segment_start():
+    """TMA reduce-adds of dQ are used only when no tile coordinate can be negative: queries from the segment start."""
+    pattern = core.DilatedPattern([16, 32], [1, 2])
+    q = torch.randn(1, 48, 2, 16, device=DEVICE)
+    full = TokenLayout.build(1, 48, 48)
+    cache = TokenLayout.build(1, 48, 20)  # the last 20 of 48 positions are queries
+    assert all(plan.queries_from_segment_start for _, plan in triton_backend._plans(q, q, pattern, full))
+    assert not all(plan.queries_from_segment_start for _, plan in triton_backend._plans(q[:, :20], q, pattern, cache))
+
+
+def test_backward_config_names_an_unknown_dq_mode():
+    with pytest.raises(ValueError, match="dq_mode"):
+        triton_backend.BackwardConfig(32, 16, 32, 16, 4, 1, dq_mode="atomics")
+
+
 def test_layout_tables_are_built_once_per_layout():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 48, 2, 16, device=DEVICE) for _ in range(3))
@@ -252,38 +341,41 @@ def test_dropout_is_reproducible_by_seed_and_backward_sees_the_forward_mask():
     assert torch.allclose((first * grad_out).sum(), (grad_v * v).sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["pointers", "descriptors, atomic dQ"])
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_dropout_matches_reference_with_the_kernels_mask(dilation):
+def test_dropout_matches_reference_with_the_kernels_mask(dilation, variant):
     """One branch, v = identity rows: the output reveals the dropped, rescaled weights P * keep / (1 - p); the
     reference with that mask must then give the same values and the same gradients for random inputs."""
-    torch.manual_seed(0)
-    num_keys, heads, p = 32, 2, 0.25
-    q64, k64 = (torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64) for _ in range(2))
-    identity = torch.eye(num_keys, dtype=torch.float64).view(1, num_keys, 1, num_keys).expand(1, num_keys, heads, num_keys)
-    q, k = (t.float().to(DEVICE) for t in (q64, k64))
+    options = {} if variant == "pointers" else dict(forward_descriptors=True, backward_descriptors=True, dq_mode="atomic")
+    with kernel_variant(**options):
+        torch.manual_seed(0)
+        num_keys, heads, p = 32, 2, 0.25
+        q64, k64 = (torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64) for _ in range(2))
+        identity = torch.eye(num_keys, dtype=torch.float64).view(1, num_keys, 1, num_keys).expand(1, num_keys, heads, num_keys)
+        q, k = (t.float().to(DEVICE) for t in (q64, k64))
 
-    torch.manual_seed(11)
-    weights = dilated_attention(q, k, identity.float().to(DEVICE), [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
-    weights = weights.double().cpu()  # (B, N_q, H, N_k): row i of A
-    probs = reference_dilated_attention(q64, k64, identity, [num_keys], [dilation], causal=True)
-    keep = weights != 0
-    assert torch.allclose(weights[keep], probs[keep] / (1 - p), rtol=1e-5)
-    kept = keep.sum() / (probs != 0).sum()
-    assert 0.6 < float(kept) < 0.9  # 1 - p = 0.75 on ~500 allowed entries
+        torch.manual_seed(11)
+        weights = dilated_attention(q, k, identity.float().to(DEVICE), [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
+        weights = weights.double().cpu()  # (B, N_q, H, N_k): row i of A
+        probs = reference_dilated_attention(q64, k64, identity, [num_keys], [dilation], causal=True)
+        keep = weights != 0
+        assert torch.allclose(weights[keep], probs[keep] / (1 - p), rtol=1e-5)
+        kept = keep.sum() / (probs != 0).sum()
+        assert 0.6 < float(kept) < 0.9  # 1 - p = 0.75 on ~500 allowed entries
 
-    v64 = torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64)
-    leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64)]
-    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q64, k64, v64)]
-    torch.manual_seed(11)
-    out = dilated_attention(*leaves, [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
-    probs = reference_dilated_attention(leaves64[0], leaves64[1], identity, [num_keys], [dilation], causal=True)
-    ref = torch.einsum("bqhk,bkhd->bqhd", probs * keep / (1 - p), leaves64[2])
-    assert relative_error(out, ref) <= 1e-5
-    grad_out = torch.randn(out.shape, dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, grad_out.float().to(DEVICE))
-    want = torch.autograd.grad(ref, leaves64, grad_out)
-    for name, g, w in zip("qkv", got, want):
-        assert relative_error(g, w) <= 1e-5, name
+        v64 = torch.randn(1, num_keys, heads, num_keys, dtype=torch.float64)
+        leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+        leaves = [t.float().to(DEVICE).requires_grad_() for t in (q64, k64, v64)]
+        torch.manual_seed(11)
+        out = dilated_attention(*leaves, [num_keys], [dilation], causal=True, dropout_p=p, backend="triton")
+        probs = reference_dilated_attention(leaves64[0], leaves64[1], identity, [num_keys], [dilation], causal=True)
+        ref = torch.einsum("bqhk,bkhd->bqhd", probs * keep / (1 - p), leaves64[2])
+        assert relative_error(out, ref) <= 1e-5
+        grad_out = torch.randn(out.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, leaves, grad_out.float().to(DEVICE))
+        want = torch.autograd.grad(ref, leaves64, grad_out)
+        for name, g, w in zip("qkv", got, want):
+            assert relative_error(g, w) <= 1e-5, name
 
 
 # ---------------------------------------------------------------------------------------------------------
