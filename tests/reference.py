@@ -64,9 +64,10 @@ def allowed_mask(segment_lengths, dilation_rates, num_heads, num_queries, doc, p
 
 def reference_dilated_attention(
     q, k, v, segment_lengths, dilation_rates, *, causal=False, softmax_scale=None, offsets="interleaved",
-    attention_mask=None, cu_seqlens=None, position_offset=None,
+    attention_mask=None, cu_seqlens=None, position_offset=None, return_lse=False,
 ):
-    """Softmax over the multiset union of the branches' keys, computed densely."""
+    """Softmax over the multiset union of the branches' keys, computed densely; with ``return_lse``, also its
+    log-sum-exp (B, N_q, H), -inf where a query sees nothing."""
     batch, num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
@@ -83,5 +84,7 @@ def reference_dilated_attention(
     filled = torch.where(allowed, scores, torch.where(any_key, float("-inf"), 0.0))
     lse = torch.logsumexp(filled, dim=-1, keepdim=True)
     probs = torch.where(allowed, torch.exp(filled - lse), 0.0)
-    out = probs @ vh.repeat(1, 1, branches, 1)
-    return out.transpose(1, 2)
+    out = (probs @ vh.repeat(1, 1, branches, 1)).transpose(1, 2)
+    if not return_lse:
+        return out
+    return out, torch.where(any_key, lse, float("-inf")).squeeze(-1).transpose(1, 2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from cases import attention_cases, call_kwargs, make_inputs, relative_error
 from reference import head_offset, reference_dilated_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -22,80 +23,6 @@ dilated_attention_module = importlib.import_module("modeling_longnet.dilated_att
 # ---------------------------------------------------------------------------------------------------------
 
 
-@st.composite
-def attention_cases(draw, max_len=300, max_heads=8, head_dims=(8, 16, 64), max_branches=5):
-    num_keys = draw(st.integers(1, max_len))
-    layout = draw(st.sampled_from(["none", "left", "right", "padded_rows", "packed", "decode"]))
-    batch = 1 if layout == "packed" else draw(st.integers(1, 3))
-    num_kv_heads = draw(st.integers(1, max_heads))
-    group = draw(st.sampled_from([g for g in range(1, max_heads + 1) if num_kv_heads * g <= max_heads]))
-    branches = draw(st.integers(1, max_branches))
-    segment_lengths = [
-        draw(st.one_of(st.integers(1, 64), st.integers(num_keys, 2 * num_keys + 8))) for _ in range(branches)
-    ]
-    dilation_rates = [draw(st.integers(1, 8)) for _ in range(branches)]
-    case = dict(
-        batch=batch,
-        num_keys=num_keys,
-        num_queries=num_keys,
-        num_heads=num_kv_heads * group,
-        num_kv_heads=num_kv_heads,
-        head_dim=draw(st.sampled_from(head_dims)),
-        segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates,
-        causal=draw(st.booleans()),
-        offsets=draw(st.sampled_from(["interleaved", "grouped"])),
-        attention_mask=None,
-        cu_seqlens=None,
-        position_offset=None,
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-    if layout in ("left", "right", "padded_rows", "decode"):
-        mask = torch.ones(batch, num_keys, dtype=torch.long)
-        for b in range(batch):
-            pad = draw(st.integers(0, num_keys))
-            if layout == "padded_rows" and b == 0:
-                pad = num_keys  # a row of nothing but padding
-            if layout == "right":
-                mask[b, num_keys - pad :] = 0
-            else:
-                mask[b, :pad] = 0
-        case["attention_mask"] = mask
-    if layout == "packed":
-        cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=6)))
-        case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
-    if layout == "decode":
-        case["num_queries"] = draw(st.integers(1, num_keys))
-        case["position_offset"] = torch.tensor([draw(st.integers(0, 200)) for _ in range(batch)])
-    return case
-
-
-def make_inputs(case, dtype=torch.float64, requires_grad=True):
-    generator = torch.Generator().manual_seed(case["seed"])
-    shape_q = (case["batch"], case["num_queries"], case["num_heads"], case["head_dim"])
-    shape_kv = (case["batch"], case["num_keys"], case["num_kv_heads"], case["head_dim"])
-    q = torch.randn(shape_q, generator=generator, dtype=dtype)
-    k = torch.randn(shape_kv, generator=generator, dtype=dtype)
-    v = torch.randn(shape_kv, generator=generator, dtype=dtype)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
-
-
-def call_kwargs(case):
-    return dict(
-        causal=case["causal"],
-        offsets=case["offsets"],
-        attention_mask=case["attention_mask"],
-        cu_seqlens=case["cu_seqlens"],
-        position_offset=case["position_offset"],
-    )
-
-
-def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as uncovered queries."""
-    x, y = x.detach(), y.detach()
-    return float((x - y).norm() / max(float(y.norm()), 1.0))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # values and gradients
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +30,7 @@ def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @given(attention_cases())
 def test_torch_backend_matches_reference_values_and_gradients(case):
-    q, k, v = make_inputs(case)
+    q, k, v = make_inputs(case, requires_grad=True)
     out = dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", **call_kwargs(case))
     ref = reference_dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], **call_kwargs(case))
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -120,7 +47,7 @@ def test_torch_backend_matches_reference_values_and_gradients(case):
 @settings(max_examples=12)
 @given(attention_cases(max_len=10, max_heads=2, head_dims=(8,), max_branches=3))
 def test_gradcheck(case):
-    q, k, v = make_inputs(case)
+    q, k, v = make_inputs(case, requires_grad=True)
 
     def attention(q, k, v):
         return dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", **call_kwargs(case))
@@ -129,30 +56,16 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(attention, (q, k, v), fast_mode=True)
 
 
-def reference_lse(q, k, case):
-    """The LSE of the mixed softmax from the reference: attention with v = identity rows gives it indirectly;
-    here it is computed directly from the reference's dense masks."""
-    from reference import allowed_mask, logical_positions
-
-    batch, num_queries, num_heads, head_dim = q.shape
-    doc, pos = logical_positions(batch, k.shape[1], case["attention_mask"], case["cu_seqlens"], case["position_offset"])
-    allowed = allowed_mask(
-        case["segment_lengths"], case["dilation_rates"], num_heads, num_queries, doc, pos, case["causal"], case["offsets"]
-    )
-    group = num_heads // k.shape[2]
-    scores = q.transpose(1, 2) @ k.repeat_interleave(group, dim=2).transpose(1, 2).transpose(-1, -2) * head_dim**-0.5
-    scores = torch.where(allowed, scores, float("-inf"))  # (branches, B, H, Nq, Nk)
-    return torch.logsumexp(scores.permute(1, 3, 2, 0, 4).flatten(-2), dim=-1)  # (B, Nq, H)
-
-
 @settings(max_examples=30)
 @given(attention_cases(max_len=80))
 def test_returned_lse_matches_reference_and_is_differentiable(case):
-    q, k, v = make_inputs(case)
+    q, k, v = make_inputs(case, requires_grad=True)
     out, lse = dilated_attention(
         q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", return_lse=True, **call_kwargs(case)
     )
-    want = reference_lse(q, k, case)
+    _, want = reference_dilated_attention(
+        q, k, v, case["segment_lengths"], case["dilation_rates"], return_lse=True, **call_kwargs(case)
+    )
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float64
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want))
     finite = torch.isfinite(want)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from reference import reference_dilated_attention
-from test_dilated_attention import attention_cases, call_kwargs, make_inputs, relative_error
+from cases import attention_cases, call_kwargs, make_inputs, relative_error
 
 from modeling_longnet import dilated_attention
 
@@ -34,7 +34,7 @@ def fake_flash():
 @settings(max_examples=25)
 @given(case=attention_cases(max_len=120))
 def test_flash_backend_matches_reference(case):
-    q, k, v = make_inputs(case)
+    q, k, v = make_inputs(case, requires_grad=True)
     with stand_in_for_flash_attn():
         out, lse = dilated_attention(
             q, k, v, case["segment_lengths"], case["dilation_rates"], backend="flash", return_lse=True, **call_kwargs(case)

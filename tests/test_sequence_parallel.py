@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
+from cases import relative_error
 from reference import reference_dilated_attention
 
 from modeling_longnet import available_backends, dilated_attention
@@ -234,12 +235,6 @@ def _subgroup(size: int):
 
 def _gather_chunks(per_rank):
     return [torch.cat(parts, dim=1) for parts in zip(*per_rank)]
-
-
-def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as a gradient through a
-    softmax over one key (as in test_dilated_attention.py)."""
-    return float((x - y).norm() / max(float(y.norm()), 1.0))
 
 
 def _assert_lse_equal(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:

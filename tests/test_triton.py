@@ -17,7 +17,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import allowed_mask, logical_positions, reference_dilated_attention
+import cases
+from cases import attention_cases, call_kwargs, make_inputs, relative_error
+from reference import reference_dilated_attention
 
 from modeling_longnet import TokenLayout, dilated_attention
 
@@ -35,95 +37,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # ---------------------------------------------------------------------------------------------------------
 
 
-@st.composite
-def attention_cases(draw, max_len=72, max_heads=4, head_dims=(16, 32), max_branches=3):
-    num_keys = draw(st.integers(1, max_len))
-    layout = draw(st.sampled_from(["none", "left", "right", "padded_rows", "packed", "decode"]))
-    batch = 1 if layout == "packed" else draw(st.integers(1, 2))
-    num_kv_heads = draw(st.integers(1, max_heads))
-    group = draw(st.sampled_from([g for g in range(1, max_heads + 1) if num_kv_heads * g <= max_heads]))
-    branches = draw(st.integers(1, max_branches))
+def triton_cases():
     # short segments make many work items (slow in the interpreter); long ones exercise w > N
-    segment_lengths = [draw(st.one_of(st.integers(8, 48), st.integers(num_keys, 2 * num_keys + 8))) for _ in range(branches)]
-    case = dict(
-        batch=batch,
-        num_keys=num_keys,
-        num_queries=num_keys,
-        num_heads=num_kv_heads * group,
-        num_kv_heads=num_kv_heads,
-        head_dim=draw(st.sampled_from(head_dims)),
-        segment_lengths=segment_lengths,
-        dilation_rates=[draw(st.integers(1, 6)) for _ in range(branches)],
-        causal=draw(st.booleans()),
-        offsets=draw(st.sampled_from(["interleaved", "grouped"])),
-        attention_mask=None,
-        cu_seqlens=None,
-        position_offset=None,
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-    if layout in ("left", "right", "padded_rows", "decode"):
-        mask = torch.ones(batch, num_keys, dtype=torch.long)
-        for b in range(batch):
-            pad = num_keys if layout == "padded_rows" and b == 0 else draw(st.integers(0, num_keys))
-            if layout == "right":
-                mask[b, num_keys - pad :] = 0
-            else:
-                mask[b, :pad] = 0
-        case["attention_mask"] = mask
-    if layout == "packed":
-        cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=4)))
-        case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
-    if layout == "decode":
-        case["num_queries"] = draw(st.integers(1, num_keys))
-        case["position_offset"] = torch.tensor([draw(st.integers(0, 100)) for _ in range(batch)])
-    return case
-
-
-def make_inputs(case, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(case["seed"])
-    shape_q = (case["batch"], case["num_queries"], case["num_heads"], case["head_dim"])
-    shape_kv = (case["batch"], case["num_keys"], case["num_kv_heads"], case["head_dim"])
-    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in (shape_q, shape_kv, shape_kv)]
-
-
-def layout_kwargs(case, device=DEVICE):
-    def moved(t):
-        return None if t is None else t.to(device)
-
-    return dict(
-        attention_mask=moved(case["attention_mask"]),
-        cu_seqlens=moved(case["cu_seqlens"]),
-        position_offset=moved(case["position_offset"]),
+    return attention_cases(
+        max_len=72, max_heads=4, head_dims=(16, 32), max_branches=3, short_segments=(8, 48), max_rate=6,
+        max_batch=2, max_documents=4, max_position_offset=100,
     )
 
 
-def reference_kwargs(case):
-    return dict(
-        causal=case["causal"],
-        offsets=case["offsets"],
-        attention_mask=case["attention_mask"],
-        cu_seqlens=case["cu_seqlens"],
-        position_offset=case["position_offset"],
-    )
-
-
-def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as padding queries."""
-    x, y = x.detach().double().cpu(), y.detach().double().cpu()
-    return float((x - y).norm() / max(float(y.norm()), 1.0))
-
-
-def reference_lse(q, k, case):
-    """The log-sum-exp of the mixed softmax, from the reference's dense masks: (B, N_q, H)."""
-    batch, num_queries, num_heads, head_dim = q.shape
-    doc, pos = logical_positions(batch, k.shape[1], case["attention_mask"], case["cu_seqlens"], case["position_offset"])
-    allowed = allowed_mask(
-        case["segment_lengths"], case["dilation_rates"], num_heads, num_queries, doc, pos, case["causal"], case["offsets"]
-    )
-    keys = k.repeat_interleave(num_heads // k.shape[2], dim=2).transpose(1, 2)
-    scores = q.transpose(1, 2) @ keys.transpose(-1, -2) * head_dim**-0.5
-    scores = torch.where(allowed, scores, float("-inf"))  # (branches, B, H, N_q, N_k)
-    return torch.logsumexp(scores.permute(1, 3, 2, 0, 4).flatten(-2), dim=-1)
+def layout_kwargs(case):
+    return cases.layout_kwargs(case, DEVICE)
 
 
 @st.composite
@@ -164,14 +87,15 @@ def triton_attention(q, k, v, case, **kwargs):
 
 
 @settings(max_examples=25)
-@given(attention_cases(), kernel_variants())
+@given(triton_cases(), kernel_variants())
 def test_values_lse_and_gradients_match_reference(case, variant):
     q64, k64, v64 = (t.requires_grad_() for t in make_inputs(case))
     q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
     with kernel_variant(**variant):
         out, lse = triton_attention(q, k, v, case, return_lse=True)
-    ref = reference_dilated_attention(q64, k64, v64, case["segment_lengths"], case["dilation_rates"], **reference_kwargs(case))
-    want_lse = reference_lse(q64, k64, case)
+    ref, want_lse = reference_dilated_attention(
+        q64, k64, v64, case["segment_lengths"], case["dilation_rates"], return_lse=True, **call_kwargs(case)
+    )
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
     assert torch.isfinite(out).all()
     assert relative_error(out, ref) <= 1e-5
@@ -204,7 +128,7 @@ def test_float16_follows_reference(causal):
     q, k, v = (t.half().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
     out = triton_attention(q, k, v, case)
     upcast = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref = reference_dilated_attention(*upcast, case["segment_lengths"], case["dilation_rates"], **reference_kwargs(case))
+    ref = reference_dilated_attention(*upcast, case["segment_lengths"], case["dilation_rates"], **call_kwargs(case))
     assert out.dtype == torch.float16
     assert relative_error(out, ref) <= 2e-3
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,101 @@
+"""Random dilated-attention problems for hypothesis, shared by the tests of every backend."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+LAYOUTS = ("none", "left", "right", "padded_rows", "packed", "decode")
+
+
+@st.composite
+def attention_cases(
+    draw,
+    max_len: int = 300,
+    max_heads: int = 8,
+    head_dims=(8, 16, 64),
+    max_branches: int = 5,
+    short_segments: tuple[int, int] = (1, 64),
+    max_rate: int = 8,
+    max_batch: int = 3,
+    max_documents: int = 6,
+    max_position_offset: int = 200,
+):
+    """A problem: shapes, branches (segments up to ``short_segments`` or longer than the sequence), causal or not,
+    an offset mode, and where the tokens are: no mask, left or right padding, a row of nothing but padding, packed
+    documents (``cu_seqlens``), or KV-cache queries (the last ``num_queries`` positions, with ``position_offset``)."""
+    num_keys = draw(st.integers(1, max_len))
+    layout = draw(st.sampled_from(LAYOUTS))
+    batch = 1 if layout == "packed" else draw(st.integers(1, max_batch))
+    num_kv_heads = draw(st.integers(1, max_heads))
+    group = draw(st.sampled_from([g for g in range(1, max_heads + 1) if num_kv_heads * g <= max_heads]))
+    branches = draw(st.integers(1, max_branches))
+    segment_lengths = [
+        draw(st.one_of(st.integers(*short_segments), st.integers(num_keys, 2 * num_keys + 8))) for _ in range(branches)
+    ]
+    case = dict(
+        batch=batch,
+        num_keys=num_keys,
+        num_queries=num_keys,
+        num_heads=num_kv_heads * group,
+        num_kv_heads=num_kv_heads,
+        head_dim=draw(st.sampled_from(head_dims)),
+        segment_lengths=segment_lengths,
+        dilation_rates=[draw(st.integers(1, max_rate)) for _ in range(branches)],
+        causal=draw(st.booleans()),
+        offsets=draw(st.sampled_from(["interleaved", "grouped"])),
+        attention_mask=None,
+        cu_seqlens=None,
+        position_offset=None,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if layout in ("left", "right", "padded_rows", "decode"):
+        mask = torch.ones(batch, num_keys, dtype=torch.long)
+        for b in range(batch):
+            pad = num_keys if layout == "padded_rows" and b == 0 else draw(st.integers(0, num_keys))
+            if layout == "right":
+                mask[b, num_keys - pad :] = 0
+            else:
+                mask[b, :pad] = 0
+        case["attention_mask"] = mask
+    if layout == "packed":
+        cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=max_documents)))
+        case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
+    if layout == "decode":
+        case["num_queries"] = draw(st.integers(1, num_keys))
+        case["position_offset"] = torch.tensor([draw(st.integers(0, max_position_offset)) for _ in range(batch)])
+    return case
+
+
+def make_inputs(case, dtype=torch.float64, requires_grad: bool = False, device="cpu"):
+    """q, k, v of the case, drawn from its seed."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape_q = (case["batch"], case["num_queries"], case["num_heads"], case["head_dim"])
+    shape_kv = (case["batch"], case["num_keys"], case["num_kv_heads"], case["head_dim"])
+    tensors = [torch.randn(shape, generator=generator, dtype=dtype) for shape in (shape_q, shape_kv, shape_kv)]
+    return [t.to(device).requires_grad_(requires_grad) for t in tensors]
+
+
+def layout_kwargs(case, device="cpu"):
+    """Where the tokens are: the keyword arguments of ``dilated_attention`` (and the reference) for the case."""
+
+    def moved(t):
+        return None if t is None else t.to(device)
+
+    return dict(
+        attention_mask=moved(case["attention_mask"]),
+        cu_seqlens=moved(case["cu_seqlens"]),
+        position_offset=moved(case["position_offset"]),
+    )
+
+
+def call_kwargs(case, device="cpu"):
+    """Every keyword argument of the case but the branches, for ``dilated_attention`` and the reference."""
+    return dict(causal=case["causal"], offsets=case["offsets"], **layout_kwargs(case, device))
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y|| / max(||y||, 1): relative, except for (near-)zero references such as uncovered queries or a
+    gradient through a softmax over one key."""
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    return float((x - y).norm() / max(float(y.norm()), 1.0))
