@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from cases import attention_cases, call_kwargs, make_inputs, relative_error
+from memory_probe import LargestTensor
 from reference import head_offset, reference_dilated_attention
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, uncovered_positions
 
@@ -240,26 +240,13 @@ def test_uncovered_positions_errors():
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _largest_tensor(n: int, monkeypatch) -> int:
     monkeypatch.setattr(dilated_attention_module, "_CHUNK_ELEMENTS", 1 << 16)  # small chunks, small test
     q, k, v = (torch.randn(1, n, 1, 8, requires_grad=True) for _ in range(3))
-    with _LargestAllocation() as probe:
+    with LargestTensor() as probe:
         out = dilated_attention(q, k, v, [n], [1], causal=True, backend="torch")  # one segment of the whole sequence
         out.sum().backward()
-    return probe.largest
+    return probe.elements
 
 
 def test_torch_backend_never_builds_an_n_by_n_matrix(monkeypatch):

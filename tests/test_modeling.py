@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memory_probe import LargestTensor
 from reference import reference_dilated_attention
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from modeling_longnet import (
@@ -299,25 +299,10 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients():
     torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=num_items).loss, expected)
 
 
-class MemoryProbe(TorchDispatchMode):
-    """The largest tensor any operation makes, while it runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def loss_memory(model, ids):
     """(largest tensor made, bytes kept for the backward pass) of one training step's loss and backward."""
     saved = []
-    probe = MemoryProbe()
+    probe = LargestTensor()
     with (
         probe,
         torch.autograd.graph.saved_tensors_hooks(
@@ -325,7 +310,7 @@ def loss_memory(model, ids):
         ),
     ):
         model(ids, labels=ids).loss.backward()
-    return probe.largest, sum(saved)
+    return probe.bytes, sum(saved)
 
 
 def test_chunked_loss_never_materialises_the_full_logits():
