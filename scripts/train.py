@@ -272,15 +272,20 @@ def _sequence_parallel_trainer(base):
             self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
             import torch.distributed as dist
 
             from modeling_longnet.sequence_parallel import sequence_parallel_loss, shard_batch
 
-            # Every rank of the group must see the same rows: take those of the group's first rank.
-            source = dist.get_global_rank(self.sp_group, 0)
+            # The data loader gives every process its own rows, as under plain data parallelism. The group trains on
+            # all of its members' rows (none is skipped), each rank holding its chunk of every row: a step sees
+            # world_size x batch rows, like DDP, and each rank computes batch x block_size tokens, like one DDP rank.
+            batch = {}
             for key in ("input_ids", "labels"):
-                dist.broadcast(inputs[key], src=source, group=self.sp_group)
-            outputs = model(**shard_batch(inputs, self.sp_group))
+                parts = [torch.empty_like(inputs[key]) for _ in range(dist.get_world_size(self.sp_group))]
+                dist.all_gather(parts, inputs[key].contiguous(), group=self.sp_group)
+                batch[key] = torch.cat(parts)
+            outputs = model(**shard_batch(batch, self.sp_group))
             loss = sequence_parallel_loss(outputs.loss, self.sp_group)
             return (loss, outputs) if return_outputs else loss
 
@@ -494,10 +499,10 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
     trainer.save_model(args.output_dir)  # the model with its code (LongNet's save_pretrained), and the tokenizer
 
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    # The ranks of a sequence-parallel group share their rows: count each row once.
+    # Every process brings its own rows, also under sequence parallelism (its group trains on all of them).
     tokens = (
         trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * (trainer.args.world_size // args.sequence_parallel_size) * prepared["block_size"]
+        * trainer.args.world_size * prepared["block_size"]
     )
     summary = {
         "model_class": type(model).__name__,

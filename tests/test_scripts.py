@@ -201,16 +201,20 @@ def test_resumed_training_matches_uninterrupted_training(tmp_path):
 
 
 def test_sequence_parallel_training_matches_one_process(tmp_path):
-    """--sequence-parallel-size 2 over two CPU processes (gloo) takes the same step as one process."""
+    """--sequence-parallel-size 2 over two CPU processes (gloo) takes the same step as one process given both
+    processes' rows: the group trains on every row the data loader hands out, none is skipped."""
     from safetensors.torch import load_file
 
-    common = [*TINY_MODEL_ARGS, "--default-documents", "16", "--default-validation-documents", "2", "--packing", "concat",
+    # 40 documents make several batches, so that the two processes get different rows
+    common = [*TINY_MODEL_ARGS, "--default-validation-documents", "2", "--packing", "concat",
               "--use-cpu", "--max-steps", "1", "--warmup-steps", "0", "--lr-scheduler-type", "constant", "--save-steps", "1"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPTS / "train.py")]
     result = subprocess.run([*launch, "--output-dir", str(tmp_path / "sp"), *common, "--sequence-parallel-size", "2"],
                             env=script_env(tmp_path / "hf"), capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert load_script("train").main(["--output-dir", str(tmp_path / "one"), *common]) == 0
+    # one process with the batch of both: the same rows in the same order
+    one = [*common, "--per-device-train-batch-size", "4"]
+    assert load_script("train").main(["--output-dir", str(tmp_path / "one"), *one]) == 0
     summary = training_summary(tmp_path / "sp")
     assert (summary["world_size"], summary["sequence_parallel_size"]) == (2, 2)
     assert summary["train_tokens"] == training_summary(tmp_path / "one")["train_tokens"]
