@@ -19,12 +19,18 @@ share those key rows, so grouped-query attention needs no atomics for dK, dV) ac
 blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
 recompute S and dP to accumulate dQ over the key blocks (7 matrix products per tile pair, deterministic), or the
 dK/dV programs also form dS K and add it to a float32 dQ buffer (5 products; FlashAttention-2's scheme), with TMA
-reduce-adds of whole tiles on Hopper. Additions arrive in any order, so ``torch.use_deterministic_algorithms(True)``
+reduce-adds of whole tiles on Hopper (a reduce-add may not start before its descriptor's first row, so those query
+steps start at the first query row). Additions arrive in any order, so ``torch.use_deterministic_algorithms(True)``
 selects recomputation. dK, dV (and a recomputed dQ) have one writer per row and launch, so the sum over branches is
 a plain read-add-write between launches; the r = 1 branch runs first and, when it covers every row, stores without
 reading. For 16-bit inputs that sum is kept in the gradient's own dtype (each branch's contribution is summed in
 float32 first); a row touched by k branches carries k roundings instead of one (bfloat16 gradients measured within
 3e-3 of float32, see docs/benchmarks.md).
+
+Launch order: branches cannot share a launch (each adds into rows the others write), so each launch ends with a
+tail of long programs on few SMs. Heads can: for large problems the kv heads are split into two groups, each
+running its branches on its own CUDA stream in a rotated order, so that one group's programs fill the other's
+tails (``ForwardConfig.head_groups``; about 4% at N = 128K, docs/triton_notes.md).
 
 Tiles of rows can be loaded through Hopper's tensor-memory accelerator: a (segment, head) is an arithmetic
 progression of rows, which one descriptor per program and tensor describes (row stride ``r * stride``), built on
@@ -129,13 +135,14 @@ class _BranchPlan:
     item_query_lo: torch.Tensor  # int32 (items,)
     item_end: torch.Tensor  # int32 (items,)
     max_rows: int  # an upper bound on the rows j of any (item, head)
-    queries_from_segment_start: bool  # every item's queries begin at its segment's start (no padding, no KV cache)
     head_offset: torch.Tensor  # int32 (H,)
     # Query heads grouped by (kv head, offset): the heads of one class read the same key rows, so one backward
     # program sums their dK/dV contributions in registers and no two programs write the same rows.
     class_kv_head: torch.Tensor  # int32 (classes,)
     class_size: torch.Tensor  # int32 (classes,)
     class_heads: torch.Tensor  # int32 (classes, group), padded with 0
+    # classes are ordered by kv head: those of kv heads [a, b) are classes [kv_head_first_class[a], ...[b])
+    kv_head_first_class: tuple[int, ...]
 
     @property
     def num_items(self) -> int:
@@ -175,6 +182,8 @@ def _branch_plan(layout, w: int, r: int, offsets: list[int], num_heads: int, num
     class_heads = torch.zeros(len(classes), group, dtype=torch.int32)
     for c, heads in enumerate(classes.values()):
         class_heads[c, : len(heads)] = torch.tensor(heads, dtype=torch.int32)
+    class_kv = [kv for kv, _ in classes]  # nondecreasing: heads were visited in order
+    kv_head_first_class = tuple(sum(kv < j for kv in class_kv) for j in range(num_kv_heads + 1))
 
     def to_device(x, dtype=torch.int32):
         return x.to(dtype).to(device)
@@ -187,11 +196,11 @@ def _branch_plan(layout, w: int, r: int, offsets: list[int], num_heads: int, num
         item_query_lo=to_device(item_query_lo),
         item_end=to_device(item_end),
         max_rows=max_rows,
-        queries_from_segment_start=bool((item_query_lo == 0).all()),
         head_offset=to_device(torch.tensor(offsets)),
-        class_kv_head=to_device(torch.tensor([kv for kv, _ in classes])),
+        class_kv_head=to_device(torch.tensor(class_kv)),
         class_size=to_device(torch.tensor([len(h) for h in classes.values()])),
         class_heads=class_heads.to(device),
+        kv_head_first_class=kv_head_first_class,
     )
     layout.cache[key] = plan
     return plan
@@ -211,6 +220,16 @@ class ForwardConfig:
     # Load K/V tiles through Hopper's tensor-memory accelerator (one descriptor per (segment, head), row stride
     # r * stride) instead of per-element pointers; used only where the tensors allow it (_descriptors_usable).
     tensor_descriptors: bool = False
+    # Split the kv heads into this many groups, each running its branches on its own CUDA stream in a rotated
+    # order: one group's launches fill the idle end of another's (see _head_groups).
+    head_groups: int = 1
+    # Keep the running output of the branches before the last in the input dtype instead of float32: half the
+    # bytes of the merges, one more rounding per branch.
+    merge_in_input_dtype: bool = False
+
+    def __post_init__(self):
+        if self.head_groups < 1:
+            raise ValueError(f"head_groups must be at least 1, got {self.head_groups}")
 
 
 DQ_MODES = ("recompute", "atomic", "tma-atomic")
@@ -230,39 +249,44 @@ class BackwardConfig:
     # "atomic": the dK/dV programs also form dQ = dS K and add it to a float32 buffer with atomics (5 products);
     # "tma-atomic": the same, adding whole tiles with TMA reduce-adds (Hopper, GPU only).
     dq_mode: str = "recompute"
+    head_groups: int = 1  # as ForwardConfig.head_groups
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
             raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {self.dq_mode!r}")
+        if self.head_groups < 1:
+            raise ValueError(f"head_groups must be at least 1, got {self.head_groups}")
 
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     """The forward launch configuration; measured choices are recorded in docs/triton_notes.md."""
-    if _interpreting():  # small blocks exercise the multi-block paths on small test shapes
-        return ForwardConfig(16, 16, 4, 1)
+    if _interpreting():  # small blocks and two head groups exercise the multi-block and multi-group paths
+        return ForwardConfig(16, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:  # matrix products on the FMA units: small tiles, no spills
         return ForwardConfig(64, 32, 8, 2) if head_dim <= 64 else ForwardConfig(32, 16, 4, 2)
+    # Two head groups on two streams where the problem is large (_head_groups); measured choices in
+    # docs/triton_notes.md (v6)
     if head_dim < 64:
-        return ForwardConfig(128, 64, 4, 3)
-    if head_dim == 64:  # fastest of the candidates swept on an H200, see docs/triton_notes.md
-        return ForwardConfig(128, 64, 4, 3, tensor_descriptors=True)
-    if head_dim <= 128:  # spills with 64 x 64 tiles, but less than with 128 x 64 (docs/triton_notes.md)
-        return ForwardConfig(64, 64, 4, 3)
-    return ForwardConfig(64, 32, 4, 2)
+        return ForwardConfig(128, 64, 4, 3, head_groups=2)
+    if head_dim == 64:  # 64-row blocks: 3.6% faster than 128 at 128K, 1.3% slower at 1M (H200, v6)
+        return ForwardConfig(64, 64, 4, 3, tensor_descriptors=True, head_groups=2)
+    if head_dim <= 128:  # 64 x 64 tiles spill less than 128 x 64; descriptors free address registers: -12% (v6)
+        return ForwardConfig(64, 64, 4, 3, tensor_descriptors=True, head_groups=2)
+    return ForwardConfig(64, 32, 4, 2, head_groups=2)
 
 
 def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     if _interpreting():
-        return BackwardConfig(32, 16, 32, 16, 4, 1)
+        return BackwardConfig(32, 16, 32, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:
         return BackwardConfig(32, 16, 32, 16, 4, 2) if head_dim <= 64 else BackwardConfig(16, 16, 16, 16, 4, 1)
     if head_dim < 64:
-        return BackwardConfig(128, 32, 64, 64, 4, 3)
-    if head_dim == 64:  # where _tma_reduce_applies; elsewhere _backward drops to pointer loads and recomputed dQ
-        return BackwardConfig(128, 32, 64, 64, 4, 3, tensor_descriptors=True, dq_mode="tma-atomic")
-    if head_dim <= 128:
-        return BackwardConfig(64, 32, 64, 32, 4, 3)
-    return BackwardConfig(64, 16, 64, 16, 8, 1)
+        return BackwardConfig(128, 32, 64, 64, 4, 3, head_groups=2)
+    if head_dim == 64:  # TMA on Hopper; elsewhere (or deterministic) _backward drops to pointers and recomputed dQ
+        return BackwardConfig(128, 32, 64, 64, 4, 3, tensor_descriptors=True, dq_mode="tma-atomic", head_groups=2)
+    if head_dim <= 128:  # TMA reduce-adds of dQ lose here: 21.5 against 16.5 ms at 128K (v6)
+        return BackwardConfig(64, 32, 64, 32, 4, 3, head_groups=2)
+    return BackwardConfig(64, 16, 64, 16, 8, 1, head_groups=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,7 +382,9 @@ if triton is not None:
         return acc, m_i, l_i
 
     # Run-time integers that differ from branch to branch would each compile a new specialization otherwise.
-    @triton.jit(do_not_specialize=["dilation", "query_begin", "num_query_blocks", "seed", "stream_base"])
+    @triton.jit(
+        do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
+    )
     def _forward_kernel(
         Q, K, V, Out, Acc, Lse,
         HeadOffset, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
@@ -367,14 +393,15 @@ if triton is not None:
         stride_vb, stride_vn, stride_vh,
         stride_ob, stride_on, stride_oh,
         stride_lb, stride_ln,
-        dilation, query_begin, num_query_blocks,
+        dilation, query_begin, num_query_blocks, head_begin,
         qk_scale, seed, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
         TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
+        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1)."""
         pid = tl.program_id(0)
-        head = tl.program_id(1)
+        head = head_begin + tl.program_id(1)
         item = pid // num_query_blocks
         # the last query blocks see the most keys under causality: start them first
         query_block = num_query_blocks - 1 - pid % num_query_blocks
@@ -446,7 +473,7 @@ if triton is not None:
         if MERGE:  # an earlier branch wrote a partial result: mix it in by log-sum-exp
             previous_lse = tl.load(lse_ptrs, mask=query_valid, other=float("-inf"))
             has_previous = previous_lse > float("-inf")
-            previous = tl.load(Acc + o_offsets, mask=has_previous[:, None], other=0.0)
+            previous = tl.load(Acc + o_offsets, mask=has_previous[:, None], other=0.0).to(tl.float32)
             merged_lse = tl.maximum(previous_lse, lse)
             merged_lse += tl.log(tl.exp(previous_lse - merged_lse) + tl.exp(lse - merged_lse))
             out = previous * tl.exp(previous_lse - merged_lse)[:, None] + out * tl.exp(lse - merged_lse)[:, None]
@@ -455,7 +482,7 @@ if triton is not None:
         if FINAL:
             tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=query_valid[:, None])
         else:
-            tl.store(Acc + o_offsets, out, mask=query_valid[:, None])
+            tl.store(Acc + o_offsets, out.to(Acc.dtype.element_ty), mask=query_valid[:, None])
 
     @triton.jit(do_not_specialize=["num_rows", "num_queries"])
     def _delta_kernel(
@@ -577,8 +604,8 @@ if triton is not None:
 
     @triton.jit(
         do_not_specialize=[
-            "dilation", "query_begin", "num_key_blocks", "num_query_blocks", "num_classes", "num_kv_programs",
-            "num_q_programs", "seed", "stream_base",
+            "dilation", "query_begin", "head_begin", "num_heads", "class_begin", "num_key_blocks", "num_query_blocks",
+            "num_classes", "num_kv_programs", "num_q_programs", "seed", "stream_base",
         ]
     )
     def _backward_kernel(
@@ -591,14 +618,17 @@ if triton is not None:
         stride_dqb, stride_dqn, stride_dqh,
         stride_dkb, stride_dkn, stride_dkh,
         stride_lb, stride_ln,
-        dilation, query_begin, num_heads, num_key_blocks, num_query_blocks, num_classes, num_kv_programs,
-        num_q_programs, softmax_scale, seed, stream_base, dropout_p,
+        dilation, query_begin, head_begin, num_heads, class_begin, num_key_blocks, num_query_blocks, num_classes,
+        num_kv_programs, num_q_programs, softmax_scale, seed, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, INTERLEAVE: tl.constexpr,
         TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One branch's share of dQ, dK, dV; the first num_kv_programs programs do dK/dV, the rest dQ.
+
+        The launch covers the offset classes [class_begin, class_begin + num_classes) and the query heads
+        [head_begin, head_begin + num_heads): those of a group of kv heads.
 
         ACCUMULATE adds to what earlier branches stored; without it this branch is the first and writes every row.
         With DQ_MODE 1 or 2 there are no dQ programs: the dK/dV programs add dQ into DQ, a zeroed float32 buffer.
@@ -618,7 +648,7 @@ if triton is not None:
         if pid < num_kv_programs:
             # ---- dK, dV of one key block of one (item, kv head, offset class) ----
             key_block = pid % num_key_blocks
-            cls = (pid // num_key_blocks) % num_classes
+            cls = class_begin + (pid // num_key_blocks) % num_classes
             item = pid // (num_key_blocks * num_classes)
             offset = tl.load(HeadOffset + tl.load(ClassHeads + cls * GROUP))
             end = _cdiv_nonneg(tl.load(ItemEnd + item) - offset, dilation)
@@ -645,11 +675,19 @@ if triton is not None:
             dk = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
 
-            # query blocks: those crossing the diagonal need the causal mask, the later ones don't
-            first = (query_lo // BLOCK_M1) * BLOCK_M1
+            # query blocks: those crossing the diagonal need the causal mask, the later ones don't. A TMA reduce-add
+            # must not start before its descriptor's first row (a negative coordinate stops the kernel with an
+            # illegal instruction, measured with compute-sanitizer), so with DQ_MODE 2 the steps start at the first
+            # query row rather than at a block boundary.
+            if DQ_MODE == 2:
+                first = query_lo
+            else:
+                first = (query_lo // BLOCK_M1) * BLOCK_M1
             if CAUSAL:
                 first = tl.maximum(first, start_n)
-                diagonal_end = tl.maximum(tl.minimum(start_n + BLOCK_N1, end), first)
+                # whole steps from `first` up to the end of the diagonal, so that the two loops never overlap
+                diagonal_rows = tl.maximum(tl.minimum(start_n + BLOCK_N1, end) - first, 0)
+                diagonal_end = first + tl.cdiv(diagonal_rows, BLOCK_M1) * BLOCK_M1
             else:
                 diagonal_end = first
             q_row0 = base - query_begin  # physical query index of row j = 0
@@ -692,7 +730,7 @@ if triton is not None:
             # ---- dQ of one query block of one (item, head) ----
             pid = pid - num_kv_programs
             query_block = num_query_blocks - 1 - pid % num_query_blocks
-            head = (pid // num_query_blocks) % num_heads
+            head = head_begin + (pid // num_query_blocks) % num_heads
             item = pid // (num_query_blocks * num_heads)
             offset = tl.load(HeadOffset + head)
             query_lo = _cdiv_nonneg(tl.load(ItemQueryLo + item) - offset, dilation)
@@ -787,15 +825,10 @@ def _descriptors_usable(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _tma_reduce_applies(q: torch.Tensor, k: torch.Tensor, plans) -> bool:
-    """Where dq_mode "tma-atomic" runs (see _backward): a GPU (the interpreter has no TMA reductions), one query head
-    per kv head, and every branch's queries starting at their segment's start."""
-    return (
-        q.is_cuda
-        and q.shape[2] == k.shape[2]
-        and all(plan.queries_from_segment_start for _, plan in plans)
-        and _descriptors_usable(q)
-    )
+def _tma_reduce_applies(q: torch.Tensor) -> bool:
+    """Where dq_mode "tma-atomic" runs: a Hopper GPU whose descriptors can address q's rows (the interpreter has no
+    TMA reductions)."""
+    return q.is_cuda and _descriptors_usable(q)
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -836,6 +869,74 @@ def _plans(q, k, pattern, layout) -> list[tuple[int, _BranchPlan]]:
     return plans
 
 
+@dataclass(frozen=True)
+class _HeadGroup:
+    """Contiguous kv heads [kv_begin, kv_end) and their query heads [head_begin, head_end)."""
+
+    kv_begin: int
+    kv_end: int
+    head_begin: int
+    head_end: int
+
+
+# Head groups pay only where each launch outlasts the CPU's cost of issuing it (about 70 us per launch with
+# Triton 3.6): on an H200 they gained 4-5% at N = 128K (H = 12), broke even at 64K and lost up to 50% at 32K and
+# below, where the doubled launches leave the GPU waiting (docs/triton_notes.md, v6).
+_MIN_QUERY_ROWS_FOR_HEAD_GROUPS = 1 << 20  # batch x queries x heads
+
+
+def _head_groups(q: torch.Tensor, k: torch.Tensor, requested: int) -> list[_HeadGroup]:
+    """Split the kv heads into up to ``requested`` contiguous groups of near-equal size.
+
+    Why: every branch is one launch, and a launch ends with a tail in which its longest programs (the causal
+    segment's first key blocks, or last query blocks) hold a few SMs while the others idle. Branches cannot share a
+    launch, as each adds into rows that the others write. Groups of heads share no rows, so each group runs its own
+    sequence of launches on its own stream, in a rotated branch order: the end of one group's launch overlaps the
+    middle of another's. Small problems keep one group (more launches would cost more CPU time than the tails);
+    the interpreter, which has no streams, always splits, so that the tests cover the groups.
+    """
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    large = q.shape[0] * q.shape[1] * num_heads >= _MIN_QUERY_ROWS_FOR_HEAD_GROUPS
+    count = max(1, min(requested, num_kv_heads)) if (q.is_cuda and large) or _interpreting() else 1
+    group = num_heads // num_kv_heads
+    bounds = [round(i * num_kv_heads / count) for i in range(count + 1)]
+    return [_HeadGroup(a, b, a * group, b * group) for a, b in zip(bounds, bounds[1:])]
+
+
+def _rotated(items: list, shift: int, keep_first: bool = False, keep_last: bool = False) -> list:
+    """``items`` with the middle part (all but a kept first and/or last item) rotated left by ``shift``."""
+    lo, hi = int(keep_first), len(items) - int(keep_last)
+    middle = items[lo:hi]
+    if middle:
+        shift %= len(middle)
+        middle = middle[shift:] + middle[:shift]
+    return items[:lo] + middle + items[hi:]
+
+
+_SIDE_STREAMS: dict[int, list] = {}
+
+
+@contextlib.contextmanager
+def _group_streams(device: torch.device, count: int):
+    """One stream context per head group: the current stream and ``count - 1`` side streams, which start after the
+    work queued so far and which the current stream waits for on exit (so every tensor stays stream-ordered on the
+    current stream). Without CUDA, every group runs in turn on the caller's thread."""
+    if count == 1 or device.type != "cuda":
+        yield [contextlib.nullcontext()] * count
+        return
+    side = _SIDE_STREAMS.setdefault(device.index, [])
+    while len(side) < count - 1:
+        side.append(torch.cuda.Stream(device))
+    current = torch.cuda.current_stream(device)
+    for stream in side[: count - 1]:
+        stream.wait_stream(current)
+    try:
+        yield [contextlib.nullcontext()] + [torch.cuda.stream(stream) for stream in side[: count - 1]]
+    finally:
+        for stream in side[: count - 1]:
+            current.wait_stream(stream)
+
+
 def _every_query_is_real(layout) -> bool:
     key = ("triton", "every_query_is_real")
     if key not in layout.cache:
@@ -848,8 +949,9 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     batch, num_queries, num_heads, head_dim = q.shape
     plans = _plans(q, k, pattern, layout)
     lse = torch.full((batch, num_queries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    # Running output in float32 across branches. A last branch with r = 1 covers every real query and writes the
-    # final output itself; otherwise the float32 running output is cast at the end.
+    config = forward_config(head_dim, q.dtype)
+    # Running output across branches, in float32 unless the configuration says otherwise. A last branch with r = 1
+    # covers every real query and writes the final output itself; otherwise the running output is cast at the end.
     write_final = q.dtype != torch.float32 and bool(plans) and plans[-1][1].dilation_rate == 1
     if q.dtype == torch.float32:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -858,24 +960,31 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if write_final and not _every_query_is_real(layout):
             out.zero_()  # padding queries get 0
-        running = torch.empty(q.shape, dtype=torch.float32, device=q.device) if len(plans) > 1 or not write_final else out
-    config = forward_config(head_dim, q.dtype)
+        running_dtype = q.dtype if config.merge_in_input_dtype else torch.float32
+        running = torch.empty(q.shape, dtype=running_dtype, device=q.device) if len(plans) > 1 or not write_final else out
     tma = config.tensor_descriptors and _descriptors_usable(k, v)
-    for position, (branch, plan) in enumerate(plans):
-        num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
-        final = write_final and position == len(plans) - 1
-        with _descriptor_scratch(tma):
-            _forward_kernel[(num_query_blocks * plan.num_items, num_heads)](
-                q, k, v, out, running, lse,
-                plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
-                *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
-                lse.stride(0), lse.stride(1),
-                plan.dilation_rate, layout.query_begin, num_query_blocks,
-                softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
-                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0, FINAL=final, TMA=tma,
-                DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-            )
+    groups = _head_groups(q, k, config.head_groups)
+    orders = [_rotated(plans, g, keep_last=write_final) for g in range(len(groups))]
+    with _group_streams(q.device, len(groups)) as streams, _descriptor_scratch(tma):
+        for position in range(len(plans)):
+            for group, order, stream in zip(groups, orders, streams):
+                branch, plan = order[position]
+                num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
+                with stream:
+                    _forward_kernel[(num_query_blocks * plan.num_items, group.head_end - group.head_begin)](
+                        q, k, v, out, running, lse,
+                        plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo,
+                        plan.item_end,
+                        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
+                        lse.stride(0), lse.stride(1),
+                        plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
+                        softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
+                        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m,
+                        BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0,
+                        FINAL=write_final and position == len(plans) - 1, TMA=tma,
+                        DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
+                        num_stages=config.num_stages,
+                    )
     if not write_final and q.dtype != torch.float32:
         # positions no branch wrote hold garbage in `running`; they have lse = -inf and get 0
         out = running.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0).to(q.dtype)
@@ -911,12 +1020,8 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
     grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
     config = backward_config(head_dim, q.dtype)
     # Atomic additions make dQ depend on the order in which programs finish: deterministic mode recomputes it.
-    # TMA reduce-adds are used only where they were validated on the GPU: one query head per kv head, and queries
-    # that start at their segment's start, so that no tile coordinate is negative (docs/triton_notes.md: with
-    # GQA 6/3 in a KV-cache layout they stopped the kernel with an illegal instruction). Elsewhere the plain path.
     if config.dq_mode != "recompute" and (
-        torch.are_deterministic_algorithms_enabled()
-        or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q, k, plans))
+        torch.are_deterministic_algorithms_enabled() or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q))
     ):
         config = dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute")
     dq_mode = config.dq_mode
@@ -925,28 +1030,37 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
     else:  # every branch adds into one float32 buffer, cast once at the end
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     tma = config.tensor_descriptors and _descriptors_usable(q, k, v, grad_out)
-    for position, (branch, plan) in enumerate(plans):
-        num_key_blocks = triton.cdiv(plan.max_rows, config.block_n1)
-        num_query_blocks = triton.cdiv(plan.max_rows, config.block_m2)
-        num_kv_programs = num_key_blocks * plan.num_classes * plan.num_items
-        num_q_programs = num_query_blocks * num_heads * plan.num_items if dq_mode == "recompute" else 0
-        with _descriptor_scratch(tma or dq_mode == "tma-atomic"):
-            _backward_kernel[(num_kv_programs + num_q_programs,)](
-                q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
-                plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
-                plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
-                *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
-                *_row_strides(grad_q), *_row_strides(grad_k),
-                lse.stride(0), lse.stride(1),
-                plan.dilation_rate, layout.query_begin, num_heads, num_key_blocks, num_query_blocks,
-                plan.num_classes, num_kv_programs, num_q_programs,
-                softmax_scale, seed, branch << 16, dropout_p,
-                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
-                BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
-                CAUSAL=causal, DROPOUT=dropout_p > 0, ACCUMULATE=position > 0 or not first_writes_all,
-                INTERLEAVE=config.interleave_roles, TMA=tma, DQ_MODE=DQ_MODES.index(dq_mode),
-                DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-            )
+    groups = _head_groups(q, k, config.head_groups)
+    orders = [_rotated(plans, g, keep_first=first_writes_all) for g in range(len(groups))]
+    with _group_streams(q.device, len(groups)) as streams, _descriptor_scratch(tma or dq_mode == "tma-atomic"):
+        for position in range(len(plans)):
+            for group, order, stream in zip(groups, orders, streams):
+                branch, plan = order[position]
+                class_begin = plan.kv_head_first_class[group.kv_begin]
+                num_classes = plan.kv_head_first_class[group.kv_end] - class_begin
+                num_group_heads = group.head_end - group.head_begin
+                num_key_blocks = triton.cdiv(plan.max_rows, config.block_n1)
+                num_query_blocks = triton.cdiv(plan.max_rows, config.block_m2)
+                num_kv_programs = num_key_blocks * num_classes * plan.num_items
+                num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
+                with stream:
+                    _backward_kernel[(num_kv_programs + num_q_programs,)](
+                        q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
+                        plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
+                        plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+                        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
+                        *_row_strides(grad_q), *_row_strides(grad_k),
+                        lse.stride(0), lse.stride(1),
+                        plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
+                        num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
+                        softmax_scale, seed, branch << 16, dropout_p,
+                        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
+                        BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2,
+                        BLOCK_N2=config.block_n2, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                        ACCUMULATE=position > 0 or not first_writes_all, INTERLEAVE=config.interleave_roles, TMA=tma,
+                        DQ_MODE=DQ_MODES.index(dq_mode), DOT_PRECISION=_dot_precision(q.dtype),
+                        num_warps=config.num_warps, num_stages=config.num_stages,
+                    )
     if grad_q.dtype != q.dtype:
         grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v

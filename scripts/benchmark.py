@@ -65,19 +65,25 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def forward_config_from(text: str):
-    """'block_m,block_n,warps,stages[,descriptors 0/1]' -> ForwardConfig."""
+    """'block_m,block_n,warps,stages[,descriptors 0/1[,head_groups[,merge_in_input_dtype 0/1]]]' -> ForwardConfig."""
     from modeling_longnet.dilated_attention_triton import ForwardConfig
 
     values = [v.strip() for v in text.split(",")]
-    return ForwardConfig(*(int(v) for v in values[:4]), *(bool(int(v)) for v in values[4:5]))
+    return ForwardConfig(
+        *(int(v) for v in values[:4]), *(bool(int(v)) for v in values[4:5]), *(int(v) for v in values[5:6]),
+        *(bool(int(v)) for v in values[6:7]),
+    )
 
 
 def backward_config_from(text: str):
-    """'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1[,descriptors 0/1[,dq_mode]]]'."""
+    """'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1[,descriptors 0/1[,dq_mode[,head_groups]]]]'."""
     from modeling_longnet.dilated_attention_triton import BackwardConfig
 
     values = [v.strip() for v in text.split(",")]
-    return BackwardConfig(*(int(v) for v in values[:6]), *(bool(int(v)) for v in values[6:8]), *values[8:9])
+    return BackwardConfig(
+        *(int(v) for v in values[:6]), *(bool(int(v)) for v in values[6:8]), *values[8:9],
+        *(int(v) for v in values[9:10]),
+    )
 
 
 def config_text(config) -> str:
@@ -142,21 +148,21 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="first time the launch configurations below at --sweep-n and keep the fastest")
     parser.add_argument("--sweep-n", type=parse_size, default=131072, help="sequence length of the --sweep")
-    parser.add_argument("--forward-configs", default="128,64,4,3,0;128,64,4,3,1;128,64,8,3,1",
-                        help="for --sweep: 'block_m,block_n,warps,stages[,descriptors 0/1]' entries separated by ';'")
+    parser.add_argument("--forward-configs", default="64,64,4,3,1,2;128,64,4,3,1,2;64,64,4,3,0,2;64,64,4,3,1,1",
+                        help="for --sweep: 'block_m,block_n,warps,stages[,descriptors 0/1[,head_groups"
+                             "[,merge_in_input_dtype 0/1]]]' entries separated by ';'")
     parser.add_argument("--backward-configs",
-                        default="128,32,64,64,4,3,1,0,recompute;128,32,64,64,4,3,1,1,recompute;"
-                                "128,32,64,64,4,3,1,1,atomic;128,32,64,64,4,3,1,0,atomic;128,64,64,64,8,3,1,1,atomic;"
-                                "128,32,64,64,4,3,1,1,tma-atomic",
+                        default="128,32,64,64,4,3,1,1,tma-atomic,2;128,32,64,64,4,3,1,1,tma-atomic,1;"
+                                "128,32,64,64,4,3,1,0,recompute,2;128,32,64,64,4,4,1,1,tma-atomic,2",
                         help="for --sweep: 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1"
-                             "[,descriptors 0/1[,dq_mode]]]' entries separated by ';' (dq_mode: recompute, atomic, "
-                             "tma-atomic)")
+                             "[,descriptors 0/1[,dq_mode[,head_groups]]]]' entries separated by ';' (dq_mode: recompute, "
+                             "atomic, tma-atomic)")
     parser.add_argument("--forward-config", default=None,
-                        help="use this 'block_m,block_n,warps,stages[,descriptors]' for the Triton forward instead of "
-                             "the default")
+                        help="use this 'block_m,block_n,warps,stages[,descriptors[,head_groups[,merge_in_input_dtype]]]'"
+                             " for the Triton forward instead of the default")
     parser.add_argument("--backward-config", default=None,
                         help="use this 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave[,descriptors"
-                             "[,dq_mode]]]' for the Triton backward")
+                             "[,dq_mode[,head_groups]]]]' for the Triton backward")
     parser.add_argument("--markdown", default=None, help="write the result table (markdown) to this file")
     parser.add_argument("--plot", default=None, help="write a log-log plot of time against N to this PNG file")
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")

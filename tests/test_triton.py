@@ -51,24 +51,27 @@ def layout_kwargs(case):
 
 @st.composite
 def kernel_variants(draw):
-    """Which load path (pointers or TMA descriptors) and which dQ scheme the kernels use; the tile sizes stay the
-    interpreter's small defaults so that every block boundary is crossed."""
+    """Which load path (pointers or TMA descriptors), which dQ scheme and how many head groups the kernels use; the
+    tile sizes stay the interpreter's small defaults so that every block boundary is crossed."""
     return dict(
         forward_descriptors=draw(st.booleans()),
         backward_descriptors=draw(st.booleans()),
         dq_mode=draw(st.sampled_from(["recompute", "atomic"])),
+        head_groups=draw(st.integers(1, 3)),
     )
 
 
-def kernel_variant(forward_descriptors=False, backward_descriptors=False, dq_mode="recompute"):
+def kernel_variant(forward_descriptors=False, backward_descriptors=False, dq_mode="recompute", head_groups=2):
     """A context in which the kernels run with this variant of their default launch configurations."""
     forward = triton_backend.forward_config
     backward = triton_backend.backward_config
     patches = mock.patch.multiple(
         triton_backend,
-        forward_config=lambda *a: dataclasses.replace(forward(*a), tensor_descriptors=forward_descriptors),
+        forward_config=lambda *a: dataclasses.replace(
+            forward(*a), tensor_descriptors=forward_descriptors, head_groups=head_groups
+        ),
         backward_config=lambda *a: dataclasses.replace(
-            backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode
+            backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode, head_groups=head_groups
         ),
     )
     return patches
@@ -216,14 +219,58 @@ def test_unaligned_rows_fall_back_from_descriptors_to_pointers():
     assert relative_error(fused32.grad, want) <= 1e-5
 
 
-def test_plans_know_whether_queries_start_at_their_segment_start():
-    """TMA reduce-adds of dQ are used only when no tile coordinate can be negative: queries from the segment start."""
-    pattern = core.DilatedPattern([16, 32], [1, 2])
-    q = torch.randn(1, 48, 2, 16, device=DEVICE)
-    full = TokenLayout.build(1, 48, 48)
-    cache = TokenLayout.build(1, 48, 20)  # the last 20 of 48 positions are queries
-    assert all(plan.queries_from_segment_start for _, plan in triton_backend._plans(q, q, pattern, full))
-    assert not all(plan.queries_from_segment_start for _, plan in triton_backend._plans(q[:, :20], q, pattern, cache))
+@pytest.mark.parametrize("offsets", ["interleaved", "grouped"])
+def test_head_groups_match_the_reference(offsets):
+    """Head groups (each on its own stream on a GPU, with its own rotated branch order, so a different merge order)
+    give the reference's values and gradients. GQA 6/3 with per-head offsets makes the groups' offset classes
+    uneven; left padding makes every branch accumulate."""
+    torch.manual_seed(0)
+    q64 = torch.randn(1, 70, 6, 16, dtype=torch.float64, requires_grad=True)
+    k64, v64 = (torch.randn(1, 70, 3, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
+    mask = torch.arange(70).unsqueeze(0) >= 5
+    kwargs = dict(causal=True, offsets=offsets)
+    ref = reference_dilated_attention(q64, k64, v64, [16, 32, 64], [1, 2, 4], attention_mask=mask, **kwargs)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad_out)
+    assert [g.kv_end - g.kv_begin for g in triton_backend._head_groups(q, k, 2)] == [2, 1]
+    for head_groups in (1, 2, 3):
+        with kernel_variant(head_groups=head_groups):
+            out = dilated_attention(
+                q, k, v, [16, 32, 64], [1, 2, 4], backend="triton", attention_mask=mask.to(DEVICE), **kwargs
+            )
+            got = torch.autograd.grad(out, (q, k, v), grad_out.float().to(DEVICE))
+        assert relative_error(out, ref) <= 1e-5, head_groups
+        for name, g, w in zip("qkv", got, want):
+            assert relative_error(g, w) <= 1e-5, (head_groups, name)
+
+
+def test_running_output_in_the_input_dtype_stays_within_its_rounding():
+    """ForwardConfig.merge_in_input_dtype keeps the partial output of the branches before the last in float16
+    instead of float32: one more rounding per branch, still within float16 attention's error of the reference (the
+    interpreter computes float16 products correctly, unlike bfloat16)."""
+    torch.manual_seed(0)
+    q64, k64, v64 = (torch.randn(1, 70, 4, 16, dtype=torch.float64) for _ in range(3))
+    ref = reference_dilated_attention(q64, k64, v64, [16, 32, 64], [1, 2, 4], causal=True)
+    forward = triton_backend.forward_config
+    outputs = []
+    for merge_in_input_dtype in (False, True):
+        config = lambda *a, m=merge_in_input_dtype: dataclasses.replace(forward(*a), merge_in_input_dtype=m)
+        with mock.patch.object(triton_backend, "forward_config", config):
+            q, k, v = (t.half().to(DEVICE) for t in (q64, k64, v64))
+            outputs.append(dilated_attention(q, k, v, [16, 32, 64], [1, 2, 4], causal=True, backend="triton"))
+    for out in outputs:
+        assert out.dtype == torch.float16 and relative_error(out, ref) <= 1e-3
+    assert not torch.equal(outputs[0], outputs[1])  # the setting took effect
+
+
+@pytest.mark.parametrize("config_class", ["ForwardConfig", "BackwardConfig"])
+def test_configs_name_a_non_positive_head_groups(config_class):
+    with pytest.raises(ValueError, match="head_groups"):
+        if config_class == "ForwardConfig":
+            triton_backend.ForwardConfig(16, 16, 4, 1, head_groups=0)
+        else:
+            triton_backend.BackwardConfig(32, 16, 32, 16, 4, 1, head_groups=0)
 
 
 def test_backward_config_names_an_unknown_dq_mode():
