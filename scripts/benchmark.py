@@ -446,22 +446,27 @@ def sweep(args, progress=print) -> tuple[object, object, list[str]]:
         progress(lines[-1])
         return ms if agrees else None
 
-    best_forward = None
-    for text in args.forward_configs.split(";"):
-        config = forward_config_from(text)
-        kernels.forward_config = lambda *a, c=config: c
-        ms = measure("fwd", f"forward {config_text(config)}")
-        if ms is not None and (best_forward is None or ms < best_forward[1]):
-            best_forward = (config, ms)
-    kernels.forward_config = (lambda *a, c=best_forward[0]: c) if best_forward else default_forward
-    best_backward = None
-    for text in args.backward_configs.split(";"):
-        config = backward_config_from(text)
-        kernels.backward_config = lambda *a, c=config: c
-        ms = measure("fwd+bwd", f"forward+backward {config_text(config)}")
-        if ms is not None and (best_backward is None or ms < best_backward[1]):
-            best_backward = (config, ms)
-    kernels.backward_config = (lambda *a, c=best_backward[0]: c) if best_backward else default_backward
+    def keep_fastest(role: str, candidates: str, parse, mode: str, label: str, default):
+        """Time each candidate configuration of `role` ("forward_config" or "backward_config"), then install the
+        fastest that agrees (the default where none does); returns (config, ms) or None."""
+        best = None
+        for text in candidates.split(";"):
+            config = parse(text)
+            setattr(kernels, role, lambda *a, c=config: c)
+            ms = measure(mode, f"{label} {config_text(config)}")
+            if ms is not None and (best is None or ms < best[1]):
+                best = (config, ms)
+        setattr(kernels, role, (lambda *a, c=best[0]: c) if best else default)
+        return best
+
+    # the forward first: the backward candidates then run behind the fastest forward
+    best_forward = keep_fastest(
+        "forward_config", args.forward_configs, forward_config_from, "fwd", "forward", default_forward
+    )
+    best_backward = keep_fastest(
+        "backward_config", args.backward_configs, backward_config_from, "fwd+bwd", "forward+backward",
+        default_backward,
+    )
     kept = [config_text(best[0]) if best else "default" for best in (best_forward, best_backward)]
     lines += ["", f"kept: forward {kept[0]}; backward {kept[1]}"]
     return best_forward, best_backward, lines
