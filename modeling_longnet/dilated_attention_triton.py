@@ -1018,12 +1018,7 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
     allocate = torch.empty if first_writes_all else torch.zeros
     grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
     grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
-    config = backward_config(head_dim, q.dtype)
-    # Atomic additions make dQ depend on the order in which programs finish: deterministic mode recomputes it.
-    if config.dq_mode != "recompute" and (
-        torch.are_deterministic_algorithms_enabled() or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q))
-    ):
-        config = dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute")
+    config = _runnable_backward_config(backward_config(head_dim, q.dtype), q)
     dq_mode = config.dq_mode
     if dq_mode == "recompute":
         grad_q = allocate(q.shape, dtype=q.dtype, device=q.device)
@@ -1064,6 +1059,17 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
     if grad_q.dtype != q.dtype:
         grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v
+
+
+def _runnable_backward_config(config: BackwardConfig, q: torch.Tensor) -> BackwardConfig:
+    """``config``, with dQ recomputed where its atomic scheme may not run: atomic additions make dQ depend on the
+    order in which programs finish, so torch's deterministic mode gets the recomputing path; the TMA reduce-add
+    needs a Hopper GPU whose descriptors address q's rows."""
+    if config.dq_mode != "recompute" and (
+        torch.are_deterministic_algorithms_enabled() or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q))
+    ):
+        return dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute")
+    return config
 
 
 class _TritonDilatedAttention(torch.autograd.Function):
