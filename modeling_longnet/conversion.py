@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .configuration_longnet import LongNetConfig
 from .modeling_longnet import LongNetForCausalLM
 
-__all__ = ["convert_llama_to_longnet", "longnet_config_from_llama"]
+__all__ = ["check_llama_checkpoint", "convert_llama_to_longnet", "longnet_config_from_llama"]
 
 # LongNetConfig field <- LlamaConfig field
 _SAME_FIELDS = (
@@ -63,16 +63,36 @@ def longnet_config_from_llama(llama_config: LlamaConfig, **overrides) -> LongNet
     return LongNetConfig(**fields)
 
 
+def not_llama_message(name: str | os.PathLike, model_type: str | None) -> str:
+    """Why the checkpoint ``name`` whose config.json says ``model_type`` cannot be converted."""
+    already = " (it is a LongNet already: load it with AutoModelForCausalLM)" if model_type == "longnet" else ""
+    return (
+        f"{str(name)!r} is not a Llama model: its config.json has model_type {model_type!r}{already}; the converter "
+        "takes checkpoints of LlamaForCausalLM (model_type 'llama')"
+    )
+
+
+def check_llama_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> None:
+    """Raises a ValueError naming the model type unless the config.json of ``name_or_path`` (a folder or a Hub repo
+    id; ``kwargs`` go to ``get_config_dict``, e.g. ``revision``) is a Llama one. LlamaForCausalLM.from_pretrained
+    itself loads any config (with a warning): a LongNet folder would "convert" into a one-branch LongNet."""
+    values, _ = LlamaConfig.get_config_dict(name_or_path, **kwargs)
+    if values.get("model_type") != LlamaConfig.model_type:
+        raise ValueError(not_llama_message(name_or_path, values.get("model_type")))
+
+
 def convert_llama_to_longnet(
     model_or_path: LlamaForCausalLM | str | os.PathLike, **config_overrides
 ) -> LongNetForCausalLM:
     """Converts a Llama causal LM (a ``LlamaForCausalLM``, or a folder / Hub repo id holding one) into a
-    ``LongNetForCausalLM`` with the same weights, dtype and generation config.
+    ``LongNetForCausalLM`` with the same weights, dtype and generation config. A folder or id whose config.json
+    is not a Llama one (its ``model_type``) raises a ValueError.
 
     Keyword arguments override fields of the LongNet configuration, e.g. ``segment_lengths=[2048, 8192]``,
     ``dilation_rates=[1, 4]``.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
+        check_llama_checkpoint(model_or_path)
         llama = LlamaForCausalLM.from_pretrained(model_or_path, dtype="auto")
     elif isinstance(model_or_path, LlamaForCausalLM):
         llama = model_or_path

@@ -29,11 +29,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
-from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention
-
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
 METHODS = ("triton", "torch", "dense", "floor-fa2", "floor-cudnn")
@@ -168,7 +163,20 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")
     parser.add_argument("--title", default=None, help="heading of the markdown section")
     args = parser.parse_args(argv)
-    args.n = [parse_size(x) for x in args.n.split(",")]
+    try:
+        args.n = [parse_size(x) for x in args.n.split(",")]
+    except ValueError:
+        parser.error(f"--n: {args.n!r} is not a comma-separated list of sizes (e.g. 8K,16K,1M)")
+    for name in ("batch", "heads", "kv_heads", "head_dim", "min_repeats", "torch_max_n", "dense_max_n", "sweep_n"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.max_seconds > 0 or not args.min_time >= 0:
+        parser.error("--max-seconds must be positive and --min-time >= 0")
+    if not all(n > 0 for n in args.n) or not all(v > 0 for v in (*args.segment_lengths, *args.dilation_rates)):
+        parser.error("--n, --segment-lengths and --dilation-rates must be positive")
+    if args.kv_heads is not None and args.heads % args.kv_heads != 0:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     args.methods = [m.strip() for m in args.methods.split(",")]
     args.modes = [m.strip() for m in args.modes.split(",")]
     for m in args.methods:
@@ -180,8 +188,16 @@ def parse_args(argv=None):
     if len(args.segment_lengths) != len(args.dilation_rates):
         parser.error("--segment-lengths and --dilation-rates need one entry per branch")
     args.kv_heads = args.kv_heads or args.heads
-    args.dtype = getattr(torch, args.dtype)
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -672,6 +688,7 @@ def plot(args, results: list[dict], env: dict, path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
     if not torch.cuda.is_available():
         print("benchmark.py needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -42,9 +42,6 @@ from pathlib import Path
 if importlib.util.find_spec("modeling_longnet") is None:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-import torch.distributed as dist
-
 DEFAULT_SEGMENT_LENGTHS = "2K,8K,32K,128K,512K,2M"
 DEFAULT_DILATION_RATES = "1,4,16,64,256,1024"
 
@@ -96,6 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the settings and every rank's figures here (rank 0)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds a collective may wait before the run aborts")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before torch is imported."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("sequence_length", "sp_size", "layers", "hidden_size", "heads", "kv_heads", "intermediate_size",
+                 "vocab_size", "loss_chunk_size", "timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if len(args.segment_lengths) != len(args.dilation_rates):
+        parser.error("--segment-lengths and --dilation-rates need one entry per branch")
+    if not all(value > 0 for value in (*args.segment_lengths, *args.dilation_rates)):
+        parser.error("--segment-lengths and --dilation-rates must be positive")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 def build_model(args, device, dtype):
@@ -288,13 +312,10 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if len(args.segment_lengths) != len(args.dilation_rates):
-        raise ValueError("--segment-lengths and --dilation-rates need one entry per branch")
+    args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda needs a GPU; use --device cpu (gloo) for a smoke test")
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+        print(f"{Path(__file__).name}: error: --device cuda needs a GPU; use --device cpu (gloo) for a smoke test", file=sys.stderr)
+        return 2
     if "RANK" not in os.environ:  # started as a plain process: a group of one
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

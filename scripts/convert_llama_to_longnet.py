@@ -13,14 +13,28 @@ or with trust_remote_code=True where the package is not installed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
+PROG = "convert_llama_to_longnet.py"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
+    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (
+        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+        or any(separator in name for separator in separators) or os.path.exists(name)
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before torch and transformers are imported (10-14 s)."""
     parser = argparse.ArgumentParser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         epilog="The converted model's branches can also be changed later in its config.json.",
     )
@@ -62,10 +76,37 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--segment-lengths has {len(args.segment_lengths)} values and --dilation-rates "
             f"{len(args.dilation_rates)}: give one of each per branch"
         )
-    looks_like_path = os.path.isabs(args.model) or args.model.startswith(".") or args.model.count("/") > 1
-    if looks_like_path and not os.path.isdir(args.model):
-        parser.error(f"model: no such folder: {args.model}")
+    if args.segment_lengths is not None and not all(value > 0 for value in args.segment_lengths + args.dilation_rates):
+        parser.error("--segment-lengths and --dilation-rates must be positive")
+    if looks_like_local_path(args.model):
+        folder = os.path.expanduser(args.model)
+        if not os.path.isdir(folder):
+            parser.error(f"model: no such folder: {args.model}")
+        config_file = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_file):
+            parser.error(f"model: cannot load a Llama checkpoint from {args.model!r}: it has no config.json")
+        try:
+            with open(config_file) as file:
+                model_type = json.load(file).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            parser.error(f"model: cannot load a Llama checkpoint from {args.model!r}: its config.json cannot be read ({error})")
+        if model_type != "llama":
+            parser.error(f"model: {not_llama_message(args.model, model_type)}")
     return args
+
+
+def not_llama_message(name: str, model_type) -> str:
+    """As modeling_longnet.conversion.not_llama_message (kept here to answer before the slow imports)."""
+    already = " (it is a LongNet already: load it with AutoModelForCausalLM)" if model_type == "longnet" else ""
+    return (
+        f"{name!r} is not a Llama model: its config.json has model_type {model_type!r}{already}; the converter "
+        "takes checkpoints of LlamaForCausalLM (model_type 'llama')"
+    )
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 def main(argv=None) -> int:
@@ -74,11 +115,16 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from modeling_longnet import convert_llama_to_longnet
+    from modeling_longnet.conversion import check_llama_checkpoint
 
     try:
+        check_llama_checkpoint(args.model)  # a Hub id: its config.json, before the weights
         llama = LlamaForCausalLM.from_pretrained(args.model, dtype="auto")
     except OSError as error:
-        print(f"error: model: cannot load a Llama checkpoint from {args.model!r}: {error}", file=sys.stderr)
+        print(f"{PROG}: error: model: cannot load a Llama checkpoint from {args.model!r}: {one_line(error)}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"{PROG}: error: model: {one_line(error)}", file=sys.stderr)
         return 2
     overrides = {"dilation_offsets": args.dilation_offsets}
     if args.segment_lengths is not None:
@@ -86,7 +132,7 @@ def main(argv=None) -> int:
     try:
         longnet = convert_llama_to_longnet(llama, **overrides)
     except ValueError as error:  # an invalid branch layout, named by the config
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 2
     if args.dtype != "auto":
         longnet = longnet.to(getattr(torch, args.dtype))

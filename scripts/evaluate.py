@@ -25,6 +25,7 @@ if importlib.util.find_spec("modeling_longnet") is None:  # run from a source ch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROG = "evaluate.py"
+HUB_TIMEOUT = 10.0  # seconds for the one look-up of a Hub id, before loading it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +62,70 @@ def _training_summary(model: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _is_local_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1 or os.path.exists(name)
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
+    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (
+        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+        or any(separator in name for separator in separators) or os.path.exists(name)
+    )
+
+
+def check_model(name: str, revision: str | None = None) -> None:
+    """Fails at once on a model that is neither a local folder nor on the Hub, before the slow imports and the
+    loaders' retries: a path that does not exist; else (a Hub id) one quick question to the Hub, or to its local
+    cache in offline mode (HF_HUB_OFFLINE)."""
+    if looks_like_local_path(name):
+        if not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"model folder {name!r} does not exist")
+        return
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    def cached() -> bool:
+        return isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str)
+
+    if constants.HF_HUB_OFFLINE:
+        if not cached():
+            raise FileNotFoundError(
+                f"model {name!r} is not a local folder, and offline mode is on (HF_HUB_OFFLINE) while the Hub cache "
+                f"({constants.HF_HUB_CACHE}) does not hold it"
+            )
+        return
+    try:
+        huggingface_hub.model_info(name, revision=revision, timeout=HUB_TIMEOUT)
+    except errors.GatedRepoError:
+        return  # the loaders say how to get access
+    except errors.RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"model {name!r} does not exist: there is no local folder of that name, and the Hub "
+            f"({constants.ENDPOINT}) has no model {name!r} that this token may see"
+        ) from error
+    except errors.RevisionNotFoundError as error:
+        raise FileNotFoundError(f"model {name!r} has no revision {revision!r} on the Hub ({constants.ENDPOINT})") from error
+    except errors.HFValidationError as error:
+        raise FileNotFoundError(f"model folder {name!r} does not exist (nor is it a valid Hub id)") from error
+    except Exception as error:  # noqa: BLE001  (no network, a proxy, a Hub error: the cache may still serve)
+        if not cached():
+            raise ConnectionError(
+                f"model {name!r} is not a local folder, and the Hub ({constants.ENDPOINT}) cannot be reached to find "
+                f"it ({one_line(error)}); check the network, or give a local folder"
+            ) from error
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses a bad command line before torch and transformers are imported (10-14 s)."""
+    for name in ("documents", "num_position_buckets", "batch_size", "block_size", "max_documents", "max_chars", "min_distance"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.files and args.dataset:
+        raise ValueError("give either --files or --dataset, not both")
+    for path in args.files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--files: file {path!r} does not exist")
+    check_model(args.model, args.revision)
 
 
 def load(args: argparse.Namespace) -> dict:
@@ -73,12 +136,6 @@ def load(args: argparse.Namespace) -> dict:
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
     from modeling_longnet.data import load_records
 
-    for name in ("documents", "num_position_buckets", "batch_size", "block_size", "max_documents"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if _is_local_path(args.model) and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
     summary = _training_summary(args.model)
     trained_data = summary.get("data", {}).get("source", {})
     dtype = getattr(torch, args.dtype)
@@ -130,6 +187,7 @@ def one_line(error: BaseException) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)  # before the slow imports: a bad command line is answered at once
         loaded = load(args)
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 PROG = "generate.py"
+HUB_TIMEOUT = 10.0  # seconds for the one look-up of a Hub id, before loading it
 DEFAULT_PROMPT = "The old sailor"
 
 
@@ -47,25 +48,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_local_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1 or os.path.exists(name)
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
+    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (
+        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+        or any(separator in name for separator in separators) or os.path.exists(name)
+    )
 
 
-def load(args: argparse.Namespace) -> tuple:
-    """The model, its tokenizer and the prompt; everything that can fail on user input."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_model(name: str, revision: str | None = None) -> None:
+    """Fails at once on a model that is neither a local folder nor on the Hub, before the slow imports and the
+    loaders' retries: a path that does not exist; else (a Hub id) one quick question to the Hub, or to its local
+    cache in offline mode (HF_HUB_OFFLINE)."""
+    if looks_like_local_path(name):
+        if not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"model folder {name!r} does not exist")
+        return
+    import huggingface_hub
+    from huggingface_hub import constants, errors
 
+    def cached() -> bool:
+        return isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision), str)
+
+    if constants.HF_HUB_OFFLINE:
+        if not cached():
+            raise FileNotFoundError(
+                f"model {name!r} is not a local folder, and offline mode is on (HF_HUB_OFFLINE) while the Hub cache "
+                f"({constants.HF_HUB_CACHE}) does not hold it"
+            )
+        return
     try:
-        import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes, where installed)
-    except ImportError:
-        pass
+        huggingface_hub.model_info(name, revision=revision, timeout=HUB_TIMEOUT)
+    except errors.GatedRepoError:
+        return  # the loaders say how to get access
+    except errors.RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"model {name!r} does not exist: there is no local folder of that name, and the Hub "
+            f"({constants.ENDPOINT}) has no model {name!r} that this token may see"
+        ) from error
+    except errors.RevisionNotFoundError as error:
+        raise FileNotFoundError(f"model {name!r} has no revision {revision!r} on the Hub ({constants.ENDPOINT})") from error
+    except errors.HFValidationError as error:
+        raise FileNotFoundError(f"model folder {name!r} does not exist (nor is it a valid Hub id)") from error
+    except Exception as error:  # noqa: BLE001  (no network, a proxy, a Hub error: the cache may still serve)
+        if not cached():
+            raise ConnectionError(
+                f"model {name!r} is not a local folder, and the Hub ({constants.ENDPOINT}) cannot be reached to find "
+                f"it ({one_line(error)}); check the network, or give a local folder"
+            ) from error
+
+
+def check_arguments(args: argparse.Namespace) -> str:
+    """Refuses a bad command line before torch and transformers are imported (10-14 s); returns the prompt."""
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.do_sample and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
+    if args.do_sample and (not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise ValueError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
-    if _is_local_path(args.model) and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model folder {args.model!r} does not exist")
     if args.prompt_file is not None:
         if not Path(args.prompt_file).is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
@@ -74,6 +114,20 @@ def load(args: argparse.Namespace) -> tuple:
         prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     if not prompt:
         raise ValueError("the prompt is empty")
+    check_model(args.model, args.revision)
+    return prompt
+
+
+def load(args: argparse.Namespace) -> tuple:
+    """The model, its tokenizer and the prompt; everything that can fail on user input."""
+    prompt = check_arguments(args)  # before the slow imports: a bad command line is answered at once
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes, where installed)
+    except ImportError:
+        pass
     options = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(args.model, **options)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **options)

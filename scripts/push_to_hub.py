@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -50,11 +51,33 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses a bad command line before torch and transformers are imported (10-14 s)."""
+    if args.dry_run and args.staging_dir is None:
+        raise ValueError("--dry-run keeps nothing without --staging-dir")
+    parts = args.repo_id.split("/")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"--repo-id must be user/name or name, got {args.repo_id!r}")
+    model_dir = Path(args.model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {args.model_dir!r} does not exist")
+    if args.evaluation_dir is not None and not Path(args.evaluation_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"--evaluation-dir: folder {args.evaluation_dir!r} does not exist")
+    summary_file = model_dir / "training_summary.json"
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    if isinstance(summary, dict) and summary.get("status") == "failed":
+        raise ValueError(
+            f"model folder {args.model_dir!r} holds no finished model: its training failed at step "
+            f"{summary.get('failed_at_step')} ({summary_file.name}: {summary.get('error', 'no reason recorded')})"
+        )
+
+
 def run(args: argparse.Namespace) -> str | None:
     from modeling_longnet.hub import prepare_upload_folder, upload_to_hub
 
-    if args.dry_run and args.staging_dir is None:
-        raise ValueError("--dry-run keeps nothing without --staging-dir")
     with tempfile.TemporaryDirectory(prefix="longnet-upload-") as temporary:
         staging = Path(args.staging_dir or temporary)
         folder = prepare_upload_folder(args.model_dir, staging, repo_id=args.repo_id, evaluation_dir=args.evaluation_dir)
@@ -72,6 +95,11 @@ def run(args: argparse.Namespace) -> str | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)  # before the slow imports: a bad command line is answered at once
+    except (FileNotFoundError, ValueError) as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
     from modeling_longnet.hub import HubPublishError
 
     try:

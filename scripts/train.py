@@ -13,16 +13,25 @@ Examples:
     python scripts/train.py --train-files corpus.jsonl --tokenizer bpe --vocab-size 8192 --preset tiny \\
         --set hidden_size=256 --set num_hidden_layers=4 --block-size 4096 --precision bf16
     accelerate launch --config_file configuration/accelerate_ddp.yaml scripts/train.py --output-dir outputs/ddp
-    python scripts/train.py --output-dir outputs/tiny --max-steps 400 --resume-from-checkpoint
+    python scripts/train.py --output-dir outputs/tiny --max-steps 200 --resume-from-checkpoint
+
+--resume-from-checkpoint (no value) continues from the newest complete checkpoint-N of --output-dir; one whose save
+was cut short (a kill) is skipped, with a warning. Give it the --max-steps of the interrupted run: another value
+rebuilds the learning-rate schedule (cosine by default) over the new length, so the result differs from an
+uninterrupted run of that length (a warning says so). A loss, gradient norm or weights that stop being finite end
+the run with an error at that step; nothing of it is saved as the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import math
 import os
+import re
+import struct
 import sys
 import time
 from pathlib import Path
@@ -32,6 +41,12 @@ if importlib.util.find_spec("modeling_longnet") is None:  # run from a source ch
 
 PROG = "train.py"
 SUMMARY_FILE = "training_summary.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Names LongNetConfig takes besides its fields: transformers folds them into `rope_parameters`.
+CONFIG_ALIASES = ("rope_theta", "rope_scaling")
+# Learning-rate schedules whose value at a step does not depend on the total number of steps.
+SCHEDULES_WITHOUT_LENGTH = ("constant", "reduce_lr_on_plateau")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,6 +143,196 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The command line, checked before anything slow (torch, transformers: 10-14 s) is imported
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses a bad command line with one ValueError / FileNotFoundError: numbers out of range, local files and
+    folders that do not exist, options that exclude each other. Imports nothing beyond the standard library, so that
+    a typo is answered at once (:func:`resolve_checkpoint` then checks the checkpoint to resume, also without)."""
+    _check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps", "block_size", "default_documents", "sequence_parallel_size",
+                    "default_max_chars", "default_min_distance", "vocab_size", "num_proc", "num_train_epochs")
+    for name in ("eval_steps", "default_validation_documents", "weight_decay", "warmup_steps", "max_grad_norm",
+                 "save_total_limit", "dataloader_num_workers"):
+        value = getattr(args, name)
+        if not value >= 0:  # also refuses NaN
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(f"--max-steps must be positive (or -1: train for --num-train-epochs), got {args.max_steps}")
+    if not (0 < args.learning_rate < math.inf):
+        raise ValueError(f"--learning-rate must be a positive finite number, got {args.learning_rate}")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    parse_overrides(args.overrides)
+    if args.model is not None and (args.overrides or args.config):
+        raise ValueError("--set and --config describe a new model; with --model the saved model's config is used")
+    if args.train_files and args.dataset:
+        raise ValueError("give either --train-files or --dataset, not both")
+    if args.validation_files and not args.train_files:
+        raise ValueError("--validation-files needs --train-files (the training data of the same kind)")
+    for option, paths in (("--train-files", args.train_files), ("--validation-files", args.validation_files)):
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{option}: file {path!r} does not exist")
+    if args.config is not None:
+        path = Path(args.config)
+        if not (path / "config.json" if path.is_dir() else path).is_file():
+            raise FileNotFoundError(f"--config: {args.config!r} does not exist")
+    if args.model is not None and looks_like_local_path(args.model) and not Path(args.model).expanduser().is_dir():
+        raise FileNotFoundError(f"--model: folder {args.model!r} does not exist")
+    if args.tokenizer not in (None, "byte", "bpe") and looks_like_local_path(args.tokenizer) and not Path(args.tokenizer).expanduser().exists():
+        raise FileNotFoundError(f"--tokenizer: tokenizer folder {args.tokenizer!r} does not exist")
+    if args.sequence_parallel_size > 1:
+        size, world_size = args.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size % size != 0:
+            raise ValueError(
+                f"--sequence-parallel-size {size} needs a multiple of {size} processes (launch with `accelerate launch "
+                f"--num_processes N` or torchrun), got {world_size}"
+            )
+        if args.packing != "concat":
+            raise ValueError(
+                f"--sequence-parallel-size {size} needs --packing concat: the ranks split rows of one sequence, without "
+                "padding or packed documents"
+            )
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
+    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (
+        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+        or any(separator in name for separator in separators) or os.path.exists(name)
+    )
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from the first process only (every process of a launch runs this script)."""
+    if _is_main_process():
+        print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: a save cut short (a kill, a full disk) must not be resumed from
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete Trainer checkpoint, or None if it is. The Trainer writes the weights, then
+    the optimizer, scheduler and random states, and trainer_state.json last: a save that was cut short lacks that
+    file, or leaves a weights file shorter than its header says."""
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        return f"it has no {TRAINER_STATE_FILE} (which the Trainer writes last): its save was cut short"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON or UTF-8
+        return f"its {TRAINER_STATE_FILE} cannot be read ({one_line(error)}): its save was cut short"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"its {TRAINER_STATE_FILE} holds no global_step"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"its {index.name} cannot be read ({one_line(error)})"
+        return next((problem for shard in shards if (problem := _safetensors_problem(folder / shard))), None)
+    if (folder / "model.safetensors").exists():
+        return _safetensors_problem(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file() or any(folder.glob("pytorch_model_fsdp_*")):
+        return None  # other weight formats (FSDP's sharded state dicts): trainer_state.json came after them
+    return "it holds no weights (model.safetensors)"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, a JSON header giving every tensor's byte range, then the
+    data, up to the largest end offset: a file cut short is shorter than that."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if 8 + length > size:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(file.read(length))
+        expected = 8 + length + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as error:
+        return f"its {path.name} cannot be read ({one_line(error)})"
+    if size != expected:
+        return f"its {path.name} has {size:,} bytes where its header announces {expected:,}: it was cut short"
+    return None
+
+
+def read_trainer_state(checkpoint: str | None) -> dict:
+    """The trainer_state.json of ``checkpoint`` ({} without one)."""
+    return json.loads(Path(checkpoint, TRAINER_STATE_FILE).read_text()) if checkpoint else {}
+
+
+def _step(checkpoint: Path) -> int:
+    return int(CHECKPOINT_NAME.match(checkpoint.name).group(1))
+
+
+def complete_checkpoints(output_dir: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The complete checkpoint-N folders of ``output_dir``, newest (largest N) first, and the incomplete ones with
+    the reason."""
+    folder = Path(output_dir)
+    found = sorted(
+        (path for path in (folder.iterdir() if folder.is_dir() else ()) if path.is_dir() and CHECKPOINT_NAME.match(path.name)),
+        key=_step, reverse=True,
+    )
+    complete, incomplete = [], []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        else:
+            incomplete.append((path, problem))
+    return complete, incomplete
+
+
+def resolve_checkpoint(option: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: ``option`` itself, or for "latest" the newest *complete* one of
+    ``output_dir``, after a warning for each newer one that is skipped (a save that a kill cut short)."""
+    if option is None:
+        return None
+    if option != "latest":
+        problem = checkpoint_problem(Path(option))
+        if problem is not None:
+            raise ValueError(f"--resume-from-checkpoint: {option!r} is not a complete checkpoint: {problem}")
+        return option
+    complete, incomplete = complete_checkpoints(output_dir)
+    if not complete and not incomplete:
+        raise FileNotFoundError(f"--resume-from-checkpoint: no checkpoint-* folder in {output_dir!r} to resume from")
+    if not complete:
+        raise ValueError(
+            f"--resume-from-checkpoint: no complete checkpoint in {output_dir!r}: "
+            + "; ".join(f"{path.name}: {problem}" for path, problem in incomplete)
+        )
+    chosen = complete[0]
+    for path, problem in incomplete:
+        if _step(path) > _step(chosen):
+            warn(f"skipping {path}: {problem}; resuming from {chosen.name}, the newest complete checkpoint")
+    return str(Path(output_dir, chosen.name))
+
+
+def check_resume(args: argparse.Namespace, checkpoint: str | None) -> None:
+    """A resumed run must have steps left to train."""
+    state = read_trainer_state(checkpoint)
+    if args.max_steps > 0 and state.get("global_step", 0) >= args.max_steps:
+        raise ValueError(
+            f"--max-steps {args.max_steps}: {checkpoint} is already at step {state['global_step']}; nothing is left to "
+            "train (raise --max-steps)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------
 
@@ -144,6 +349,28 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             overrides[name.strip()] = text
     return overrides
+
+
+def config_field_names() -> list[str]:
+    """What ``--set`` may name: LongNetConfig's fields (its own and those of transformers' PreTrainedConfig) and the
+    few other names it takes (``rope_theta``, folded into ``rope_parameters``)."""
+    from modeling_longnet import LongNetConfig
+
+    fields = {name for name in LongNetConfig.__dataclass_fields__ if not name.startswith("_")}
+    return sorted(fields | set(LongNetConfig.attribute_map) | set(CONFIG_ALIASES))
+
+
+def check_config_fields(overrides: dict) -> None:
+    """Refuses a ``--set`` of a name that LongNetConfig would silently keep as an unused attribute (a typo)."""
+    from modeling_longnet import LongNetConfig
+
+    known = config_field_names()
+    for name in overrides:
+        if name not in known:
+            own = list(LongNetConfig.__annotations__)  # the LongNet fields, in the class's order
+            close = difflib.get_close_matches(name, own, n=3) or difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"LongNet's fields are {', '.join(own)}"
+            raise ValueError(f"--set {name}=...: {name!r} is not a LongNetConfig field; {hint}")
 
 
 def build_config(preset: str | None, config_path: str | None, overrides: dict):
@@ -300,26 +527,21 @@ def _sequence_parallel_trainer(base):
 def _check_positive(args, *names):
     for name in names:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # also refuses NaN
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def prepare(args: argparse.Namespace) -> dict:
+def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
+    """The model, tokenizer and packed data, after :func:`check_arguments`; ``checkpoint`` is the folder to resume
+    from (:func:`resolve_checkpoint`)."""
+    if args.quiet:
+        silence_progress_bars()
     from modeling_longnet.data import least_document_length, load_text_datasets, load_tokenizer, tokenize_and_pack
 
-    _check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "save_steps", "block_size", "default_documents", "sequence_parallel_size")
-    if args.eval_steps < 0:
-        raise ValueError(f"--eval-steps must be >= 0, got {args.eval_steps}")
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     overrides = parse_overrides(args.overrides)
-
+    check_config_fields(overrides)
     if args.model is None:
         config = build_config(args.preset, args.config, overrides)
-    elif overrides or args.config:
-        raise ValueError("--set and --config describe a new model; with --model the saved model's config is used")
     else:
         config = load_pretrained_config(args.model)
 
@@ -442,8 +664,26 @@ def training_arguments(args: argparse.Namespace, has_validation: bool):
         report_to=args.report_to,
         use_cpu=args.use_cpu,
         disable_tqdm=args.quiet,
+        # A NaN or infinite loss is logged as it is (by default the Trainer logs the mean of earlier steps in its
+        # place), so that the training guard sees it.
+        logging_nan_inf_filter=False,
         **optional,
     )
+
+
+def silence_progress_bars() -> None:
+    """--quiet: no progress bar of transformers (saving and loading shards), huggingface_hub (downloads) or datasets
+    (tokenizing and packing); the Trainer's own bar is off through disable_tqdm."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:
+        return  # prepare() says that loading data needs it
+    datasets.disable_progress_bars()
 
 
 def _has_accelerator(args) -> bool:
@@ -452,18 +692,132 @@ def _has_accelerator(args) -> bool:
     return torch.cuda.is_available() and not args.use_cpu
 
 
-def resolve_checkpoint(option: str | None, output_dir: str) -> str | None:
-    if option != "latest":
-        return option
-    from transformers.trainer_utils import get_last_checkpoint
+class TrainingFailed(RuntimeError):
+    """The training loss, the gradient norm or the weights stopped being finite numbers; nothing of that step was
+    saved."""
 
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if last is None:
-        raise FileNotFoundError(f"--resume-from-checkpoint: no checkpoint-* folder in {output_dir!r} to resume from")
-    return last
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+ADVICE = (
+    "Try a lower --learning-rate (now {lr:g}), more --warmup-steps or a smaller --max-grad-norm, --precision bf16 "
+    "or fp32 rather than fp16, and check the data and the config (--set, --config)"
+)
+
+
+def training_guard(args: argparse.Namespace, checkpoint: str | None):
+    """A TrainerCallback that stops the training at the first step whose loss or gradient norm (as the Trainer logs
+    them) or whose weights are not finite, by raising :class:`TrainingFailed` before that step is saved; that records
+    the step this run started from (for its throughput); and that warns when a resumed run changes --max-steps under a
+    schedule that depends on it."""
+    from transformers import TrainerCallback
+
+    resumed_state = read_trainer_state(checkpoint)
+
+    class TrainingGuard(TrainerCallback):
+        def __init__(self):
+            self.first_step = self.last_logged = 0
+            self.accelerator = None  # set once the Trainer exists: to agree across processes on the weights' check
+
+        def on_train_begin(self, training_args, state, control, lr_scheduler=None, **kwargs):
+            self.first_step = self.last_logged = state.global_step
+            if checkpoint is not None:
+                warn_on_schedule_change(args, checkpoint, resumed_state, state, training_args, lr_scheduler)
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            if control.should_save or control.should_evaluate or control.should_training_stop:
+                # Log (and so check, below) this step before anything is saved or evaluated.
+                control.should_log = True
+            return control
+
+        def on_log(self, training_args, state, control, logs=None, model=None, **kwargs):
+            if not logs or "loss" not in logs:  # evaluation and end-of-training metrics
+                return
+            self.check(training_args, state, logs)
+            # The Trainer saves right after this log: the weights must be finite too (an update can overflow).
+            if control.should_save and model is not None and not weights_finite(model, self.accelerator):
+                raise TrainingFailed(
+                    f"step {state.global_step}: the weights are no longer finite numbers (NaN or inf); training "
+                    f"stopped before saving them. {ADVICE.format(lr=training_args.learning_rate)}",
+                    state.global_step,
+                )
+
+        def check(self, training_args, state, logs):
+            step, first = state.global_step, self.last_logged + 1
+            self.last_logged = step
+            loss, grad_norm = logs["loss"], logs.get("grad_norm")
+            if not math.isfinite(loss):
+                over = f"the mean of steps {first}-{step}" if first < step else "of this step"
+                what = f"the training loss ({over}) is {loss}"
+            elif grad_norm is not None and not math.isfinite(grad_norm) and not training_args.fp16:
+                # (under fp16 an infinite gradient is the loss scaler's business: it skips the step and scales down)
+                what = f"the gradient norm is {grad_norm}"
+            else:
+                return
+            raise TrainingFailed(
+                f"step {step}: {what}, not a finite number; training stopped before saving anything of this step. "
+                f"{ADVICE.format(lr=training_args.learning_rate)}",
+                step,
+            )
+
+    return TrainingGuard()
+
+
+def weights_finite(model, accelerator=None) -> bool:
+    """Whether every parameter is finite, agreed by all processes (each may hold only its shard)."""
+    import torch
+
+    bad = False
+    for parameter in model.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter  # a DTensor's shard
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad = True
+            break
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = torch.tensor([float(bad)], device=accelerator.device)
+        bad = bool(accelerator.gather(flag).max())
+    return not bad
+
+
+def warn_on_schedule_change(args, checkpoint: str, resumed_state: dict, state, training_args, lr_scheduler=None) -> None:
+    """A resumed run of another --max-steps does not continue the interrupted run's learning-rate schedule: the
+    scheduler is rebuilt for the new number of steps, and the learning rate jumps to where that schedule is."""
+    old, new, step = resumed_state.get("max_steps"), state.max_steps, state.global_step
+    schedule = str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
+    depends_on_length = schedule not in SCHEDULES_WITHOUT_LENGTH and not (
+        schedule == "constant_with_warmup" and not 0 < args.warmup_steps < 1
+    )
+    if not old or old == new or not depends_on_length:
+        return
+    change = ""
+    try:  # the learning rate of the next step under the interrupted run's schedule, and under this one's
+        import torch
+        from transformers import get_scheduler
+
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training_args.learning_rate)
+        interrupted = get_scheduler(
+            training_args.lr_scheduler_type, probe, num_warmup_steps=training_args.get_warmup_steps(old),
+            num_training_steps=old, scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
+        )
+        before = interrupted.lr_lambdas[0](step) * training_args.learning_rate
+        after = lr_scheduler.lr_lambdas[0](step) * lr_scheduler.base_lrs[0]
+        change = f" (step {step + 1} trains with a learning rate of {after:.3g}, where the {old}-step run had {before:.3g})"
+    except Exception:  # noqa: BLE001  (a scheduler without lambdas: the warning goes without the numbers)
+        pass
+    warn(
+        f"{Path(checkpoint).name} was saved by a run of --max-steps {old}, and this run has --max-steps {new}: the "
+        f"{schedule} learning-rate schedule restarts, stretched over {new} steps, instead of continuing where the "
+        f"{old}-step run left it{change}, so the result differs from an uninterrupted {new}-step run. To finish "
+        f"the interrupted run, resume with --max-steps {old}; to extend a run, train with --lr-scheduler-type constant"
+    )
 
 
 def train(args: argparse.Namespace, prepared: dict) -> dict:
+    """Trains; returns the summary (also written to training_summary.json). Raises :class:`TrainingFailed`, after
+    writing a summary of the failure and no model, when the loss, the gradient norm or the weights stop being
+    finite."""
     from transformers import Trainer
 
     from modeling_longnet.data import PackedRowsCollator
@@ -473,6 +827,8 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
     training_args = training_arguments(args, has_validation)  # initialises torch.distributed under a launcher
     sp_group = apply_sequence_parallel(model, args.sequence_parallel_size)
     trainer_class, extra = (Trainer, {}) if sp_group is None else (_sequence_parallel_trainer(Trainer), {"sp_group": sp_group})
+    checkpoint = prepared["checkpoint"]
+    guard = training_guard(args, checkpoint)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -480,9 +836,10 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
         eval_dataset=datasets["validation"] if has_validation else None,
         data_collator=PackedRowsCollator(args.packing),
         processing_class=tokenizer,
+        callbacks=[guard],
         **extra,
     )
-    checkpoint = prepared["checkpoint"]
+    guard.accelerator = trainer.accelerator
     num_parameters = sum(p.numel() for p in model.parameters())
     if trainer.is_world_process_zero():
         print(
@@ -491,39 +848,63 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
             + (f"; resuming from {checkpoint}" if checkpoint else ""),
             flush=True,
         )
+    # Every process brings its own rows, also under sequence parallelism (its group trains on all of them).
+    tokens_per_step = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.args.world_size * prepared["block_size"]
+    )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if not weights_finite(model, trainer.accelerator):
+            raise TrainingFailed(
+                f"step {trainer.state.global_step}: the weights are no longer finite numbers (NaN or inf) at the end "
+                f"of training; they were not saved. {ADVICE.format(lr=args.learning_rate)}",
+                trainer.state.global_step,
+            )
+    except TrainingFailed as failure:
+        summary = {
+            **_run_description(args, prepared, model, num_parameters, trainer.args.world_size),
+            "status": "failed",
+            "error": str(failure),
+            "failed_at_step": failure.step,
+            "global_step": trainer.state.global_step,
+            "steps_this_run": trainer.state.global_step - guard.first_step,
+            "model_saved": False,
+            "last_checkpoint": next((str(path) for path in complete_checkpoints(args.output_dir)[0]), None),
+            "loss_history": _losses(trainer),
+            "resumed_from": checkpoint,
+        }
+        if trainer.is_world_process_zero():
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        raise
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate() if has_validation else {}
     model.config.use_cache = True  # the Trainer turns the KV cache off for training; generation wants it back
+    if trainer.is_world_process_zero():
+        # The model files are about to be replaced: a summary of an earlier run must not outlive them if this save
+        # is cut short.
+        Path(args.output_dir, SUMMARY_FILE).unlink(missing_ok=True)
     trainer.save_model(args.output_dir)  # the model with its code (LongNet's save_pretrained), and the tokenizer
 
-    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    # Every process brings its own rows, also under sequence parallelism (its group trains on all of them).
-    tokens = (
-        trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * trainer.args.world_size * prepared["block_size"]
-    )
+    steps_this_run = trainer.state.global_step - guard.first_step
     summary = {
-        "model_class": type(model).__name__,
-        "num_parameters": num_parameters,
-        "config": {"preset": None if args.model or args.config else args.preset, "file": args.config, "pretrained": args.model,
-                   "overrides": parse_overrides(args.overrides)},
-        "tokenizer": prepared["tokenizer_name"],
-        "data": prepared["data"],
-        "block_size": prepared["block_size"],
+        **_run_description(args, prepared, model, num_parameters, trainer.args.world_size),
+        "status": "completed",
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "train_tokens": tokens,
+        "train_tokens": trainer.state.global_step * tokens_per_step,
+        # A resumed run trains only the steps after its checkpoint: its speed is theirs.
+        "steps_this_run": steps_this_run,
+        "tokens_this_run": steps_this_run * tokens_per_step,
         "train_seconds": seconds,
+        "tokens_per_second": steps_this_run * tokens_per_step / max(seconds, 1e-9),
         "train_loss": result.training_loss,
-        "loss_history": losses,
+        "loss_history": _losses(trainer),
         "eval_loss": metrics.get("eval_loss"),
         "eval_perplexity": math.exp(metrics["eval_loss"]) if "eval_loss" in metrics else None,
-        "precision": args.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "fp32"),
-        "world_size": trainer.args.world_size,
-        "sequence_parallel_size": args.sequence_parallel_size,
         "resumed_from": checkpoint,
+        "resumed_at_step": guard.first_step if checkpoint else None,
     }
     if trainer.is_world_process_zero():
         Path(args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -531,14 +912,37 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
     return summary
 
 
+def _run_description(args, prepared: dict, model, num_parameters: int, world_size: int) -> dict:
+    return {
+        "model_class": type(model).__name__,
+        "num_parameters": num_parameters,
+        "config": {"preset": None if args.model or args.config else args.preset, "file": args.config, "pretrained": args.model,
+                   "overrides": parse_overrides(args.overrides)},
+        "tokenizer": prepared["tokenizer_name"],
+        "data": prepared["data"],
+        "block_size": prepared["block_size"],
+        "precision": args.precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "fp32"),
+        "world_size": world_size,
+        "sequence_parallel_size": args.sequence_parallel_size,
+    }
+
+
+def _losses(trainer) -> list:
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
 def print_summary(summary: dict, output_dir: str) -> None:
     losses = summary["loss_history"]
     first, last = (losses[0][1], losses[-1][1]) if losses else (float("nan"), float("nan"))
     minutes, seconds = divmod(summary["train_seconds"], 60)
+    resumed = (
+        f"; {summary['steps_this_run']} in this run, resumed at step {summary['resumed_at_step']}"
+        if summary["resumed_from"] else ""
+    )
     rows = [
         ("model", f"{summary['model_class']}, {summary['num_parameters'] / 1e6:.2f}M parameters"),
-        ("steps", f"{summary['global_step']} ({summary['epochs']:.2f} epochs), {summary['train_tokens']:,} tokens of context {summary['block_size']}"),
-        ("time", f"{int(minutes)}m{seconds:04.1f}s, {summary['train_tokens'] / max(summary['train_seconds'], 1e-9):,.0f} tokens/s"),
+        ("steps", f"{summary['global_step']} ({summary['epochs']:.2f} epochs), {summary['train_tokens']:,} tokens of context {summary['block_size']}{resumed}"),
+        ("time", f"{int(minutes)}m{seconds:04.1f}s, {summary['tokens_per_second']:,.0f} tokens/s"),
         ("training loss", f"{first:.3f} (step {losses[0][0] if losses else '-'}) -> {last:.3f} (step {losses[-1][0] if losses else '-'})"),
     ]
     if summary["eval_loss"] is not None:
@@ -558,11 +962,27 @@ def one_line(error: BaseException) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        prepared = prepare(args)
+        check_arguments(args)  # before the slow imports: a bad command line is answered at once
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        check_resume(args, checkpoint)
+        prepared = prepare(args, checkpoint)
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
-    train(args, prepared)
+    try:
+        train(args, prepared)
+    except TrainingFailed as failure:
+        if _is_main_process():
+            print(f"{PROG}: error: {one_line(failure)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if _is_main_process():
+            print(
+                f"{PROG}: error: interrupted; nothing was saved as the model. Continue from the newest complete "
+                f"checkpoint with --output-dir {args.output_dir} --resume-from-checkpoint",
+                file=sys.stderr,
+            )
+        return 130
     return 0
 
 
