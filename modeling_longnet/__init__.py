@@ -18,11 +18,12 @@ from .configuration_longnet import LongNetConfig
 from .conversion import convert_llama_to_longnet
 from .dilated_attention import (
     DilatedPattern,
+    PatternCoverage,
     TokenLayout,
     available_backends,
     dilated_attention,
     head_offsets,
-    uncovered_positions,
+    pattern_coverage,
 )
 from .modeling_longnet import (
     ALL_DILATED_ATTENTION_FUNCTIONS,
@@ -55,10 +56,11 @@ __all__ = [
     "LongNetForSequenceClassification",
     "LongNetModel",
     "LongNetPreTrainedModel",
+    "PatternCoverage",
     "TokenLayout",
     "available_backends",
     "convert_llama_to_longnet",
     "dilated_attention",
     "head_offsets",
-    "uncovered_positions",
+    "pattern_coverage",
 ]

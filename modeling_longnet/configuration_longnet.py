@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import field
 from numbers import Integral, Real
 from pathlib import Path
@@ -11,8 +12,11 @@ from pathlib import Path
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import logging
 
-from .dilated_attention import OFFSET_MODES, DilatedPattern, uncovered_positions
+logger = logging.get_logger(__name__)
+
+from .dilated_attention import OFFSET_MODES, DilatedPattern, pattern_coverage
 
 POSITION_ENCODINGS = ("rope", "xpos", "none")
 NORMALIZATIONS = ("rmsnorm", "sub_layernorm")
@@ -110,6 +114,11 @@ class LongNetConfig(PreTrainedConfig):
                     f"({self.num_attention_heads}), or give `head_dim` explicitly"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, Mapping):
+            raise TypeError(
+                f"`rope_parameters` must be a mapping such as {{'rope_type': 'default', 'rope_theta': 10000.0}}, or "
+                f"None for the defaults; got {self.rope_parameters!r}"
+            )
         if isinstance(self.segment_lengths, (tuple, list)):
             self.segment_lengths = list(self.segment_lengths)
         if isinstance(self.dilation_rates, (tuple, list)):
@@ -140,18 +149,10 @@ class LongNetConfig(PreTrainedConfig):
         if self.dilation_offsets not in OFFSET_MODES:
             raise ValueError(f"`dilation_offsets` must be one of {OFFSET_MODES}, got {self.dilation_offsets!r}")
         DilatedPattern(self.segment_lengths, self.dilation_rates, self.dilation_offsets)  # names the bad field
-        uncovered = uncovered_positions(
-            self.segment_lengths, self.dilation_rates, self.num_attention_heads, self.dilation_offsets
+        check_pattern_coverage(
+            self.segment_lengths, self.dilation_rates, self.num_attention_heads, self.dilation_offsets,
+            names=("segment_lengths", "dilation_rates", "num_attention_heads"),
         )
-        if uncovered:
-            position, head = uncovered[0]
-            period = math.lcm(*self.segment_lengths)
-            raise ValueError(
-                f"`segment_lengths`={self.segment_lengths} with `dilation_rates`={self.dilation_rates} leave "
-                f"{len(uncovered)} (position mod {period}, head) pairs outside every branch (the first: position "
-                f"{position}, head {head}), whose attention output would be zero. Add a branch with dilation rate 1 "
-                "(it covers every position of every head)"
-            )
         for name in (
             "causal",
             "use_relative_position_bias",
@@ -181,14 +182,33 @@ class LongNetConfig(PreTrainedConfig):
         if (
             isinstance(self.initializer_range, bool)
             or not isinstance(self.initializer_range, Real)
-            or self.initializer_range < 0
+            or not 0 <= self.initializer_range < math.inf
         ):
-            raise ValueError(f"`initializer_range` must be a non-negative number, got {self.initializer_range!r}")
+            raise ValueError(
+                f"`initializer_range` must be a finite non-negative number (the standard deviation of the "
+                f"initialisation, e.g. 0.02), got {self.initializer_range!r}"
+            )
+        self._validate_special_tokens()
         if self.loss_chunk_size is not None and not _is_positive_int(self.loss_chunk_size):
             raise ValueError(
                 f"`loss_chunk_size` must be a positive number of tokens, or None to compute the loss from full logits, "
                 f"got {self.loss_chunk_size!r}"
             )
+
+    def _validate_special_tokens(self):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            values = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            for token in values:
+                if token is None:
+                    continue
+                if isinstance(token, bool) or not isinstance(token, Integral):
+                    raise TypeError(f"`{name}` must be an int token id (or None), got {token!r}")
+                if not 0 <= token < self.vocab_size:
+                    raise ValueError(
+                        f"`{name}` must be a token id in [0, vocab_size={self.vocab_size}), got {token}: "
+                        f"use the tokenizer's id, or None"
+                    )
 
     def _validate_positions(self):
         if self.position_encoding not in POSITION_ENCODINGS:
@@ -209,6 +229,12 @@ class LongNetConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`position_encoding='xpos'` is defined on the default rotary frequencies; `rope_parameters` asks "
                     f"for rope_type {rope_type!r}: drop the scaling or use `position_encoding='rope'`"
+                )
+            theta = self.rope_parameters.get("rope_theta")
+            if isinstance(theta, bool) or not isinstance(theta, Real) or not 0 < theta < math.inf:
+                raise ValueError(
+                    f"`rope_parameters['rope_theta']` must be a finite positive number (the rotary base, e.g. "
+                    f"10000.0), got {theta!r}: the frequencies theta ** (-2i / head_dim) are NaN or inf otherwise"
                 )
             self.validate_rope()
         _check_positive_real(self, "xpos_scale_base")
@@ -238,6 +264,38 @@ class LongNetConfig(PreTrainedConfig):
         values = json.loads((PRESETS_DIR / f"{name}.json").read_text())
         values.update(overrides)
         return cls(**values)
+
+
+def check_pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets, *, names) -> None:
+    """Refuses a pattern that leaves some position without any head (no layer could recover such a token); warns
+    once about (position, head) pairs outside every branch, whose outputs are zero (SPEC.md), as in the paper's
+    single dilated branch where each head covers its own residues."""
+    coverage = pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets)
+    segments, rates, heads = names
+    if not coverage.every_position_covered:
+        count = "some" if coverage.uncovered_positions is None else str(coverage.uncovered_positions)
+        where = "" if coverage.first_uncovered_position is None else f" (the first: {coverage.first_uncovered_position})"
+        raise ValueError(
+            f"`{segments}`={list(segment_lengths)} with `{rates}`={list(dilation_rates)} and {num_heads} heads "
+            f"(`{heads}`) leave {count} of every {coverage.period} positions{where} seen by no head at all: "
+            f"their attention output would be zero in every head. Use at least max(`{rates}`) heads, or add a "
+            "branch with dilation rate 1 (it covers every position of every head)"
+        )
+    if not coverage.complete:
+        _warn_once(
+            f"`{segments}`={list(segment_lengths)}, `{rates}`={list(dilation_rates)}, {num_heads} heads: "
+            f"{coverage.describe()}. Every position is still seen by some head; add a branch with dilation rate 1 "
+            "if every head should see every position"
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 def check_relative_position_buckets(num_buckets, max_distance, bidirectional: bool) -> None:
@@ -271,8 +329,8 @@ def _check_positive_int(config, name: str) -> None:
 
 def _check_positive_real(config, name: str) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+        raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
 
 
-__all__ = ["LongNetConfig"]
+__all__ = ["LongNetConfig", "check_pattern_coverage"]

@@ -29,6 +29,9 @@ from typing import Sequence
 import torch
 
 OFFSET_MODES = ("interleaved", "grouped")
+# Segment lengths, dilation rates and position offsets stay below this, so that logical positions, segment starts
+# and their sums never overflow int64 (2**63) in any backend's index arithmetic.
+MAX_BRANCH_VALUE = 1 << 48
 BACKENDS = ("auto", "torch", "triton", "flash")
 
 __all__ = [
@@ -36,7 +39,8 @@ __all__ = [
     "TokenLayout",
     "dilated_attention",
     "head_offsets",
-    "uncovered_positions",
+    "PatternCoverage",
+    "pattern_coverage",
     "available_backends",
 ]
 
@@ -58,6 +62,11 @@ def _as_int_tuple(values, name: str) -> tuple[int, ...]:
             raise TypeError(f"`{name}` must contain ints, got {value!r} ({type(value).__name__}) in {list(values)}")
         if value <= 0:
             raise ValueError(f"`{name}` must contain positive ints, got {value} in {list(values)}")
+        if value > MAX_BRANCH_VALUE:
+            raise ValueError(
+                f"`{name}` must contain ints up to 2**48 (positions are computed in int64), got {value} in "
+                f"{list(values)}; a segment longer than the sequence is one segment: use a value up to 2**48"
+            )
     return tuple(int(v) for v in values)
 
 
@@ -102,40 +111,226 @@ class DilatedPattern:
         return head_offsets(self.dilation_rates[branch], num_heads, self.offsets)
 
 
-def uncovered_positions(
-    segment_lengths, dilation_rates, num_heads: int, offsets: str = "interleaved", max_period: int = 1 << 26
-) -> list[tuple[int, int]]:
-    """The (position in period, head) pairs that no branch covers.
+@dataclass(frozen=True)
+class PatternCoverage:
+    """Which (position, head) pairs a pattern leaves outside every branch, per period of the pattern.
 
-    Participation depends on the logical position only through ``t mod w_i``, so the pattern repeats with
-    period ``lcm(segment_lengths)``; a pair (p, h) returned here means that every token whose logical position
-    is p modulo that period gets no attention in head h (its output would be zero). An empty list means every
-    query sees at least itself. ``max_period`` bounds the exhaustive check.
+    A head's output at such a pair is zero (SPEC.md). ``uncovered_positions`` counts the positions that *no* head
+    covers: a token there gets zero from every head, which a model cannot recover from; ``uncovered_pairs``
+    counts (position, head) pairs (``None`` where the count was too costly, see :func:`pattern_coverage`).
+    """
+
+    period: int  # the pattern repeats every `period` logical positions
+    num_heads: int
+    uncovered_positions: int | None  # None: some, not counted
+    uncovered_pairs: int | None  # None: not counted (some_pair_uncovered says whether any exist)
+    first_uncovered_position: int | None  # the smallest such position, where it was located
+    first_uncovered_pair: tuple[int, int] | None  # (position, head)
+    some_pair_uncovered: bool | None  # None: undecided within the bounds
+
+    @property
+    def every_position_covered(self) -> bool:
+        return self.uncovered_positions == 0
+
+    @property
+    def complete(self) -> bool:
+        """Every head covers every position (False also where that could not be decided)."""
+        return self.some_pair_uncovered is False
+
+    def describe(self) -> str:
+        if self.complete:
+            return "every head covers every position"
+        if self.some_pair_uncovered is None:
+            return f"every position is covered by some head; whether every head covers every one of the {self.period} positions of a period was not decided"
+        pairs = "some" if self.uncovered_pairs is None else f"{self.uncovered_pairs}"
+        text = f"{pairs} of the {self.num_heads} x {self.period} (head, position mod {self.period}) pairs lie outside every branch"
+        if self.first_uncovered_pair is not None:
+            text += f" (the first: position {self.first_uncovered_pair[0]}, head {self.first_uncovered_pair[1]})"
+        text += "; their outputs are zero"
+        if self.uncovered_positions != 0:
+            count = "some" if self.uncovered_positions is None else str(self.uncovered_positions)
+            where = "" if self.first_uncovered_position is None else f", the first at {self.first_uncovered_position}"
+            text += f", and {count} positions per period are covered by no head at all{where}"
+        return text
+
+
+# An exact scan covers at most this many positions of one independent part of the period (below), and at most
+# _PAIR_SCAN_WORK (position, head group) checks; beyond them only closed forms answer.
+_COVERAGE_SCAN_LIMIT = 1 << 20
+_PAIR_SCAN_WORK = 1 << 23
+_COVERAGE_SCAN_CHUNK = 1 << 16
+
+
+def _branch_residue_period(w: int, r: int) -> int:
+    """(t mod w) mod r depends on t through t mod this: r where r divides w (then it is t mod r), else w."""
+    return r if w % r == 0 else w
+
+
+def _count_below(w: int, r: int, limit: int) -> int:
+    """#{x in [0, w): x mod r < limit}."""
+    full, rest = divmod(w, r)
+    return full * min(limit, r) + min(rest, limit)
+
+
+def _independent_parts(periods: list[int]) -> list[list[int]]:
+    """Branches grouped so that periods of different groups are coprime: by the Chinese remainder theorem the
+    residues of different groups take every combination, so each group can be analysed alone."""
+    parent = list(range(len(periods)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(len(periods)):
+        for b in range(a + 1, len(periods)):
+            if math.gcd(periods[a], periods[b]) > 1:
+                parent[root(a)] = root(b)
+    parts: dict[int, list[int]] = {}
+    for i in range(len(periods)):
+        parts.setdefault(root(i), []).append(i)
+    return list(parts.values())
+
+
+def pattern_coverage(segment_lengths, dilation_rates, num_heads: int, offsets: str = "interleaved") -> PatternCoverage:
+    """Which (position, head) pairs no branch covers: a summary in bounded time and memory, whatever the period.
+
+    Head h covers logical position t in branch i iff ``(t mod w_i) mod r_i == o_i(h)``. That depends on t only
+    through ``t mod P_i``, with ``P_i = r_i`` where ``r_i`` divides ``w_i`` and ``w_i`` otherwise, so the pattern
+    repeats every ``lcm(P_i)`` positions (much less than ``lcm(w_i)``: ``[8191, 8192]`` with rates ``[2, 2]``
+    repeats every 16382). Branches whose periods are coprime to each other's are independent (Chinese remainder
+    theorem), so the counts are products over groups of branches, each group decided by a closed form (a branch
+    that covers everything, a density bound) or an exact scan of at most 2**20 positions. A pattern that none of
+    these decides raises a ValueError that says how to change it.
     """
     pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
     if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads <= 0:
         raise ValueError(f"`num_heads` must be a positive int, got {num_heads!r}")
-    if 1 in pattern.dilation_rates:  # r = 1 gives every head offset 0 and every position participates
-        return []
-    period = math.lcm(*pattern.segment_lengths)
-    if period > max_period:
-        raise ValueError(
-            f"the pattern repeats every lcm(segment_lengths) = {period} positions, more than max_period="
-            f"{max_period} can check; use segment lengths that divide each other or include a branch with r = 1"
-        )
-    positions = torch.arange(period)
-    offsets_per_branch = [pattern.head_offsets(i, num_heads) for i in range(len(pattern.branches))]
-    uncovered = []
-    by_offsets: dict[tuple[int, ...], torch.Tensor] = {}
+    num_heads = int(num_heads)
+    # A branch listed twice covers what it covers once.
+    unique = list(dict.fromkeys(range(len(pattern.branches)), None))
+    unique = [i for i in unique if pattern.branches[i] not in pattern.branches[:i]]
+    branches = [pattern.branches[i] for i in unique]
+    head_offsets_per_branch = [pattern.head_offsets(i, num_heads) for i in unique]
+    offsets_taken = [max(o) + 1 for o in head_offsets_per_branch]  # both modes take the offsets 0 .. p_i - 1
+    periods = [_branch_residue_period(w, r) for w, r in branches]
+    period = math.lcm(*periods)
+
+    def below(i: int, limit: int) -> int:
+        """#{x in [0, P_i): (x mod w_i) mod r_i < limit}."""
+        w, r = branches[i]
+        return min(limit, r) if periods[i] == r else _count_below(w, r, limit)
+
+    # Heads with the same offset in every branch cover the same positions.
+    head_groups: dict[tuple[int, ...], list[int]] = {}
     for h in range(num_heads):
-        key = tuple(o[h] for o in offsets_per_branch)
-        if key not in by_offsets:
-            covered = torch.zeros(period, dtype=torch.bool)
-            for (w, r), o in zip(pattern.branches, key):
-                covered |= (positions % w) % r == o
-            by_offsets[key] = (~covered).nonzero().flatten()
-        uncovered.extend((int(p), h) for p in by_offsets[key])
-    return sorted(uncovered)
+        head_groups.setdefault(tuple(o[h] for o in head_offsets_per_branch), []).append(h)
+
+    parts = _independent_parts(periods)
+    # Per part: positions no head covers, and per head group the positions it does not cover (None: unknown).
+    part_positions: list[int | None] = []
+    part_pairs: list[dict[tuple[int, ...], int | None]] = []
+    part_first: list[tuple[int | None, dict]] = []
+    for part in parts:
+        part_period = math.lcm(*(periods[i] for i in part))
+        # closed forms first
+        if any(offsets_taken[i] >= min(branches[i]) for i in part):  # min(w, r): one branch reaches every residue
+            positions = 0
+        elif len(part) == 1:
+            positions = periods[part[0]] - below(part[0], offsets_taken[part[0]])
+        else:
+            positions = None
+        pairs: dict[tuple[int, ...], int | None] = {}
+        for key in head_groups:
+            if any(min(branches[i]) == 1 and key[i] == 0 for i in part):  # r = 1 (or w = 1): every position
+                pairs[key] = 0
+            elif len(part) == 1:
+                i = part[0]
+                pairs[key] = periods[i] - (below(i, key[i] + 1) - below(i, key[i]))
+            else:
+                pairs[key] = None
+        first_position, first_pairs = None, {}
+        scan_positions = positions is None and part_period <= _COVERAGE_SCAN_LIMIT
+        open_keys = [key for key, count in pairs.items() if count is None]
+        scan_pairs = open_keys and part_period <= _COVERAGE_SCAN_LIMIT and len(open_keys) * part_period <= _PAIR_SCAN_WORK
+        if len(parts) == 1 and part_period <= _COVERAGE_SCAN_LIMIT:
+            # one part: the scan also finds the first uncovered position and pair
+            scan_positions = scan_positions or positions != 0
+            scan_pairs = part_period * len(head_groups) <= _PAIR_SCAN_WORK
+            open_keys = list(head_groups) if scan_pairs else open_keys
+        if scan_positions or scan_pairs:
+            found_positions = 0
+            found_pairs = {key: 0 for key in open_keys}
+            for begin in range(0, part_period, _COVERAGE_SCAN_CHUNK):
+                t = torch.arange(begin, min(begin + _COVERAGE_SCAN_CHUNK, part_period), dtype=torch.int64, device="cpu")
+                residues = {i: (t % branches[i][0]) % branches[i][1] for i in part}
+                if scan_positions:
+                    none = torch.ones_like(t, dtype=torch.bool)
+                    for i in part:
+                        none &= residues[i] >= offsets_taken[i]
+                    count = int(none.sum())
+                    if count and first_position is None:
+                        first_position = begin + int(none.nonzero()[0, 0])
+                    found_positions += count
+                if scan_pairs:
+                    for key in open_keys:
+                        outside = torch.ones_like(t, dtype=torch.bool)
+                        for i in part:
+                            outside &= residues[i] != key[i]
+                        count = int(outside.sum())
+                        if count and key not in first_pairs:
+                            first_pairs[key] = begin + int(outside.nonzero()[0, 0])
+                        found_pairs[key] += count
+            if scan_positions:
+                positions = found_positions
+            if scan_pairs:
+                pairs.update(found_pairs)
+        if positions is None:
+            covered_share = sum(below(i, offsets_taken[i]) / periods[i] for i in part)
+            if covered_share >= 1:
+                raise ValueError(
+                    f"cannot decide whether `segment_lengths`={list(pattern.segment_lengths)} with `dilation_rates`="
+                    f"{list(pattern.dilation_rates)} leave positions that no head covers: a group of branches repeats "
+                    f"every {part_period} positions, too many to scan, and no closed form applies. Use segment lengths "
+                    "that are multiples of their dilation rates, at least as many heads as the largest rate, or a "
+                    "branch with rate 1"
+                )
+            positions = -1  # some: the covered shares add up to less than 1 (a union bound), count not known
+        part_positions.append(positions)
+        part_pairs.append(pairs)
+        part_first.append((first_position, first_pairs))
+
+    def product(counts):
+        if any(c == 0 for c in counts):
+            return 0
+        if any(c is None or c < 0 for c in counts):
+            return None
+        return math.prod(counts)
+
+    uncovered_positions = product(part_positions)
+    pair_counts = {key: product([pairs[key] for pairs in part_pairs]) for key in head_groups}
+    if all(count is not None for count in pair_counts.values()):
+        uncovered_pairs = sum(count * len(head_groups[key]) for key, count in pair_counts.items())
+        some_pair = uncovered_pairs > 0
+    else:
+        uncovered_pairs = None
+        known_some = any(c for c in pair_counts.values() if c is not None)
+        some_pair = True if known_some or uncovered_positions != 0 else None
+    first_position = first_pair = None
+    if len(parts) == 1:
+        first_position = part_first[0][0] if uncovered_positions else None
+        candidates = [(where, head_groups[key][0]) for key, where in part_first[0][1].items()]
+        first_pair = min(candidates) if candidates and some_pair else None
+    return PatternCoverage(
+        period=period,
+        num_heads=num_heads,
+        uncovered_positions=uncovered_positions,
+        uncovered_pairs=uncovered_pairs,
+        first_uncovered_position=first_position,
+        first_uncovered_pair=first_pair,
+        some_pair_uncovered=some_pair,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,14 +479,22 @@ def _position_offsets(position_offset, batch_size: int) -> torch.Tensor:
         offsets = position_offset.detach().cpu().long().expand(batch_size).clone()
     else:
         raise TypeError(f"`position_offset` must be an int or an integer tensor of shape (batch,), got {position_offset!r}")
-    if bool((offsets < 0).any()):
-        raise ValueError(f"`position_offset` must be non-negative, got {offsets.tolist()}")
+    if bool((offsets < 0).any()) or bool((offsets > MAX_BRANCH_VALUE).any()):
+        raise ValueError(
+            f"`position_offset` must be between 0 and 2**48 (positions are computed in int64), got {offsets.tolist()}"
+        )
     return offsets
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The public function
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _largest_finite(dtype: torch.dtype) -> float:
+    """The largest finite value of the dtype the scores are computed in (float32 for half-precision inputs)."""
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return float(torch.finfo(compute).max) if compute.is_floating_point else float("inf")
 
 
 def _check_qkv(q, k, v) -> None:
@@ -317,6 +520,14 @@ def _check_qkv(q, k, v) -> None:
             f"`q` has {q.shape[1]} positions but `k` only {k.shape[1]}: queries are the last positions of the key "
             "sequence, so there cannot be more of them"
         )
+    for name, size in (("batch", q.shape[0]), ("seq_len of `q`", q.shape[1]), ("seq_len of `k`", k.shape[1]), ("head_dim", q.shape[3])):
+        if size == 0:
+            raise ValueError(
+                f"`q`, `k` and `v` must not be empty: {name} is 0 (q {tuple(q.shape)}, k {tuple(k.shape)}); "
+                "give at least one token, row and feature"
+            )
+    if q.shape[2] == 0:
+        raise ValueError(f"`q` has no heads (shape {tuple(q.shape)}): give at least one query head")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"the number of query heads ({q.shape[2]}) must be a multiple of the number of key/value heads "
@@ -432,8 +643,15 @@ def dilated_attention(
     num_keys = k.shape[1]
     if softmax_scale is None:
         softmax_scale = head_dim**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, Real) or not softmax_scale > 0:
-        raise ValueError(f"`softmax_scale` must be a positive number or None, got {softmax_scale!r}")
+    elif (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, Real)
+        or not 0 < softmax_scale < _largest_finite(q.dtype)
+    ):
+        raise ValueError(
+            f"`softmax_scale` must be a finite positive number (it multiplies q.k, and in {q.dtype} at most "
+            f"{_largest_finite(q.dtype):.3g}), or None for head_dim ** -0.5; got {softmax_scale!r}"
+        )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
     if token_layout is None:
@@ -453,10 +671,6 @@ def dilated_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
     run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
-    if q.numel() == 0 or k.numel() == 0:
-        out = q.new_zeros(q.shape)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return (out, q.new_full(q.shape[:3], float("-inf"), dtype=lse_dtype)) if return_lse else out
     # The backends choose their own precision (float32 accumulation for 16-bit inputs): autocast must not recast it.
     with torch.autocast(q.device.type, enabled=False):
         out, lse = run(
@@ -581,12 +795,47 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, part
 
     This is how a flash-attention kernel merges key blocks, and how the branches mix: the result is the softmax
     over the union of the keys seen so far. ``rows`` must not repeat, except for a spare row nobody reads.
+
+    The two weights are ``exp(lse - M)`` over their sum, ``M`` the larger LSE: they add up to one whatever the
+    scale of the logits, so the output stays a convex combination of value rows. (Weights ``exp(lse - LSE)``
+    against a separately rounded ``LSE`` do not: at logits of 1e9 an LSE is rounded by 64 and the weights by e^64.)
     """
     old_lse = lse[rows]
-    new_lse = torch.logaddexp(old_lse, part_lse)
-    finite = new_lse.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
-    out[rows] = out[rows] * torch.exp(old_lse - finite).unsqueeze(-1) + part_out * torch.exp(part_lse - finite).unsqueeze(-1)
-    lse[rows] = new_lse
+    largest = torch.maximum(old_lse, part_lse)
+    finite = largest.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
+    old_weight = torch.exp(old_lse - finite)
+    part_weight = torch.exp(part_lse - finite)
+    total = old_weight + part_weight  # >= 1 where either part saw a key, else 0
+    safe_total = torch.where(total > 0, total, 1.0)
+    out[rows] = (out[rows] * old_weight.unsqueeze(-1) + part_out * part_weight.unsqueeze(-1)) / safe_total.unsqueeze(-1)
+    lse[rows] = torch.where(total > 0, largest + torch.log(safe_total), largest)
+
+
+def merge_partial_max_sum(out, row_max, row_sum, rows, part_out, part_max, part_sum):
+    """:func:`merge_partial` from running maxima and sums instead of log-sum-exps, in place.
+
+    A row's state is its largest score ``row_max`` (a score itself, so ``score - row_max`` loses nothing at any
+    scale) and ``row_sum = sum exp(score - row_max)`` over the keys seen so far; ``LSE = row_max + log(row_sum)``
+    is formed only at the end. Folding one into the other would round the LSE by ``ulp(row_max)``: 64 at logits
+    of 1e9 in float32, which would then return as a factor e^64 on the softmax entries of the backward pass.
+    """
+    old_max, old_sum = row_max[rows], row_sum[rows]
+    new_max = torch.maximum(old_max, part_max)
+    finite = new_max.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
+    old_weight = old_sum * torch.exp(old_max - finite)
+    part_weight = part_sum * torch.exp(part_max - finite)
+    total = old_weight + part_weight
+    safe_total = torch.where(total > 0, total, 1.0)
+    out[rows] = (out[rows] * old_weight.unsqueeze(-1) + part_out * part_weight.unsqueeze(-1)) / safe_total.unsqueeze(-1)
+    row_max[rows] = new_max
+    row_sum[rows] = total
+
+
+def softmax_entries(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(scores - lse)``, the mixed softmax's entries in a backward pass, at most 1 as a probability is: a
+    score recomputed with another rounding than the one that made the LSE must not overflow (fp16 logits of 1e3
+    otherwise give infinite dQ)."""
+    return torch.exp(torch.clamp(scores - lse, max=0.0))
 
 
 def _dropout_keep(shape, seed: int, branch: int, chunk: int, dropout_p: float, device) -> torch.Tensor:
@@ -622,7 +871,8 @@ class _TorchDilatedAttention(torch.autograd.Function):
         rows_total = q_flat.shape[0]
         # one spare row at the end receives the writes of padding entries of the gather tables
         out = torch.zeros(rows_total + 1, head_dim, dtype=compute, device=q.device)
-        lse = torch.full((rows_total + 1,), float("-inf"), dtype=compute, device=q.device)
+        row_max = torch.full((rows_total + 1,), float("-inf"), dtype=compute, device=q.device)
+        row_sum = torch.zeros(rows_total + 1, dtype=compute, device=q.device)
         seed = int(torch.randint(0, 1 << 62, (1,))) if dropout_p > 0 else 0
 
         for branch, (w, r) in enumerate(pattern.branches):
@@ -634,19 +884,26 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 k_rows = _gather(k_flat, tables.k_index[segs]).to(compute)
                 v_rows = _gather(v_flat, tables.k_index[segs]).to(compute)
                 scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
-                chunk_lse = torch.logsumexp(scores, dim=-1)
-                chunk_lse = torch.where(allowed.any(-1), chunk_lse, float("-inf"))
-                probs = torch.exp(scores - chunk_lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+                # a chunk's largest score and its sum of exp(score - largest): normalised by the sum, so that the
+                # weights add up to one at any logit scale
+                chunk_max = scores.amax(-1)
+                probs = torch.exp(scores - chunk_max.nan_to_num(neginf=0.0).unsqueeze(-1))
+                chunk_sum = probs.sum(-1)
+                probs = probs / torch.where(chunk_sum > 0, chunk_sum, 1.0).unsqueeze(-1)
                 if dropout_p > 0:
                     keep = _dropout_keep(probs.shape, seed, branch, chunk, dropout_p, q.device)
                     probs = probs * keep / (1.0 - dropout_p)
                 chunk_out = torch.matmul(probs, v_rows)
                 target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total)
-                merge_partial(out, lse, target.reshape(-1), chunk_out.reshape(-1, head_dim), chunk_lse.reshape(-1))
+                merge_partial_max_sum(
+                    out, row_max, row_sum, target.reshape(-1), chunk_out.reshape(-1, head_dim),
+                    chunk_max.reshape(-1), chunk_sum.reshape(-1),
+                )
 
-        out, lse = out[:rows_total], lse[:rows_total]
+        out, row_max, row_sum = out[:rows_total], row_max[:rows_total], row_sum[:rows_total]
+        lse = torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
         result = out.to(q.dtype).view(batch, num_queries, num_heads, head_dim)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = pattern, layout, causal, scale, dropout_p, seed
         ctx.set_materialize_grads(False)
         return result, lse.view(batch, num_queries, num_heads)
@@ -654,7 +911,7 @@ class _TorchDilatedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, row_max, row_sum = ctx.saved_tensors
         pattern, layout, causal, scale, dropout_p = ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p
         head_dim = q.shape[-1]
         num_heads, num_kv_heads = q.shape[2], k.shape[2]
@@ -673,7 +930,8 @@ class _TorchDilatedAttention(torch.autograd.Function):
         dq = torch.zeros(q_flat.shape, dtype=compute, device=q.device)
         dk = torch.zeros(k_flat.shape, dtype=compute, device=q.device)
         dv = torch.zeros(v_flat.shape, dtype=compute, device=q.device)
-        finite_lse = lse.nan_to_num(neginf=0.0)
+        finite_max = row_max.nan_to_num(neginf=0.0)
+        safe_sum = torch.where(row_sum > 0, row_sum, 1.0)
 
         for branch, (w, r) in enumerate(pattern.branches):
             tables = _branch_tables(layout, w, r, pattern.head_offsets(branch, num_heads), num_heads, num_kv_heads, q.device)
@@ -687,7 +945,8 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 v_rows = _gather(v_flat, k_idx).to(compute)
                 do_rows = _gather(do_flat, q_idx)
                 scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
-                probs = torch.exp(scores - finite_lse[q_idx].unsqueeze(-1))  # exactly the mixed softmax's entries
+                # the mixed softmax's entries, exp(s - max) / sum: exact at any logit scale (see merge_partial_max_sum)
+                probs = softmax_entries(scores, finite_max[q_idx].unsqueeze(-1)) / safe_sum[q_idx].unsqueeze(-1)
                 d_probs = torch.matmul(do_rows, v_rows.transpose(-1, -2))
                 if dropout_p > 0:
                     keep = _dropout_keep(probs.shape, ctx.seed, branch, chunk, dropout_p, q.device) / (1.0 - dropout_p)

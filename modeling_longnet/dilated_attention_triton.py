@@ -8,13 +8,16 @@ attention (causal iff ``j_key <= j_query``), and the kernel reaches row j throug
 Each row is ``D`` contiguous elements, so every row load is coalesced.
 
 Forward, one launch per branch: a program owns a block of query rows of one (document segment, head), runs the
-online softmax over the keys of that segment, and merges its result into the running output by log-sum-exp. A
-branch writes each (position, head) at most once, so the merge needs no atomics; a branch with r = 1 covers every
+online softmax over the keys of that segment, and merges its result into the running output. Each row keeps its
+largest scaled score and its sum of exponentials apart (never one rounded log-sum-exp, which at logits of 1e9
+would carry an error of e^64 into the weights), and mixes by weights that add up to one, so the output stays a
+convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the merge needs no atomics; a branch with r = 1 covers every
 query and runs last, writing the final output in the input dtype.
 
-Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - LSE)`` with the *merged* LSE is
-exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O) - dLSE``, as in a
-flash-attention backward. Programs that own a block of keys (one kv-head, all the query heads of its group that
+Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - max) / sum`` with the *merged*
+row maximum and sum is exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)
+- dLSE``, as in a flash-attention backward; the kernels take exp(s - max) (at most 1) with dO and delta divided by
+the row's sum, which leaves dV and dS unchanged. Programs that own a block of keys (one kv-head, all the query heads of its group that
 share those key rows, so grouped-query attention needs no atomics for dK, dV) accumulate dK, dV over the query
 blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
 recompute S and dP to accumulate dQ over the key blocks (7 matrix products per tile pair, deterministic), or the
@@ -386,7 +389,7 @@ if triton is not None:
         do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
     )
     def _forward_kernel(
-        Q, K, V, Out, Acc, Lse,
+        Q, K, V, Out, Acc, RowMax, RowSum,
         HeadOffset, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
         stride_qb, stride_qn, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -466,19 +469,30 @@ if triton is not None:
         out = acc / l_safe[:, None]
         if DROPOUT:
             out = out / (1.0 - dropout_p)
-        # rows outside the block's queries are never stored; 0 keeps them finite through the merge below
-        lse = tl.where(query_valid, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, 0.0)
-        lse_ptrs = Lse + batch * stride_lb + query_index * stride_ln + head
+        # A row's state is its largest scaled score (log2 units) and its sum of exp2(score - largest), kept apart:
+        # folding them into one LSE would round it by ulp(largest), 64 at logits of 1e9, which would return as a
+        # factor e^64 on the weights. Rows outside the block's queries are never stored; 0 keeps them finite.
+        row_max = tl.where(query_valid, m_i, 0.0)
+        row_sum = tl.where(query_valid, l_i, 0.0)
+        max_ptrs = RowMax + batch * stride_lb + query_index * stride_ln + head
+        sum_ptrs = RowSum + batch * stride_lb + query_index * stride_ln + head
         o_offsets = batch * stride_ob + head * stride_oh + query_index[:, None] * stride_on + offs_d[None, :]
-        if MERGE:  # an earlier branch wrote a partial result: mix it in by log-sum-exp
-            previous_lse = tl.load(lse_ptrs, mask=query_valid, other=float("-inf"))
-            has_previous = previous_lse > float("-inf")
+        if MERGE:  # an earlier branch wrote a partial result: mix it in
+            previous_max = tl.load(max_ptrs, mask=query_valid, other=float("-inf"))
+            previous_sum = tl.load(sum_ptrs, mask=query_valid, other=0.0)
+            has_previous = previous_sum > 0.0
             previous = tl.load(Acc + o_offsets, mask=has_previous[:, None], other=0.0).to(tl.float32)
-            merged_lse = tl.maximum(previous_lse, lse)
-            merged_lse += tl.log(tl.exp(previous_lse - merged_lse) + tl.exp(lse - merged_lse))
-            out = previous * tl.exp(previous_lse - merged_lse)[:, None] + out * tl.exp(lse - merged_lse)[:, None]
-            lse = merged_lse
-        tl.store(lse_ptrs, lse, mask=query_valid)
+            # weights sum * exp2(max - largest) over their total: they add up to one at any logit scale, and the
+            # output stays a convex combination of value rows
+            largest = tl.maximum(previous_max, row_max)
+            previous_weight = previous_sum * tl.math.exp2(previous_max - largest)
+            weight = row_sum * tl.math.exp2(row_max - largest)
+            total = previous_weight + weight
+            out = (previous * previous_weight[:, None] + out * weight[:, None]) / total[:, None]
+            row_max = largest
+            row_sum = total
+        tl.store(max_ptrs, row_max, mask=query_valid)
+        tl.store(sum_ptrs, row_sum, mask=query_valid)
         if FINAL:
             tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=query_valid[:, None])
         else:
@@ -529,9 +543,11 @@ if triton is not None:
                 q_t = tl.load(
                     q_rows + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
                 )
-            lse = tl.load(lse_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0) * 1.4426950408889634
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            lse = tl.load(lse_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0)  # row max, log2 units
+            # k q^T, where the forward took q k^T: the two products may round apart by an ulp of the score, which
+            # at logits >= 1e5 (float32) shows in P and dV (docs/triton_notes.md)
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+            p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))  # a probability: at most 1
             if MASKED:
                 p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
             if TMA:
@@ -591,7 +607,7 @@ if triton is not None:
                     k_t = tl.load(k_ptrs)
                     v_t = tl.load(v_ptrs)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            p = tl.math.exp2(tl.minimum(s * qk_scale - lse[:, None], 0.0))  # a probability: at most 1
             if MASKED and CAUSAL:
                 p = tl.where(query_rows[:, None] >= key_rows[None, :], p, 0.0)
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -755,7 +771,6 @@ if triton is not None:
                 mask=query_valid[:, None], other=0.0,
             )
             lse = tl.load(Lse + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
-            lse = lse * 1.4426950408889634
             delta = tl.load(Delta + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
 
             k_rows = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
@@ -937,6 +952,9 @@ def _group_streams(device: torch.device, count: int):
             current.wait_stream(stream)
 
 
+_LN2 = 0.6931471805599453  # natural-log units of a log2 value
+
+
 def _every_query_is_real(layout) -> bool:
     key = ("triton", "every_query_is_real")
     if key not in layout.cache:
@@ -948,7 +966,8 @@ def _every_query_is_real(layout) -> bool:
 def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
     batch, num_queries, num_heads, head_dim = q.shape
     plans = _plans(q, k, pattern, layout)
-    lse = torch.full((batch, num_queries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    row_max = torch.full((batch, num_queries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    row_sum = torch.zeros((batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
     config = forward_config(head_dim, q.dtype)
     # Running output across branches, in float32 unless the configuration says otherwise. A last branch with r = 1
     # covers every real query and writes the final output itself; otherwise the running output is cast at the end.
@@ -972,11 +991,11 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
                 num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
                 with stream:
                     _forward_kernel[(num_query_blocks * plan.num_items, group.head_end - group.head_begin)](
-                        q, k, v, out, running, lse,
+                        q, k, v, out, running, row_max, row_sum,
                         plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo,
                         plan.item_end,
                         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
-                        lse.stride(0), lse.stride(1),
+                        row_max.stride(0), row_max.stride(1),
                         plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
                         softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
                         GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m,
@@ -985,18 +1004,23 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
                         DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
                         num_stages=config.num_stages,
                     )
+    seen = row_sum > 0
     if not write_final and q.dtype != torch.float32:
-        # positions no branch wrote hold garbage in `running`; they have lse = -inf and get 0
-        out = running.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0).to(q.dtype)
-    return out, lse
+        # positions no branch wrote hold garbage in `running`; they have row_sum = 0 and get 0
+        out = running.masked_fill_(~seen.unsqueeze(-1), 0.0).to(q.dtype)
+    lse = torch.where(seen, (row_max + torch.log2(torch.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
+    return out, lse, row_max, row_sum
 
 
-def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed):
+def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed):
+    """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
+    the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
+    unchanged, and no rounded LSE enters."""
     _, num_queries, num_heads, head_dim = q.shape
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = _last_dim_contiguous(grad_out)
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     rows = delta.numel()
     _delta_kernel[(triton.cdiv(rows, 64),)](
         out, grad_out, delta, rows, num_heads, num_queries,
@@ -1006,6 +1030,10 @@ def _backward(q, k, v, out, lse, grad_out, grad_lse, pattern, layout, causal, so
     if grad_lse is not None:
         # d LSE / d s = P: a gradient on the LSE enters dS like -delta
         delta -= grad_lse
+    inverse_sum = torch.where(row_sum > 0, row_sum, 1.0).reciprocal()
+    delta = delta * inverse_sum
+    grad_out = (grad_out.float() * inverse_sum.unsqueeze(-1)).to(grad_out.dtype)
+    lse = row_max.nan_to_num(neginf=0.0)  # what the kernels call lse: the row max, log2 units
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
     plans = _plans(q, k, pattern, layout)[::-1]
@@ -1079,8 +1107,8 @@ class _TritonDilatedAttention(torch.autograd.Function):
         # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
         seed = int(torch.randint(0, 1 << 62, (1,))) if dropout_p > 0 else 0
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.set_materialize_grads(False)
@@ -1089,10 +1117,10 @@ class _TritonDilatedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, row_max, row_sum = ctx.saved_tensors
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             grads = _backward(
-                q, k, v, out, lse, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale,
+                q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale,
                 ctx.dropout_p, ctx.seed,
             )
         return *grads, None, None, None, None, None

@@ -59,8 +59,8 @@ from transformers.utils.generic import GeneralInterface, can_return_tuple, merge
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_longnet import cached_lengths, check_cache
-from .configuration_longnet import LongNetConfig, check_relative_position_buckets
-from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention, uncovered_positions
+from .configuration_longnet import LongNetConfig, check_pattern_coverage, check_relative_position_buckets
+from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, in forward arguments and output fields;
 # the models accept both names and fill the output field this version has.
@@ -359,7 +359,11 @@ class DilatedAttention(nn.Module):
         d_model: model width; must be a multiple of ``num_heads``.
         num_heads: query heads.
         dilation_rate, segment_size: an int (one branch) or lists of equal length (the mixture of branches
-            (segment_size[i], dilation_rate[i]) of the paper). Every (position, head) must be in some branch.
+            (segment_size[i], dilation_rate[i]) of the paper). In a branch of rate r head h attends from and to
+            the positions of residue ``h mod r`` of each segment; a (position, head) pair that no branch covers
+            gives zero in that head (SPEC.md), with a warning. Every position must be covered by some head:
+            a pattern that leaves a position to no head at all is refused (use at least ``max(dilation_rate)``
+            heads, or a branch of rate 1).
         dropout: attention dropout (training only).
         causal: a token attends no later token.
         use_xpos: rotary position encoding with xPos decay (the paper's); without it the layer has none.
@@ -377,6 +381,10 @@ class DilatedAttention(nn.Module):
 
         layer = DilatedAttention(d_model=512, num_heads=8, dilation_rate=[1, 2, 4], segment_size=[64, 128, 256])
         y = layer(torch.randn(2, 1000, 512))  # (2, 1000, 512)
+
+        # the original LongNet documentation's example: one dilated branch, heads on alternate residues
+        layer = DilatedAttention(d_model=512, num_heads=8, dilation_rate=2, segment_size=64, dropout=0.1,
+                                 causal=True, use_xpos=False, use_rel_pos_bias=False)
     """
 
     def __init__(
@@ -425,11 +433,10 @@ class DilatedAttention(nn.Module):
             )
         if offsets not in OFFSET_MODES:
             raise ValueError(f"`offsets` must be one of {OFFSET_MODES}, got {offsets!r}")
-        if uncovered_positions(self.segment_lengths, self.dilation_rates, num_heads, offsets):
-            raise ValueError(
-                f"`segment_size`={self.segment_lengths} with `dilation_rate`={self.dilation_rates} leave some "
-                "(position, head) outside every branch, whose output would be zero: add a branch with dilation rate 1"
-            )
+        check_pattern_coverage(
+            self.segment_lengths, self.dilation_rates, num_heads, offsets,
+            names=("segment_size", "dilation_rate", "num_heads"),
+        )
         if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be a probability in [0, 1), got {dropout!r}")
         for name, flag in (
@@ -445,6 +452,9 @@ class DilatedAttention(nn.Module):
         self.num_heads, self.num_key_value_heads = num_heads, num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.layer_idx = None
+        for name, value in (("rope_theta", rope_theta), ("xpos_scale_base", xpos_scale_base), ("norm_eps", norm_eps)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+                raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
         self.use_xpos, self.rope_theta, self.xpos_scale_base = use_xpos, float(rope_theta), float(xpos_scale_base)
         if use_xpos and self.head_dim % 2:
             raise ValueError(
@@ -712,6 +722,12 @@ class LongNetModel(LongNetPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of `input_ids` or `inputs_embeds`")
+        given, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+        if given.dim() < 2 or given.shape[0] == 0 or given.shape[1] == 0:
+            raise ValueError(
+                f"`{name}` must hold at least one row of at least one token, shape (batch, seq{', hidden' if name == 'inputs_embeds' else ''}); "
+                f"got {tuple(given.shape)}"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if (

@@ -317,7 +317,8 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _MergePartials(torch.autograd.Function):
-    """``O = sum_j exp(lse_j - LSE) O_j`` of a dense part (every query) and sparse parts (some queries).
+    """``O = sum_j w_j O_j``, ``w_j = exp(lse_j - LSE)``, of a dense part (every query) and sparse parts (some
+    queries), the weights computed as ``exp(lse_j - M) / sum_k exp(lse_k - M)`` so that they add up to one.
 
     Sparse part j holds the ``(M_j, D)`` outputs and ``(M_j,)`` LSEs of the queries ``rows[slots_j]`` of the
     flattened ``(B * C * H)`` queries, ``rows`` being the sorted union of the parts' queries. Elsewhere the dense
@@ -335,15 +336,22 @@ class _MergePartials(torch.autograd.Function):
         dense_rows = dense_out.reshape(-1, head_dim).index_select(0, rows)
         dense_row_lse = dense_lse.reshape(-1).index_select(0, rows)
 
-        lse = dense_row_lse.clone()
+        # Weights exp(lse_j - M) over their sum, M the largest of the row's LSEs: they add up to one at any logit
+        # scale (exp(lse_j - LSE) against a separately rounded LSE does not), so the output stays convex.
+        largest = dense_row_lse.clone()
         for slot, part_lse in zip(slots, part_lses):
-            lse[slot] = torch.logaddexp(lse[slot], part_lse)
-        finite_lse = lse.nan_to_num(neginf=0.0)  # a query that no part covers keeps LSE = -inf and output 0
-        weights = [torch.exp(dense_row_lse - finite_lse)]
+            largest[slot] = torch.maximum(largest[slot], part_lse)
+        finite = largest.nan_to_num(neginf=0.0)  # a query that no part covers keeps LSE = -inf and output 0
+        raw = [torch.exp(dense_row_lse - finite)] + [torch.exp(part_lse - finite[slot]) for slot, part_lse in zip(slots, part_lses)]
+        total = raw[0].clone()
+        for slot, weight in zip(slots, raw[1:]):
+            total.index_add_(0, slot, weight)
+        safe_total = torch.where(total > 0, total, 1.0)
+        lse = torch.where(total > 0, largest + torch.log(safe_total), largest)
+        weights = [raw[0] / safe_total] + [weight / safe_total[slot] for slot, weight in zip(slots, raw[1:])]
         mixed = dense_rows * weights[0].unsqueeze(-1)  # in the LSE's (float32 or float64) precision
-        for slot, part_out, part_lse in zip(slots, part_outs, part_lses):
-            weights.append(torch.exp(part_lse - finite_lse[slot]))
-            mixed.index_add_(0, slot, part_out * weights[-1].unsqueeze(-1))
+        for slot, part_out, weight in zip(slots, part_outs, weights[1:]):
+            mixed.index_add_(0, slot, part_out * weight.unsqueeze(-1))
         mixed = mixed.to(dense_out.dtype)
         result = dense_out.clone()
         result.view(-1, head_dim).index_copy_(0, rows, mixed)
@@ -429,6 +437,9 @@ def _solve_problem(q, k, v, received, problem: _BranchProblem, *, causal, softma
         keys = keys.index_copy(0, problem.own_target, local.reshape(-1, head_dim).index_select(0, problem.own_source))
         return keys.view(batch * num_heads, problem.num_keys, 1, head_dim)
 
+    if problem.num_queries == 0:  # this rank answers none of the branch's queries (a query always sees itself)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.reshape(-1, head_dim)[:0] * 0, q.new_zeros(0, dtype=lse_dtype)  # empty, still in the graph
     problem_q = q.reshape(-1, head_dim).index_select(0, problem.query_source)
     out, lse = dilated_attention(
         problem_q.view(batch * num_heads, problem.num_queries, 1, head_dim),

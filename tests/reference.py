@@ -82,8 +82,13 @@ def reference_dilated_attention(
     any_key = allowed.any(-1, keepdim=True)
     # rows that see nothing get finite fillers, so that neither the value nor the gradient turns into NaN
     filled = torch.where(allowed, scores, torch.where(any_key, float("-inf"), 0.0))
-    lse = torch.logsumexp(filled, dim=-1, keepdim=True)
-    probs = torch.where(allowed, torch.exp(filled - lse), 0.0)
+    # exp(s - max) over its sum: exact at any logit scale (exp(s - logsumexp) is not: the rounding of a large
+    # log-sum-exp comes back as a factor on every entry)
+    largest = filled.amax(-1, keepdim=True).detach().nan_to_num(neginf=0.0)
+    unnormalised = torch.where(allowed, torch.exp(filled - largest), 0.0)
+    total = unnormalised.sum(-1, keepdim=True)
+    probs = unnormalised / torch.where(total > 0, total, 1.0)
+    lse = largest + torch.log(torch.where(total > 0, total, 1.0))
     out = (probs @ vh.repeat(1, 1, branches, 1)).transpose(1, 2)
     if not return_lse:
         return out

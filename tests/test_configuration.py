@@ -91,15 +91,15 @@ INVALID_FIELDS = [
     (dict(dilation_rates=[1, -2]), "`dilation_rates` must contain positive ints, got -2"),
     (dict(dilation_offsets="random"), "`dilation_offsets` must be one of ('interleaved', 'grouped'), got 'random'"),
     (
-        dict(segment_lengths=[8], dilation_rates=[2]),
+        dict(segment_lengths=[8], dilation_rates=[8]),
         (
-            "`segment_lengths`=[8] with `dilation_rates`=[2] leave 16 (position mod 8, head) pairs outside every "
-            "branch (the first: position 0, head 1)"
+            "`segment_lengths`=[8] with `dilation_rates`=[8] and 4 heads (`num_attention_heads`) leave 4 of every 8 "
+            "positions (the first: 4) seen by no head at all"
         ),
     ),
     (
-        dict(segment_lengths=[6, 8], dilation_rates=[2, 3]),
-        "Add a branch with dilation rate 1 (it covers every position of every head)",
+        dict(segment_lengths=[12, 16], dilation_rates=[6, 8]),
+        "Use at least max(`dilation_rates`) heads, or add a branch with dilation rate 1 (it covers every position of every head)",
     ),
     (dict(causal="yes"), "`causal` must be True or False, got 'yes'"),
     (dict(use_relative_position_bias=1), "`use_relative_position_bias` must be True or False, got 1"),
@@ -114,7 +114,7 @@ INVALID_FIELDS = [
         dict(position_encoding="xpos", rope_parameters={"rope_type": "linear", "factor": 2.0}),
         "`position_encoding='xpos'` is defined on the default rotary frequencies",
     ),
-    (dict(xpos_scale_base=0), "`xpos_scale_base` must be a positive number, got 0"),
+    (dict(xpos_scale_base=0), "`xpos_scale_base` must be a finite positive number, got 0"),
     (
         dict(use_relative_position_bias=True, relative_attention_num_buckets=0),
         "`relative_attention_num_buckets` must be a positive int, got 0",
@@ -132,12 +132,23 @@ INVALID_FIELDS = [
         "must exceed the 0 distances that get a bucket each",
     ),
     (dict(normalization="batchnorm"), "`normalization` must be one of ('rmsnorm', 'sub_layernorm')"),
-    (dict(norm_eps=0.0), "`norm_eps` must be a positive number, got 0.0"),
+    (dict(norm_eps=0.0), "`norm_eps` must be a finite positive number, got 0.0"),
     (dict(hidden_act="swish2"), "`hidden_act` must be an activation of transformers' ACT2FN"),
     (dict(attention_dropout=1.0), "`attention_dropout` must be a probability in [0, 1), got 1.0"),
     (dict(hidden_dropout=-0.1), "`hidden_dropout` must be a probability in [0, 1), got -0.1"),
-    (dict(initializer_range=-0.02), "`initializer_range` must be a non-negative number, got -0.02"),
+    (dict(initializer_range=-0.02), "`initializer_range` must be a finite non-negative number (the standard deviation of the initialisation, e.g. 0.02), got -0.02"),
     (dict(loss_chunk_size=0), "`loss_chunk_size` must be a positive number of tokens, or None"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0}), "`rope_parameters['rope_theta']` must be a finite positive number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}), "`rope_parameters['rope_theta']` must be a finite positive number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}), "`rope_parameters['rope_theta']` must be a finite positive number"),
+    (dict(norm_eps=-1e-6), "`norm_eps` must be a finite positive number, got -1e-06"),
+    (dict(xpos_scale_base=float("inf")), "`xpos_scale_base` must be a finite positive number, got inf"),
+    (dict(initializer_range=float("nan")), "`initializer_range` must be a finite non-negative number"),
+    (dict(pad_token_id=100), "`pad_token_id` must be a token id in [0, vocab_size=100), got 100"),
+    (dict(pad_token_id=-1), "`pad_token_id` must be a token id in [0, vocab_size=100), got -1"),
+    (dict(bos_token_id=100), "`bos_token_id` must be a token id in [0, vocab_size=100), got 100"),
+    (dict(eos_token_id=[2, 1000]), "`eos_token_id` must be a token id in [0, vocab_size=100), got 1000"),
+    (dict(segment_lengths=[4, 2**49]), "`segment_lengths` must contain ints up to 2**48"),
 ]
 
 
@@ -147,6 +158,27 @@ def test_invalid_field_names_the_field_and_the_fix(overrides, message):
         LongNetConfig(**{**TINY, **overrides})
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_parameters="10000"), "`rope_parameters` must be a mapping"),
+        (dict(rope_parameters=[10000.0]), "`rope_parameters` must be a mapping"),
+        (dict(pad_token_id="0"), "`pad_token_id` must be an int token id (or None), got '0'"),
+        (dict(pad_token_id=0.0), "`pad_token_id` must be an int token id (or None), got 0.0"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_a_type_error(overrides, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        LongNetConfig(**{**TINY, **overrides})
+
+
+def test_a_nan_rope_theta_can_no_longer_reach_training():
+    """rope_theta 0 made every rotary frequency NaN: train.py trained on NaN and saved 21 of 21 tensors as NaN."""
+    for theta in (0, -1, float("inf")):
+        with pytest.raises(ValueError, match="rope_theta"):
+            LongNetConfig(**{**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
+
+
 def test_segment_lengths_of_the_wrong_type_are_a_type_error():
     with pytest.raises(TypeError, match="`segment_lengths` must be a positive int or a list of positive ints"):
         LongNetConfig(**{**TINY, "segment_lengths": "48"})
@@ -154,6 +186,27 @@ def test_segment_lengths_of_the_wrong_type_are_a_type_error():
 
 def test_model_revalidates_a_config_edited_after_creation():
     config = LongNetConfig(**TINY)
-    config.dilation_rates = [2, 2]
-    with pytest.raises(ValueError, match="outside every branch"):
+    config.segment_lengths, config.dilation_rates = [16, 8], [8, 8]
+    with pytest.raises(ValueError, match="seen by no head at all"):
         LongNetForCausalLM(config)
+
+
+def test_a_single_dilated_branch_is_accepted_with_a_warning(caplog):
+    """The paper's single dilated branch: each head covers its own residues, the heads together every position."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        config = LongNetConfig(**{**TINY, "segment_lengths": [8], "dilation_rates": [2]})
+    assert config.dilation_rates == [2]
+    assert "lie outside every branch" in caplog.text and "Every position is still seen by some head" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "segment_lengths, dilation_rates",
+    [([8191, 8192], [2, 2]), ([4095, 4096], [2, 2]), ([2**31 - 1, 2**31 - 2], [2**30, 4]), ([2**31 - 1] * 8, [1] * 8)],
+)
+def test_large_or_coprime_branch_values_validate_without_enumerating_the_period(segment_lengths, dilation_rates):
+    """A 1.2 KB config.json with segment lengths 8191 and 8192 used to take 21.8 GB and 11 minutes to validate
+    (every pair of lcm = 67M positions listed); coverage is now decided per residue (see pattern_coverage)."""
+    config = LongNetConfig(**{**TINY, "segment_lengths": segment_lengths, "dilation_rates": dilation_rates})
+    assert config.segment_lengths == segment_lengths

@@ -13,7 +13,7 @@ from cases import attention_cases, call_kwargs, make_inputs, relative_error
 from memory_probe import LargestTensor
 from reference import head_offset, reference_dilated_attention
 
-from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, uncovered_positions
+from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, pattern_coverage
 
 # the package exports the function under the module's name, so reach the module through importlib
 dilated_attention_module = importlib.import_module("modeling_longnet.dilated_attention")
@@ -203,36 +203,100 @@ def test_dropout_gradient_is_exact_for_a_fixed_mask():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40)
-@given(
-    st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6)), min_size=1, max_size=3),
-    st.integers(1, 8),
-    st.sampled_from(["interleaved", "grouped"]),
-)
-def test_uncovered_positions_matches_brute_force_and_the_function(branches, num_heads, offsets):
-    segment_lengths = [w for w, _ in branches]
-    dilation_rates = [r for _, r in branches]
-    got = uncovered_positions(segment_lengths, dilation_rates, num_heads, offsets)
+def _brute_force_coverage(segment_lengths, dilation_rates, num_heads, offsets):
+    """Every (position, head) pair over lcm(segment_lengths), and the positions no head covers."""
     period = math.lcm(*segment_lengths)
-    want = [
+    pairs = [
         (t, h)
         for t in range(period)
         for h in range(num_heads)
-        if not any((t % w) % r == head_offset(h, r, num_heads, offsets) for w, r in branches)
+        if not any((t % w) % r == head_offset(h, r, num_heads, offsets) for w, r in zip(segment_lengths, dilation_rates))
     ]
-    assert got == want
-    # the queries at those positions are exactly the ones that see nothing
+    outside = set(pairs)
+    positions = [t for t in range(period) if all((t, h) in outside for h in range(num_heads))]
+    return period, pairs, positions
+
+
+@settings(max_examples=150)
+@given(
+    st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6)), min_size=1, max_size=4),
+    st.integers(1, 8),
+    st.sampled_from(["interleaved", "grouped"]),
+)
+def test_pattern_coverage_matches_brute_force_and_the_function(branches, num_heads, offsets):
+    segment_lengths = [w for w, _ in branches]
+    dilation_rates = [r for _, r in branches]
+    got = pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets)
+    period, pairs, positions = _brute_force_coverage(segment_lengths, dilation_rates, num_heads, offsets)
+    assert period % got.period == 0  # the reported period is a period of the pattern
+    repeats = period // got.period
+    assert got.uncovered_pairs * repeats == len(pairs)
+    assert got.uncovered_positions * repeats == len(positions)
+    assert got.some_pair_uncovered == bool(pairs) and got.complete == (not pairs)
+    assert got.every_position_covered == (not positions)
+    if got.first_uncovered_pair is not None:
+        assert got.first_uncovered_pair == min(pairs)
+    if got.first_uncovered_position is not None:
+        assert got.first_uncovered_position == min(positions)
+    # the queries at those pairs are exactly the ones that see nothing
     q = k = v = torch.randn(1, period, num_heads, 8, dtype=torch.float64)
     _, lse = dilated_attention(q, k, v, segment_lengths, dilation_rates, offsets=offsets, return_lse=True)
-    assert sorted(map(tuple, torch.isneginf(lse[0]).nonzero().tolist())) == want
+    assert sorted(map(tuple, torch.isneginf(lse[0]).nonzero().tolist())) == pairs
 
 
-def test_uncovered_positions_errors():
+@pytest.mark.parametrize(
+    "segment_lengths, dilation_rates, num_heads",
+    [
+        ([8191, 8192], [2, 2], 4),  # lcm 67M: 21.8 GB and 11 minutes with the old list of pairs
+        ([4095, 4096], [2, 2], 4),
+        ([2**31 - 1, 2**31 - 3], [5, 7], 3),
+        ([4093, 1021, 7, 11, 13, 2, 9, 5], [3, 5, 7, 11, 13, 2, 9, 5], 2),
+        ([2**31 - 1] * 8, [2**31 - 1] * 8, 4),
+        ([2**31 - 1, 2**31 - 2, 2**30, 3, 5, 7, 2**20, 2**31 - 5], [2**30, 3, 2**29, 3, 5, 7, 2, 11], 12),
+    ],
+)
+def test_pattern_coverage_scans_a_bounded_number_of_positions(monkeypatch, segment_lengths, dilation_rates, num_heads):
+    """The cost does not grow with the period: at most 2**20 positions of any group of branches are scanned."""
+    core = importlib.import_module("modeling_longnet.dilated_attention")
+    scanned = []
+    real_arange = torch.arange
+
+    def counting_arange(*args, **kwargs):
+        out = real_arange(*args, **kwargs)
+        scanned.append(out.numel())
+        return out
+
+    monkeypatch.setattr(core.torch, "arange", counting_arange)
+    try:
+        coverage = pattern_coverage(segment_lengths, dilation_rates, num_heads)
+    except ValueError as error:  # undecidable within the bounds: the error says what to change
+        assert "multiples of their dilation rates" in str(error)
+        coverage = None
+    assert sum(scanned) <= core._COVERAGE_SCAN_LIMIT * len(segment_lengths)
+    if coverage is not None:
+        assert coverage.describe()
+
+
+def test_pattern_coverage_summaries():
+    # the paper's pattern: complete
+    assert pattern_coverage([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], 12).complete
+    # the original LongNet layer's example: one dilated branch, each head on its own residue, every position covered
+    single = pattern_coverage([64], [2], 8)
+    assert single.every_position_covered and not single.complete and single.uncovered_pairs == 8  # per period 2
+    assert single.first_uncovered_pair == (0, 1)
+    # fewer heads than the rate: positions that no head covers
+    sparse = pattern_coverage([64], [4], 2)
+    assert sparse.uncovered_positions == 2 and sparse.first_uncovered_position == 2
+    # coprime periods: the counts multiply (Chinese remainder theorem)
+    coprime = pattern_coverage([7, 9], [7, 9], 1)
+    assert coprime.uncovered_positions == 6 * 8
+
+
+def test_pattern_coverage_errors():
     with pytest.raises(ValueError, match="num_heads"):
-        uncovered_positions([4], [2], 0)
-    with pytest.raises(ValueError, match="max_period"):
-        uncovered_positions([1009, 1013], [2, 3], 4, max_period=10_000)
-    assert uncovered_positions([2048, 4096], [1, 2], 12) == []
+        pattern_coverage([4], [2], 0)
+    with pytest.raises(ValueError, match="segment_lengths"):
+        pattern_coverage([4, 0], [2, 1], 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,6 +344,8 @@ def _qkv(batch=1, n=8, heads=4, kv_heads=4, dim=8, dtype=torch.float32):
         ([True], [1], TypeError, "segment_lengths"),
         ("48", [1], TypeError, "segment_lengths"),
         (4, None, TypeError, "dilation_rates"),
+        ([2**62], [1], ValueError, r"segment_lengths.*up to 2\*\*48"),
+        ([8], [2**63 - 1], ValueError, r"dilation_rates.*up to 2\*\*48"),
     ],
 )
 def test_bad_branches(segment_lengths, dilation_rates, error, match):
@@ -306,6 +372,10 @@ def test_int_branches_mean_one_branch():
         (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, "`q` must be a floating-point"),
         (lambda q, k, v: (q, k.to("meta"), v.to("meta")), ValueError, "one device"),
         (lambda q, k, v: (q.numpy(), k, v), TypeError, "`q` must be a torch.Tensor"),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), ValueError, "must not be empty: seq_len of `q` is 0"),
+        (lambda q, k, v: (q[:0], k[:0], v[:0]), ValueError, "must not be empty: batch is 0"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), ValueError, "must not be empty: head_dim is 0"),
+        (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "`q` has no heads"),
     ],
 )
 def test_bad_tensors(change, error, match):
@@ -322,6 +392,9 @@ def test_bad_tensors(change, error, match):
         (dict(causal=1), TypeError, "causal"),
         (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
         (dict(softmax_scale="1"), ValueError, "softmax_scale"),
+        (dict(softmax_scale=float("inf")), ValueError, "softmax_scale.*finite positive"),
+        (dict(softmax_scale=float("nan")), ValueError, "softmax_scale.*finite positive"),
+        (dict(softmax_scale=1e308), ValueError, r"softmax_scale.*in torch.float32 at most 3.4e\+38"),
         (dict(dropout_p=1.0), ValueError, "dropout_p"),
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
         (dict(return_lse=1), TypeError, "return_lse"),
@@ -338,7 +411,8 @@ def test_bad_tensors(change, error, match):
         (dict(cu_seqlens=torch.tensor([0, 6, 3, 8], dtype=torch.int32)), ValueError, "cu_seqlens.*non-decreasing"),
         (dict(cu_seqlens=torch.tensor([[0, 8]], dtype=torch.int32)), ValueError, "cu_seqlens.*1-D"),
         (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), attention_mask=torch.ones(1, 8)), ValueError, "not both"),
-        (dict(position_offset=-1), ValueError, "position_offset.*non-negative"),
+        (dict(position_offset=-1), ValueError, r"position_offset.*between 0 and 2\*\*48"),
+        (dict(position_offset=2**62), ValueError, r"position_offset.*between 0 and 2\*\*48"),
         (dict(position_offset=torch.tensor([1, 2])), ValueError, "position_offset.*shape"),
         (dict(position_offset=1.5), TypeError, "position_offset"),
         (dict(token_layout=TokenLayout.build(1, 9)), ValueError, "token_layout"),

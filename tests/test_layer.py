@@ -268,11 +268,17 @@ INVALID_LAYER_ARGUMENTS = [
         "`dilation_rate` and `segment_size` need one entry per branch, got [1, 2] and [4]",
     ),
     (
-        dict(dilation_rate=[2, 2]),
+        dict(dilation_rate=[8, 8], segment_size=[16, 8]),
         ValueError,
-        "leave some (position, head) outside every branch, whose output would be zero",
+        "`segment_size`=[16, 8] with `dilation_rate`=[8, 8] and 4 heads (`num_heads`) leave 4 of every 8 positions "
+        "(the first: 4) seen by no head at all",
     ),
     (dict(offsets="random"), ValueError, "`offsets` must be one of ('interleaved', 'grouped'), got 'random'"),
+    (dict(rope_theta=0), ValueError, "`rope_theta` must be a finite positive number, got 0"),
+    (dict(rope_theta=-1.0, use_xpos=True), ValueError, "`rope_theta` must be a finite positive number, got -1.0"),
+    (dict(xpos_scale_base=0.0), ValueError, "`xpos_scale_base` must be a finite positive number, got 0.0"),
+    (dict(xpos_scale_base=float("nan")), ValueError, "`xpos_scale_base` must be a finite positive number, got nan"),
+    (dict(norm_eps=0.0, sub_layernorm=True), ValueError, "`norm_eps` must be a finite positive number, got 0.0"),
     (dict(dropout=1.5), ValueError, "`dropout` must be a probability in [0, 1), got 1.5"),
     (dict(causal=1), TypeError, "`causal` must be True or False, got 1"),
     (dict(use_xpos="yes"), TypeError, "`use_xpos` must be True or False, got 'yes'"),
@@ -315,6 +321,28 @@ def test_invalid_layer_argument_is_named(overrides, error, message):
         pytest.skip("flash-attn runs on this machine")
     with pytest.raises(error, match=re.escape(message)):
         DilatedAttention(**{**LAYER_ARGS, **overrides})
+
+
+def test_the_original_layers_documented_example_works_as_documented():
+    """The seed's documentation: ``DilatedAttention(d_model=512, num_heads=8, dilation_rate=2, segment_size=64,
+    dropout=0.1, causal=True, use_xpos=False, use_rel_pos_bias=False)``. One dilated branch: head h sees the
+    positions of residue h mod 2 in its segment, and gives zero at the others (SPEC.md); the heads together cover
+    every position. The output is the out-projection of exactly that function."""
+    torch.manual_seed(0)
+    layer = DilatedAttention(
+        d_model=512, num_heads=8, dilation_rate=2, segment_size=64, dropout=0.1, causal=True, use_xpos=False,
+        use_rel_pos_bias=False,
+    ).double().eval()
+    x = torch.randn(2, 150, 512, dtype=torch.float64)
+    out = layer(x)
+    q, k, v = projections(layer, x)
+    attention = reference_dilated_attention(q, k, v, [64], [2], causal=True)
+    torch.testing.assert_close(out, layer.o_proj(attention.reshape(2, 150, -1)), rtol=1e-10, atol=1e-10)
+    odd_heads_at_even_positions = attention[:, 0::2, 1::2]
+    assert torch.count_nonzero(odd_heads_at_even_positions) == 0 and torch.count_nonzero(attention[:, 0::2, 0::2]) > 0
+    layer.train()
+    layer(x).sum().backward()  # dropout 0.1 in training, gradients flow
+    assert layer.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_bad_input_shape_is_named():

@@ -417,3 +417,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=re.escape("a bidirectional LongNet (`config.causal=False`) has no KV cache")):
         encoder(ids, past_key_values=DynamicCache())
     assert encoder(ids, use_cache=True).to_tuple()[1:] == ()  # nothing but the hidden states
+    for empty, name in ((ids[:, :0], "input_ids"), (ids[:0], "input_ids")):
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must hold at least one row of at least one token")):
+            model(empty)
+    with pytest.raises(ValueError, match=re.escape("`inputs_embeds` must hold at least one row of at least one token")):
+        model(inputs_embeds=model.get_input_embeddings()(ids)[:, :0])
