@@ -14,9 +14,9 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
-
 from .dilated_attention import OFFSET_MODES, DilatedPattern, pattern_coverage
+
+logger = logging.get_logger(__name__)
 
 POSITION_ENCODINGS = ("rope", "xpos", "none")
 NORMALIZATIONS = ("rmsnorm", "sub_layernorm")
@@ -231,7 +231,7 @@ class LongNetConfig(PreTrainedConfig):
                     f"for rope_type {rope_type!r}: drop the scaling or use `position_encoding='rope'`"
                 )
             theta = self.rope_parameters.get("rope_theta")
-            if isinstance(theta, bool) or not isinstance(theta, Real) or not 0 < theta < math.inf:
+            if not is_finite_positive(theta):
                 raise ValueError(
                     f"`rope_parameters['rope_theta']` must be a finite positive number (the rotary base, e.g. "
                     f"10000.0), got {theta!r}: the frequencies theta ** (-2i / head_dim) are NaN or inf otherwise"
@@ -274,7 +274,8 @@ def check_pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets, 
     segments, rates, heads = names
     if not coverage.every_position_covered:
         count = "some" if coverage.uncovered_positions is None else str(coverage.uncovered_positions)
-        where = "" if coverage.first_uncovered_position is None else f" (the first: {coverage.first_uncovered_position})"
+        first = coverage.first_uncovered_position
+        where = "" if first is None else f" (the first: {first})"
         raise ValueError(
             f"`{segments}`={list(segment_lengths)} with `{rates}`={list(dilation_rates)} and {num_heads} heads "
             f"(`{heads}`) leave {count} of every {coverage.period} positions{where} seen by no head at all: "
@@ -282,20 +283,11 @@ def check_pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets, 
             "branch with dilation rate 1 (it covers every position of every head)"
         )
     if not coverage.complete:
-        _warn_once(
+        logger.warning_once(
             f"`{segments}`={list(segment_lengths)}, `{rates}`={list(dilation_rates)}, {num_heads} heads: "
             f"{coverage.describe()}. Every position is still seen by some head; add a branch with dilation rate 1 "
             "if every head should see every position"
         )
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)
 
 
 def check_relative_position_buckets(num_buckets, max_distance, bidirectional: bool) -> None:
@@ -327,10 +319,15 @@ def _check_positive_int(config, name: str) -> None:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
+def is_finite_positive(value) -> bool:
+    """A real number (not a bool) in (0, inf): NaN and inf are not."""
+    return not isinstance(value, bool) and isinstance(value, Real) and 0 < value < math.inf
+
+
 def _check_positive_real(config, name: str) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+    if not is_finite_positive(value):
         raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
 
 
-__all__ = ["LongNetConfig", "check_pattern_coverage"]
+__all__ = ["LongNetConfig", "check_pattern_coverage", "is_finite_positive"]

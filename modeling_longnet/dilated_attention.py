@@ -141,9 +141,15 @@ class PatternCoverage:
         if self.complete:
             return "every head covers every position"
         if self.some_pair_uncovered is None:
-            return f"every position is covered by some head; whether every head covers every one of the {self.period} positions of a period was not decided"
+            return (
+                "every position is covered by some head; whether every head covers every one of the "
+                f"{self.period} positions of a period was not decided"
+            )
         pairs = "some" if self.uncovered_pairs is None else f"{self.uncovered_pairs}"
-        text = f"{pairs} of the {self.num_heads} x {self.period} (head, position mod {self.period}) pairs lie outside every branch"
+        text = (
+            f"{pairs} of the {self.num_heads} x {self.period} (head, position mod {self.period}) pairs lie outside "
+            "every branch"
+        )
         if self.first_uncovered_pair is not None:
             text += f" (the first: position {self.first_uncovered_pair[0]}, head {self.first_uncovered_pair[1]})"
         text += "; their outputs are zero"
@@ -209,8 +215,7 @@ def pattern_coverage(segment_lengths, dilation_rates, num_heads: int, offsets: s
         raise ValueError(f"`num_heads` must be a positive int, got {num_heads!r}")
     num_heads = int(num_heads)
     # A branch listed twice covers what it covers once.
-    unique = list(dict.fromkeys(range(len(pattern.branches)), None))
-    unique = [i for i in unique if pattern.branches[i] not in pattern.branches[:i]]
+    unique = [i for i, branch in enumerate(pattern.branches) if branch not in pattern.branches[:i]]
     branches = [pattern.branches[i] for i in unique]
     head_offsets_per_branch = [pattern.head_offsets(i, num_heads) for i in unique]
     offsets_taken = [max(o) + 1 for o in head_offsets_per_branch]  # both modes take the offsets 0 .. p_i - 1
@@ -253,7 +258,9 @@ def pattern_coverage(segment_lengths, dilation_rates, num_heads: int, offsets: s
         first_position, first_pairs = None, {}
         scan_positions = positions is None and part_period <= _COVERAGE_SCAN_LIMIT
         open_keys = [key for key, count in pairs.items() if count is None]
-        scan_pairs = open_keys and part_period <= _COVERAGE_SCAN_LIMIT and len(open_keys) * part_period <= _PAIR_SCAN_WORK
+        scan_pairs = (
+            open_keys and part_period <= _COVERAGE_SCAN_LIMIT and len(open_keys) * part_period <= _PAIR_SCAN_WORK
+        )
         if len(parts) == 1 and part_period <= _COVERAGE_SCAN_LIMIT:
             # one part: the scan also finds the first uncovered position and pair
             scan_positions = scan_positions or positions != 0
@@ -493,8 +500,7 @@ def _position_offsets(position_offset, batch_size: int) -> torch.Tensor:
 
 def _largest_finite(dtype: torch.dtype) -> float:
     """The largest finite value of the dtype the scores are computed in (float32 for half-precision inputs)."""
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return float(torch.finfo(compute).max) if compute.is_floating_point else float("inf")
+    return float(torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).max)
 
 
 def _check_qkv(q, k, v) -> None:
@@ -520,7 +526,8 @@ def _check_qkv(q, k, v) -> None:
             f"`q` has {q.shape[1]} positions but `k` only {k.shape[1]}: queries are the last positions of the key "
             "sequence, so there cannot be more of them"
         )
-    for name, size in (("batch", q.shape[0]), ("seq_len of `q`", q.shape[1]), ("seq_len of `k`", k.shape[1]), ("head_dim", q.shape[3])):
+    sizes = (("batch", q.shape[0]), ("seq_len of `q`", q.shape[1]), ("seq_len of `k`", k.shape[1]), ("head_dim", q.shape[3]))
+    for name, size in sizes:
         if size == 0:
             raise ValueError(
                 f"`q`, `k` and `v` must not be empty: {name} is 0 (q {tuple(q.shape)}, k {tuple(k.shape)}); "
@@ -803,12 +810,16 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, part
     old_lse = lse[rows]
     largest = torch.maximum(old_lse, part_lse)
     finite = largest.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
-    old_weight = torch.exp(old_lse - finite)
-    part_weight = torch.exp(part_lse - finite)
-    total = old_weight + part_weight  # >= 1 where either part saw a key, else 0
+    total = _mix_rows(out, rows, torch.exp(old_lse - finite), part_out, torch.exp(part_lse - finite))
+    lse[rows] = torch.where(total > 0, largest + torch.log(torch.where(total > 0, total, 1.0)), largest)
+
+
+def _mix_rows(out, rows, old_weight, part_out, part_weight) -> torch.Tensor:
+    """``out[rows]`` := the weighted mean of itself and ``part_out``; returns the weights' total (0 where both are)."""
+    total = old_weight + part_weight
     safe_total = torch.where(total > 0, total, 1.0)
     out[rows] = (out[rows] * old_weight.unsqueeze(-1) + part_out * part_weight.unsqueeze(-1)) / safe_total.unsqueeze(-1)
-    lse[rows] = torch.where(total > 0, largest + torch.log(safe_total), largest)
+    return total
 
 
 def merge_partial_max_sum(out, row_max, row_sum, rows, part_out, part_max, part_sum):
@@ -822,13 +833,9 @@ def merge_partial_max_sum(out, row_max, row_sum, rows, part_out, part_max, part_
     old_max, old_sum = row_max[rows], row_sum[rows]
     new_max = torch.maximum(old_max, part_max)
     finite = new_max.nan_to_num(neginf=0.0)  # rows that have seen nothing yet stay 0 instead of NaN
-    old_weight = old_sum * torch.exp(old_max - finite)
-    part_weight = part_sum * torch.exp(part_max - finite)
-    total = old_weight + part_weight
-    safe_total = torch.where(total > 0, total, 1.0)
-    out[rows] = (out[rows] * old_weight.unsqueeze(-1) + part_out * part_weight.unsqueeze(-1)) / safe_total.unsqueeze(-1)
+    old_weight, part_weight = old_sum * torch.exp(old_max - finite), part_sum * torch.exp(part_max - finite)
+    row_sum[rows] = _mix_rows(out, rows, old_weight, part_out, part_weight)
     row_max[rows] = new_max
-    row_sum[rows] = total
 
 
 def softmax_entries(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,16 @@ Forward, one launch per branch: a program owns a block of query rows of one (doc
 online softmax over the keys of that segment, and merges its result into the running output. Each row keeps its
 largest scaled score and its sum of exponentials apart (never one rounded log-sum-exp, which at logits of 1e9
 would carry an error of e^64 into the weights), and mixes by weights that add up to one, so the output stays a
-convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the merge needs no atomics; a branch with r = 1 covers every
-query and runs last, writing the final output in the input dtype.
+convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the
+merge needs no atomics; a branch with r = 1 covers every query and runs last, writing the final output in the
+input dtype.
 
 Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - max) / sum`` with the *merged*
 row maximum and sum is exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)
 - dLSE``, as in a flash-attention backward; the kernels take exp(s - max) (at most 1) with dO and delta divided by
-the row's sum, which leaves dV and dS unchanged. Programs that own a block of keys (one kv-head, all the query heads of its group that
-share those key rows, so grouped-query attention needs no atomics for dK, dV) accumulate dK, dV over the query
-blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
+the row's sum, which leaves dV and dS unchanged. Programs that own a block of keys (one kv-head, all the query
+heads of its group that share those key rows, so grouped-query attention needs no atomics for dK, dV) accumulate
+dK, dV over the query blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
 recompute S and dP to accumulate dQ over the key blocks (7 matrix products per tile pair, deterministic), or the
 dK/dV programs also form dS K and add it to a float32 dQ buffer (5 products; FlashAttention-2's scheme), with TMA
 reduce-adds of whole tiles on Hopper (a reduce-add may not start before its descriptor's first row, so those query
@@ -519,8 +520,8 @@ if triton is not None:
 
     @triton.jit
     def _backward_kv_steps(
-        dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
-        query_stride, do_stride, dq_stride, lse_stride, qk_scale, softmax_scale, seed, stream, item, dropout_p,
+        dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
+        query_stride, do_stride, dq_stride, row_stride, qk_scale, softmax_scale, seed, stream, item, dropout_p,
         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
         TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -543,11 +544,11 @@ if triton is not None:
                 q_t = tl.load(
                     q_rows + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
                 )
-            lse = tl.load(lse_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0)  # row max, log2 units
+            row_max_log2 = tl.load(max_rows_ptr + rows * row_stride, mask=query_valid, other=0.0)
             # k q^T, where the forward took q k^T: the two products may round apart by an ulp of the score, which
             # at logits >= 1e5 (float32) shows in P and dV (docs/triton_notes.md)
             s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-            p_t = tl.math.exp2(tl.minimum(s_t - lse[None, :], 0.0))  # a probability: at most 1
+            p_t = tl.math.exp2(tl.minimum(s_t - row_max_log2[None, :], 0.0))  # a probability: at most 1
             if MASKED:
                 p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
             if TMA:
@@ -564,7 +565,7 @@ if triton is not None:
                 dp_t = tl.where(keep, dp_t * scale_kept, 0.0)
             else:
                 dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            delta = tl.load(delta_rows_ptr + rows * lse_stride, mask=query_valid, other=0.0)
+            delta = tl.load(delta_rows_ptr + rows * row_stride, mask=query_valid, other=0.0)
             ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
             dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=DOT_PRECISION)
             if DQ_MODE != 0:
@@ -578,7 +579,7 @@ if triton is not None:
 
     @triton.jit
     def _backward_q_steps(
-        dq, q, do, lse, delta, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
+        dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
         qk_scale, seed, stream, item, dropout_p,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -607,7 +608,7 @@ if triton is not None:
                     k_t = tl.load(k_ptrs)
                     v_t = tl.load(v_ptrs)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            p = tl.math.exp2(tl.minimum(s * qk_scale - lse[:, None], 0.0))  # a probability: at most 1
+            p = tl.math.exp2(tl.minimum(s * qk_scale - row_max_log2[:, None], 0.0))  # a probability: at most 1
             if MASKED and CAUSAL:
                 p = tl.where(query_rows[:, None] >= key_rows[None, :], p, 0.0)
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -625,7 +626,7 @@ if triton is not None:
         ]
     )
     def _backward_kernel(
-        Q, K, V, DO, DQ, DK, DV, Lse, Delta,
+        Q, K, V, DO, DQ, DK, DV, RowMax, Delta,
         HeadOffset, ClassKvHead, ClassSize, ClassHeads, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
         stride_qb, stride_qn, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -715,7 +716,7 @@ if triton is not None:
                 q_rows = Q + batch * stride_qb + head * stride_qh + q_row0 * stride_qn
                 do_rows = DO + batch * stride_dob + head * stride_doh + q_row0 * stride_don
                 dq_rows = DQ + batch * stride_dqb + head * stride_dqh + q_row0 * stride_dqn
-                lse_rows_ptr = Lse + batch * stride_lb + head + q_row0 * stride_ln
+                max_rows_ptr = RowMax + batch * stride_lb + head + q_row0 * stride_ln
                 delta_rows_ptr = Delta + batch * stride_lb + head + q_row0 * stride_ln
                 if TMA:
                     q_rows = _rows_descriptor(q_rows, query_lo, end, query_stride, BLOCK_M1, HEAD_DIM)
@@ -723,13 +724,13 @@ if triton is not None:
                 if DQ_MODE == 2:
                     dq_rows = _rows_descriptor(dq_rows, query_lo, end, dq_stride, BLOCK_M1, HEAD_DIM)
                 dk, dv = _backward_kv_steps(
-                    dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, first, diagonal_end,
+                    dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, first, diagonal_end,
                     query_lo, end, query_stride, do_stride, dq_stride, dilation * stride_ln,
                     qk_scale, softmax_scale, seed, stream_base + head, item, dropout_p,
                     BLOCK_M1, HEAD_DIM, CAUSAL, DROPOUT, TMA, DQ_MODE, DOT_PRECISION,
                 )
                 dk, dv = _backward_kv_steps(
-                    dk, dv, k, v, q_rows, do_rows, dq_rows, lse_rows_ptr, delta_rows_ptr, key_rows, diagonal_end, end,
+                    dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, diagonal_end, end,
                     query_lo, end, query_stride, do_stride, dq_stride, dilation * stride_ln,
                     qk_scale, softmax_scale, seed, stream_base + head, item, dropout_p,
                     BLOCK_M1, HEAD_DIM, False, DROPOUT, TMA, DQ_MODE, DOT_PRECISION,
@@ -770,7 +771,9 @@ if triton is not None:
                 DO + batch * stride_dob + head * stride_doh + query_index[:, None] * stride_don + offs_d[None, :],
                 mask=query_valid[:, None], other=0.0,
             )
-            lse = tl.load(Lse + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
+            row_max_log2 = tl.load(
+                RowMax + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0
+            )
             delta = tl.load(Delta + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
 
             k_rows = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
@@ -788,17 +791,17 @@ if triton is not None:
             last_full = tl.maximum(last_full, first_full)
             stream = stream_base + head
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows, v_rows, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
+                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
                 tl.minimum(first_full, key_stop), key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows, v_rows, query_rows, first_full, last_full,
+                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, first_full, last_full,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, False, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, lse, delta, k_rows, v_rows, query_rows, last_full, key_stop,
+                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, last_full, key_stop,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
@@ -1012,7 +1015,9 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     return out, lse, row_max, row_sum
 
 
-def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed):
+def _backward(
+    q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed
+):
     """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
     the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
     unchanged, and no rounded LSE enters."""
@@ -1033,7 +1038,7 @@ def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layou
     inverse_sum = torch.where(row_sum > 0, row_sum, 1.0).reciprocal()
     delta = delta * inverse_sum
     grad_out = (grad_out.float() * inverse_sum.unsqueeze(-1)).to(grad_out.dtype)
-    lse = row_max.nan_to_num(neginf=0.0)  # what the kernels call lse: the row max, log2 units
+    row_max_log2 = row_max.nan_to_num(neginf=0.0)  # the forward's row maxima (scaled scores, log2 units)
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
     plans = _plans(q, k, pattern, layout)[::-1]
@@ -1068,12 +1073,12 @@ def _backward(q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layou
                 num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
                 with stream:
                     _backward_kernel[(num_kv_programs + num_q_programs,)](
-                        q, k, v, grad_out, grad_q, grad_k, grad_v, lse, delta,
+                        q, k, v, grad_out, grad_q, grad_k, grad_v, row_max_log2, delta,
                         plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
                         plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
                         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
                         *_row_strides(grad_q), *_row_strides(grad_k),
-                        lse.stride(0), lse.stride(1),
+                        row_max_log2.stride(0), row_max_log2.stride(1),
                         plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
                         num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
                         softmax_scale, seed, branch << 16, dropout_p,
@@ -1120,8 +1125,8 @@ class _TritonDilatedAttention(torch.autograd.Function):
         q, k, v, out, row_max, row_sum = ctx.saved_tensors
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             grads = _backward(
-                q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale,
-                ctx.dropout_p, ctx.seed,
+                q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal,
+                ctx.softmax_scale, ctx.dropout_p, ctx.seed,
             )
         return *grads, None, None, None, None, None
 

@@ -59,7 +59,12 @@ from transformers.utils.generic import GeneralInterface, can_return_tuple, merge
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_longnet import cached_lengths, check_cache
-from .configuration_longnet import LongNetConfig, check_pattern_coverage, check_relative_position_buckets
+from .configuration_longnet import (
+    LongNetConfig,
+    check_pattern_coverage,
+    check_relative_position_buckets,
+    is_finite_positive,
+)
 from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, in forward arguments and output fields;
@@ -453,7 +458,7 @@ class DilatedAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.layer_idx = None
         for name, value in (("rope_theta", rope_theta), ("xpos_scale_base", xpos_scale_base), ("norm_eps", norm_eps)):
-            if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
+            if not is_finite_positive(value):
                 raise ValueError(f"`{name}` must be a finite positive number, got {value!r}")
         self.use_xpos, self.rope_theta, self.xpos_scale_base = use_xpos, float(rope_theta), float(xpos_scale_base)
         if use_xpos and self.head_dim % 2:
@@ -725,7 +730,8 @@ class LongNetModel(LongNetPreTrainedModel):
         given, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
         if given.dim() < 2 or given.shape[0] == 0 or given.shape[1] == 0:
             raise ValueError(
-                f"`{name}` must hold at least one row of at least one token, shape (batch, seq{', hidden' if name == 'inputs_embeds' else ''}); "
+                f"`{name}` must hold at least one row of at least one token, shape "
+                f"(batch, seq{', hidden' if name == 'inputs_embeds' else ''}); "
                 f"got {tuple(given.shape)}"
             )
         if inputs_embeds is None:

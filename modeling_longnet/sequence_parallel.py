@@ -342,7 +342,8 @@ class _MergePartials(torch.autograd.Function):
         for slot, part_lse in zip(slots, part_lses):
             largest[slot] = torch.maximum(largest[slot], part_lse)
         finite = largest.nan_to_num(neginf=0.0)  # a query that no part covers keeps LSE = -inf and output 0
-        raw = [torch.exp(dense_row_lse - finite)] + [torch.exp(part_lse - finite[slot]) for slot, part_lse in zip(slots, part_lses)]
+        raw = [torch.exp(dense_row_lse - finite)]
+        raw += [torch.exp(part_lse - finite[slot]) for slot, part_lse in zip(slots, part_lses)]
         total = raw[0].clone()
         for slot, weight in zip(slots, raw[1:]):
             total.index_add_(0, slot, weight)

@@ -16,19 +16,18 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 PROG = "convert_llama_to_longnet.py"
+
+# the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
+# the script's folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_support import looks_like_local_path, one_line  # noqa: E402
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
-    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
-    separators = {os.sep, os.altsep} - {None, "/"}
-    return (
-        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
-        or any(separator in name for separator in separators) or os.path.exists(name)
-    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,10 +102,6 @@ def not_llama_message(name: str, model_type) -> str:
         "takes checkpoints of LlamaForCausalLM (model_type 'llama')"
     )
 
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,11 @@ if importlib.util.find_spec("modeling_longnet") is None:  # run from a source ch
 
 PROG = "push_to_hub.py"
 
+# the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
+# the script's folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_support import one_line  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -45,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="prepare the files (needs --staging-dir to keep them) but upload nothing")
     return parser
 
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 def check_arguments(args: argparse.Namespace) -> None:

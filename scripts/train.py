@@ -40,6 +40,11 @@ if importlib.util.find_spec("modeling_longnet") is None:  # run from a source ch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROG = "train.py"
+
+# the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
+# the script's folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_support import looks_like_local_path, one_line  # noqa: E402
 SUMMARY_FILE = "training_summary.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -200,14 +205,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
-    than one '/', holds an OS path separator (Windows' '\\'), or exists."""
-    separators = {os.sep, os.altsep} - {None, "/"}
-    return (
-        name in (".", "..") or name.startswith(("./", "../", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
-        or any(separator in name for separator in separators) or os.path.exists(name)
-    )
 
 
 def _is_main_process() -> bool:
@@ -953,10 +950,6 @@ def print_summary(summary: dict, output_dir: str) -> None:
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
 
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,7 @@ def _errors(function, truth, problems, dtype):
     """Relative errors of the output and of dq, dk, dv of ``function`` in ``dtype`` against ``truth`` in float64
     on the same (rounded) inputs, over several problems at once: one problem's error depends on how close its
     largest scores happen to lie, which evens out over a few."""
-    got, want, outputs, values = [[] for _ in range(4)], [[] for _ in range(4)], [], []
+    got, want, values = [], [], []  # per problem: (output, dq, dk, dv)
     for q, k, v, grad in problems:
         inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         out = function(*inputs)
@@ -54,13 +54,12 @@ def _errors(function, truth, problems, dtype):
         exact_inputs = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
         expected = truth(*exact_inputs)
         expected.backward(grad)
-        for slot, (a, b) in enumerate(zip([out, *(t.grad for t in inputs)], [expected, *(t.grad for t in exact_inputs)])):
-            got[slot].append(a.detach())
-            want[slot].append(b.detach())
-        outputs.append(out.detach())
+        got.append([out.detach(), *(t.grad for t in inputs)])
+        want.append([expected.detach(), *(t.grad for t in exact_inputs)])
         values.append(inputs[2].detach())
-    errors = [relative_error(torch.stack(a), torch.stack(b)) for a, b in zip(got, want)]
-    return errors, torch.stack(outputs), torch.stack(values), [torch.stack(g) for g in got[1:]]
+    got, want = ([torch.stack(column) for column in zip(*rows)] for rows in (got, want))
+    errors = [relative_error(a, b) for a, b in zip(got, want)]
+    return errors, got[0], torch.stack(values), got[1:]
 
 
 def _multiset_bias(dtype):
@@ -120,7 +119,9 @@ def test_half_precision_inputs_of_any_magnitude_give_finite_outputs_and_gradient
     r = [1, 1] (one branch counted twice): a recomputed score above the stored LSE made exp(s - LSE) overflow."""
     generator = torch.Generator().manual_seed(int(magnitude))
     q, k, v = (
-        (torch.randn(BATCH, LENGTH, HEADS, HEAD_DIM, generator=generator).clamp(-3, 3) * (magnitude / 3)).to(dtype).requires_grad_()
+        (torch.randn(BATCH, LENGTH, HEADS, HEAD_DIM, generator=generator).clamp(-3, 3) * (magnitude / 3))
+        .to(dtype)
+        .requires_grad_()
         for _ in range(3)
     )
     out = dilated_attention(q, k, v, segments, rates, causal=True, backend="torch")
