@@ -722,6 +722,10 @@ class _BranchTables:
     k_valid: torch.Tensor
     q_position: torch.Tensor  # logical positions, for the causal mask
     k_position: torch.Tensor
+    # Score biases of the chunks (0 where a query sees a key, -inf elsewhere): built by the first layer, reused by
+    # the others and by the backward pass, since rebuilding the mask costs as much as the scores' arithmetic.
+    score_bias: dict = field(default_factory=dict, repr=False)
+    score_bias_bytes: int = 0
 
 
 def _participating(seg_base, seg_lo, seg_hi, offsets, r):
@@ -857,13 +861,36 @@ def _gather(x_flat, index):
     return x_flat.index_select(0, index.reshape(-1)).view(*index.shape, x_flat.shape[-1])
 
 
-def _scores(q_rows, k_rows, tables, segs, rows, causal, scale):
-    """Masked scores (s, H, lq, Lk) of one chunk and the mask of allowed (query, key) pairs."""
-    scores = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
+_SCORE_BIAS_BYTES = 1 << 28  # cached score biases per branch and forward pass, at most (256 MB)
+
+
+def _score_bias(tables: _BranchTables, segs: slice, rows: slice, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(s, H, lq, Lk) of one chunk: 0 where the query may see the key (both real, and causal order), else -inf."""
+    key = (causal, segs.start, segs.stop, rows.start, rows.stop, dtype)
+    bias = tables.score_bias.get(key)
+    if bias is not None:
+        return bias
     allowed = tables.k_valid[segs].unsqueeze(-2) & tables.q_valid[segs, :, rows].unsqueeze(-1)
     if causal:
         allowed = allowed & (tables.k_position[segs].unsqueeze(-2) <= tables.q_position[segs, :, rows].unsqueeze(-1))
-    return scores.masked_fill(~allowed, float("-inf")), allowed
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    size = bias.numel() * bias.element_size()
+    if tables.score_bias_bytes + size <= _SCORE_BIAS_BYTES:
+        tables.score_bias[key] = bias
+        tables.score_bias_bytes += size
+    return bias
+
+
+def _scores(q_rows, k_rows, tables, segs, rows, causal, scale):
+    """Scores (s, H, lq, Lk) of one chunk, -inf where the query may not see the key: ``scale q k^T + bias`` in one
+    batched product."""
+    bias = _score_bias(tables, segs, rows, causal, q_rows.dtype)
+    s, h, lq, d = q_rows.shape
+    lk = k_rows.shape[2]
+    scores = torch.baddbmm(
+        bias.reshape(s * h, lq, lk), q_rows.reshape(s * h, lq, d), k_rows.reshape(s * h, lk, d).transpose(1, 2), alpha=scale
+    )
+    return scores.view(s, h, lq, lk)
 
 
 class _TorchDilatedAttention(torch.autograd.Function):
@@ -890,17 +917,17 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 q_rows = _gather(q_flat, tables.q_index[segs, :, rows]).to(compute)
                 k_rows = _gather(k_flat, tables.k_index[segs]).to(compute)
                 v_rows = _gather(v_flat, tables.k_index[segs]).to(compute)
-                scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
+                scores = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
                 # a chunk's largest score and its sum of exp(score - largest): normalised by the sum, so that the
                 # weights add up to one at any logit scale
                 chunk_max = scores.amax(-1)
                 probs = torch.exp(scores - chunk_max.nan_to_num(neginf=0.0).unsqueeze(-1))
                 chunk_sum = probs.sum(-1)
-                probs = probs / torch.where(chunk_sum > 0, chunk_sum, 1.0).unsqueeze(-1)
                 if dropout_p > 0:
                     keep = _dropout_keep(probs.shape, seed, branch, chunk, dropout_p, q.device)
                     probs = probs * keep / (1.0 - dropout_p)
-                chunk_out = torch.matmul(probs, v_rows)
+                # divided by the sum after the product: a row's scale commutes with it and costs lq x D, not lq x Lk
+                chunk_out = torch.matmul(probs, v_rows) / torch.where(chunk_sum > 0, chunk_sum, 1.0).unsqueeze(-1)
                 target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total)
                 merge_partial_max_sum(
                     out, row_max, row_sum, target.reshape(-1), chunk_out.reshape(-1, head_dim),
@@ -951,20 +978,24 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 k_rows = _gather(k_flat, k_idx).to(compute)
                 v_rows = _gather(v_flat, k_idx).to(compute)
                 do_rows = _gather(do_flat, q_idx)
-                scores, allowed = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
-                # the mixed softmax's entries, exp(s - max) / sum: exact at any logit scale (see merge_partial_max_sum)
-                probs = softmax_entries(scores, finite_max[q_idx].unsqueeze(-1)) / safe_sum[q_idx].unsqueeze(-1)
+                scores = _scores(q_rows, k_rows, tables, segs, rows, causal, scale)
+                # The mixed softmax's entries are exp(s - max) / sum, exact at any logit scale (see
+                # merge_partial_max_sum), and 0 where the bias is -inf (so d_scores needs no mask). The row factor
+                # 1 / sum (at most 1) and the softmax scale go onto the small operands (do, q) and the small
+                # results (dq): a row's scale commutes with the products and costs lq x D instead of lq x Lk.
+                probs = softmax_entries(scores, finite_max[q_idx].unsqueeze(-1))
+                row_scale = (1.0 / safe_sum[q_idx]).unsqueeze(-1)
                 d_probs = torch.matmul(do_rows, v_rows.transpose(-1, -2))
                 if dropout_p > 0:
                     keep = _dropout_keep(probs.shape, ctx.seed, branch, chunk, dropout_p, q.device) / (1.0 - dropout_p)
-                    dv_rows = torch.matmul((probs * keep).transpose(-1, -2), do_rows)
+                    dv_rows = torch.matmul((probs * keep).transpose(-1, -2), do_rows * row_scale)
                     d_probs = d_probs * keep
                 else:
-                    dv_rows = torch.matmul(probs.transpose(-1, -2), do_rows)
-                d_scores = probs * (d_probs - delta[q_idx].unsqueeze(-1)) * scale
-                d_scores = d_scores.masked_fill(~allowed, 0.0)
-                dq.index_add_(0, q_idx.reshape(-1), torch.matmul(d_scores, k_rows).reshape(-1, head_dim))
-                dk.index_add_(0, k_idx.reshape(-1), torch.matmul(d_scores.transpose(-1, -2), q_rows).reshape(-1, head_dim))
+                    dv_rows = torch.matmul(probs.transpose(-1, -2), do_rows * row_scale)
+                d_scores = d_probs.sub_(delta[q_idx].unsqueeze(-1)).mul_(probs)  # times scale / sum, applied below
+                grad_scale = row_scale * scale
+                dq.index_add_(0, q_idx.reshape(-1), (torch.matmul(d_scores, k_rows) * grad_scale).reshape(-1, head_dim))
+                dk.index_add_(0, k_idx.reshape(-1), torch.matmul(d_scores.transpose(-1, -2), q_rows * grad_scale).reshape(-1, head_dim))
                 dv.index_add_(0, k_idx.reshape(-1), dv_rows.reshape(-1, head_dim))
 
         return dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None, None, None
