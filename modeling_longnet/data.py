@@ -5,8 +5,13 @@ The embedded default dataset (:func:`generate_default_dataset`) is generated, no
 pure function of ``(split, seed, index)``, so every machine builds the same data without a network. It mixes
 three tasks:
 
-* ``passkey``: a five-digit pass key stated once, then ordinary sentences, then the question "What is the pass
-  key? The pass key is" and the key again.
+* ``passkey``: a pass key (an uppercase letter and a digit, ``"E2"``) stated four times, then lowercase sentences
+  in which the question ``" key? "`` is asked again and again, each time followed by the key. Every answer lies
+  at least ``min_distance`` characters after the previous statement of the key. The filler has no capitals and
+  no digits, so that the key's two characters are found by what they are; the four statements are padded so that
+  they land on the four residues modulo 4, because a head of a dilated branch only sees the keys of its own
+  residue (docs/quality.md tells the experiments that chose this design). Held-out splits use keys that the
+  ``train`` split never contains (:func:`pass_keys`).
 * ``key_value``: a list of ``name = value`` records, then "The value of NAME is" and that record's value.
 * ``text``: ordinary English sentences from a small grammar (no retrieval).
 
@@ -38,6 +43,8 @@ __all__ = [
     "END_OF_TEXT",
     "PACKING_MODES",
     "PADDING",
+    "PASSKEY_QUESTION",
+    "PASSKEY_STATEMENTS",
     "TASKS",
     "PackedRowsCollator",
     "byte_level_tokenizer",
@@ -48,6 +55,8 @@ __all__ = [
     "load_text_datasets",
     "load_tokenizer",
     "pack_documents",
+    "pass_keys",
+    "question_records",
     "tokenize_and_pack",
     "train_bpe_tokenizer",
 ]
@@ -92,8 +101,10 @@ _TIMES = (
 _ADJECTIVES = ("quiet", "warm", "grey", "busy", "bright", "calm", "windy", "strange", "pleasant", "long")
 _WEATHER_NOUNS = ("day", "evening", "week", "winter", "afternoon", "journey", "season", "morning")
 
-_PASSKEY_INTRO = "A pass key is hidden in the text below. Find it and remember it.\n"
-_PASSKEY_QUESTION = "What is the pass key? The pass key is "
+_KEY_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_KEY_DIGITS = "0123456789"
+PASSKEY_STATEMENTS = 4  # the largest dilation rate the default data serves on every residue
+PASSKEY_QUESTION = " key? "
 _KEY_VALUE_INTRO = "Here is a list of names and their values.\n"
 
 
@@ -128,25 +139,53 @@ def _document_rng(split: str, seed: int, index: int) -> random.Random:
     return random.Random(f"longnet-default/{split}/{seed}/{index}")
 
 
-def _passkey_document(rng: random.Random, length: int, min_distance: int) -> dict:
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it.\n"
-    after_key = len(needle) - needle.index(key) - len(key)  # characters of the needle after the key
-    # The prose after the needle spans a random share of the room, and at least what the distance needs.
-    room = length - len(_PASSKEY_INTRO) - len(needle) - len(_PASSKEY_QUESTION) - len(key) - 1
-    least_after = max(min_distance - after_key - len(_PASSKEY_QUESTION), 0)
-    prose_after = _prose(rng, rng.randint(least_after, max(least_after, room - 1)))
-    while len(prose_after) < least_after:  # prose comes in whole sentences: top it up
-        prose_after += ("\n" if prose_after else "") + _sentence(rng)
-    prose_after += "\n"
-    prose_before = _prose(rng, room - len(prose_after) - 1)
-    if prose_before:
-        prose_before += "\n"
-    text = _PASSKEY_INTRO + prose_before + needle + prose_after + _PASSKEY_QUESTION
-    evidence_start = len(_PASSKEY_INTRO) + len(prose_before) + needle.index(key)
-    answer_start = len(text)
-    text += key + "."
-    return _record(text, "passkey", evidence_start, evidence_start + len(key), answer_start, answer_start + len(key))
+@lru_cache(maxsize=2)
+def pass_keys(split: str) -> tuple[str, ...]:
+    """The pass keys of a split: an uppercase letter and a digit. One (letter, digit) pair in five is held out: the
+    ``train`` split never uses those, every other split uses only those. Every letter and every digit occurs in
+    both, so a held-out key is new only as a pair."""
+    held_out = split != "train"
+    return tuple(
+        letter + digit
+        for i, letter in enumerate(_KEY_LETTERS)
+        for j, digit in enumerate(_KEY_DIGITS)
+        if ((7 * i + 3 * j) % 5 == 0) == held_out
+    )
+
+
+def _key_statement(key: str) -> str:
+    """``" the pass key is E2."`` padded with spaces to 1 mod 4 characters: statements in a row then put the key on
+    successive residues modulo 4. In a branch of dilation rate r a query sees only the keys of its own residue
+    modulo r, so one statement would be visible to one query in r; four reach every query of rates 1, 2 and 4."""
+    text = f" the pass key is {key}."
+    return text + " " * ((1 - len(text)) % 4)
+
+
+def _filler(rng: random.Random, num_chars: int) -> str:
+    """Exactly ``num_chars`` characters of lowercase sentences, without digits: no character of a pass key."""
+    text = ""
+    while len(text) < num_chars:
+        text += _sentence(rng).lower() + " "
+    return text[:num_chars]
+
+
+def _passkey_document(rng: random.Random, length: int, min_distance: int, split: str) -> dict:
+    key = rng.choice(pass_keys(split))
+    text = _filler(rng, rng.randint(0, 24)) + "".join(_key_statement(key) for _ in range(PASSKEY_STATEMENTS))
+    evidence = text.rindex(key)  # the latest statement of the key
+    questions = []
+    while True:
+        # The answer starts at least min_distance characters after the end of the latest statement.
+        least_filler = max(0, min_distance - (len(text) - evidence - len(key)) - len(PASSKEY_QUESTION))
+        room = length - len(text) - least_filler - len(PASSKEY_QUESTION) - len(key) - 1
+        if room < 0:
+            break
+        text += _filler(rng, least_filler + rng.randint(0, min(room, 3 * min_distance // 2))) + PASSKEY_QUESTION
+        questions.append([evidence, evidence + len(key), len(text), len(text) + len(key)])
+        evidence = len(text)
+        text += key + "."
+    text += _filler(rng, length - len(text))
+    return _record(text, "passkey", *questions[-1], questions=questions)
 
 
 def _key_value_document(rng: random.Random, length: int, min_distance: int) -> dict:
@@ -171,14 +210,15 @@ def _key_value_document(rng: random.Random, length: int, min_distance: int) -> d
     candidates = [record for record in records if answer_start - (record[2] + len(record[1])) >= min_distance]
     name, value, evidence_start = rng.choice(candidates)
     text += f"The value of {name} is {value}."
-    return _record(text, "key_value", evidence_start, evidence_start + len(value), answer_start, answer_start + len(value))
+    span = [evidence_start, evidence_start + len(value), answer_start, answer_start + len(value)]
+    return _record(text, "key_value", *span, questions=[span])
 
 
 def _text_document(rng: random.Random, length: int) -> dict:
-    return _record(_prose(rng, length), "text", NO_SPAN, NO_SPAN, NO_SPAN, NO_SPAN)
+    return _record(_prose(rng, length), "text", NO_SPAN, NO_SPAN, NO_SPAN, NO_SPAN, questions=[])
 
 
-def _record(text: str, task: str, evidence_start: int, evidence_end: int, answer_start: int, answer_end: int) -> dict:
+def _record(text: str, task: str, evidence_start: int, evidence_end: int, answer_start: int, answer_end: int, *, questions: list) -> dict:
     return {
         "text": text,
         "task": task,
@@ -186,6 +226,7 @@ def _record(text: str, task: str, evidence_start: int, evidence_end: int, answer
         "evidence_end": evidence_end,
         "answer_start": answer_start,
         "answer_end": answer_end,
+        "questions": questions,
     }
 
 
@@ -211,9 +252,11 @@ def generate_default_dataset(
         task_weights: relative frequencies of ``passkey``, ``key_value`` and ``text`` documents.
 
     Returns:
-        A list of dicts with ``text``, ``task`` (one of :data:`TASKS`), and the character spans
-        ``evidence_start``/``evidence_end`` of the evidence and ``answer_start``/``answer_end`` of the answer
-        (``-1`` for ``text`` documents). Document ``i`` does not depend on ``num_documents``.
+        A list of dicts with ``text``, ``task`` (one of :data:`TASKS`), ``questions`` (the character spans
+        ``[evidence_start, evidence_end, answer_start, answer_end]`` of every answer and its evidence: several in a
+        ``passkey`` document, one in a ``key_value`` one, none in ``text``) and the spans of the last question as
+        ``evidence_start``/``evidence_end``/``answer_start``/``answer_end`` (``-1`` for ``text`` documents).
+        Document ``i`` does not depend on ``num_documents``.
     """
     _check_int(num_documents, "num_documents", minimum=0)
     _check_int(seed, "seed", minimum=0)
@@ -242,7 +285,7 @@ def generate_default_dataset(
         task = rng.choices(TASKS, weights=task_weights)[0]
         length = rng.randint(max(max_chars // 2, least_length), max_chars)
         if task == "passkey":
-            documents.append(_passkey_document(rng, length, min_distance))
+            documents.append(_passkey_document(rng, length, min_distance, split))
         elif task == "key_value":
             documents.append(_key_value_document(rng, length, min_distance))
         else:
@@ -390,12 +433,13 @@ def load_text_datasets(
     default_validation_documents: int = 100,
     default_max_chars: int = 1024,
     default_min_distance: int = 128,
+    default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
 ) -> DatasetDict:
     """A :class:`datasets.DatasetDict` with ``train`` and ``validation`` splits that have a ``text`` column.
 
     The source is, by priority: ``train_files`` (text, JSON lines or parquet files, by extension), else the Hub
     dataset ``dataset_name`` (``dataset_config`` names its configuration), else the embedded default dataset
-    (:func:`generate_default_dataset` with ``default_*`` sizes, different documents in each split).
+    (:func:`generate_default_dataset` with the ``default_*`` settings, different documents in each split).
 
     Text files are read one example per file (``sample_by="document"``), per blank-line separated paragraph or
     per line. ``text_column`` names the column that holds the text in JSON, parquet and Hub data; it is renamed
@@ -447,13 +491,13 @@ def load_text_datasets(
             train=datasets.Dataset.from_list(
                 generate_default_dataset(
                     default_documents, split="train", seed=seed, max_chars=default_max_chars,
-                    min_distance=default_min_distance,
+                    min_distance=default_min_distance, task_weights=default_task_weights,
                 )
             ),
             validation=datasets.Dataset.from_list(
                 generate_default_dataset(
                     default_validation_documents, split="validation", seed=seed, max_chars=default_max_chars,
-                    min_distance=default_min_distance,
+                    min_distance=default_min_distance, task_weights=default_task_weights,
                 )
             ),
         )
@@ -489,13 +533,15 @@ def load_records(
     default_max_chars: int = 1024,
     default_min_distance: int = 128,
     seed: int = 0,
+    default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
 ) -> list[dict]:
     """Evaluation records (dicts with at least ``text``) from files, a Hub dataset split, or the embedded default
     dataset's ``split``. Retrieval fields (``evidence_start``, ``evidence_end``, ``answer_start``,
     ``answer_end``) are kept where the data has them."""
     if not files and not dataset_name:
         return generate_default_dataset(
-            default_documents, split=split, seed=seed, max_chars=default_max_chars, min_distance=default_min_distance
+            default_documents, split=split, seed=seed, max_chars=default_max_chars, min_distance=default_min_distance,
+            task_weights=default_task_weights,
         )
     try:
         import datasets
@@ -526,6 +572,20 @@ def load_records(
     return records
 
 
+def question_records(records: Iterable[dict]) -> list[dict]:
+    """One retrieval record per question: each record's ``questions`` spans, or for a record without that field
+    (JSON lines of one's own) its one evidence/answer span; records with neither are left out. Evaluation scores
+    every question this way, each on the document up to its own answer."""
+    expanded = []
+    for record in records:
+        spans = record.get("questions")
+        if spans is None:
+            spans = [[record.get(key) for key in _SPAN_FIELDS]] if is_retrieval_record(record) else []
+        for span in spans:
+            expanded.append({**{k: v for k, v in record.items() if k != "questions"}, **dict(zip(_SPAN_FIELDS, span))})
+    return expanded
+
+
 def is_retrieval_record(record: dict) -> bool:
     """Whether a record has evidence and answer spans to score retrieval on."""
     return all(isinstance(record.get(key), int) and record[key] >= 0 for key in _SPAN_FIELDS)
@@ -543,8 +603,12 @@ def pack_documents(
     eos_token_id: int,
     pad_token_id: int,
     mode: str = "documents",
+    answer_masks: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Packs token sequences into rows of exactly ``block_size`` tokens.
+
+    ``answer_masks``, one 0/1 list per document as long as it, marks the tokens of retrieval answers: the rows
+    then also get an ``answer_mask`` (0 on end tokens and padding), for a loss that weights the answers.
 
     Every document gets ``eos_token_id`` appended. Then:
 
@@ -566,18 +630,32 @@ def pack_documents(
         raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
     if mode not in PACKING_MODES:
         raise ValueError(f"`mode` must be one of {PACKING_MODES}, got {mode!r}")
+    documents = list(documents)
+    if answer_masks is not None:
+        answer_masks = list(answer_masks)
+        if len(answer_masks) != len(documents) or any(len(m) != len(d) for m, d in zip(answer_masks, documents)):
+            raise ValueError("`answer_masks` must hold one mask per document, as long as the document")
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    if answer_masks is not None:
+        rows["answer_mask"] = []
 
     if mode == "concat":
         stream: list[int] = []
-        for document in documents:
+        flags: list[int] = []
+        for index, document in enumerate(documents):
             stream.extend(document)
             stream.append(eos_token_id)
+            if answer_masks is not None:
+                flags.extend(answer_masks[index])
+                flags.append(0)
             while len(stream) >= block_size:
                 row, stream = stream[:block_size], stream[block_size:]
                 rows["input_ids"].append(row)
                 rows["labels"].append(list(row))
                 rows["position_ids"].append(list(range(block_size)))
+                if answer_masks is not None:
+                    rows["answer_mask"].append(flags[:block_size])
+                    flags = flags[block_size:]
         return rows
 
     current: dict[str, list[int]] = {key: [] for key in rows}
@@ -589,12 +667,15 @@ def pack_documents(
         current["input_ids"] += [pad_token_id] * padding
         current["labels"] += [-100] * padding
         current["position_ids"] += list(range(padding))
+        if answer_masks is not None:
+            current["answer_mask"] += [0] * padding
         for key, kept_rows in rows.items():
             kept_rows.append(current[key])
             current[key] = []
 
-    for document in documents:
+    for index, document in enumerate(documents):
         tokens = list(document) + [eos_token_id]
+        flags = list(answer_masks[index]) + [0] if answer_masks is not None else None
         for start in range(0, len(tokens), block_size):
             piece = tokens[start : start + block_size]
             if len(current["input_ids"]) + len(piece) > block_size:
@@ -602,6 +683,8 @@ def pack_documents(
             current["input_ids"] += piece
             current["labels"] += [-100] + piece[1:]
             current["position_ids"] += list(range(len(piece)))
+            if flags is not None:
+                current["answer_mask"] += [0] + flags[start + 1 : start + len(piece)]  # the first token has no label
     close_row()
     return rows
 
@@ -624,6 +707,8 @@ class PackedRowsCollator:
         import torch
 
         keys = ("input_ids", "labels", "position_ids") if self.mode == "documents" else ("input_ids", "labels")
+        if features and "answer_mask" in features[0]:
+            keys += ("answer_mask",)
         batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in keys}
         if self.mode == "documents":
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
@@ -638,19 +723,31 @@ def tokenize_and_pack(
     mode: str = "documents",
     num_proc: int | None = None,
     description: str = "data",
+    mark_answers: bool = False,
 ):
     """Tokenizes the ``text`` column of a :class:`datasets.Dataset` and packs it with :func:`pack_documents`;
-    returns a dataset of ``input_ids``, ``labels`` and ``position_ids`` rows."""
+    returns a dataset of ``input_ids``, ``labels`` and ``position_ids`` rows, and with ``mark_answers`` an
+    ``answer_mask`` too: 1 on the tokens that overlap an answer span of the ``questions`` column (the default
+    dataset's), 0 elsewhere and in data without that column."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    has_questions = mark_answers and "questions" in dataset.column_names
 
     def tokenize(batch):
-        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+        if not mark_answers:
+            return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+        encoding = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
+        masks = []
+        for index, offsets in enumerate(encoding["offset_mapping"]):
+            answers = [(span[2], span[3]) for span in batch["questions"][index]] if has_questions else []
+            masks.append([int(any(a < end and b > start for start, end in answers)) for a, b in offsets])
+        return {"input_ids": encoding["input_ids"], "answer_mask": masks}
 
     def pack(batch):
         return pack_documents(
-            batch["input_ids"], block_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id, mode=mode
+            batch["input_ids"], block_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id, mode=mode,
+            answer_masks=batch["answer_mask"] if mark_answers else None,
         )
 
     tokenized = dataset.map(

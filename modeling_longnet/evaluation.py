@@ -35,6 +35,8 @@ __all__ = [
     "evaluate_model",
     "locate_answer",
     "perplexity_by_position",
+    "comparison_markdown",
+    "plot_comparison",
     "plot_report",
     "retrieval_accuracy_by_distance",
     "score_retrieval",
@@ -92,6 +94,11 @@ class EvaluationReport:
     block_size: int
     segment_lengths: list[int] | None = None
     metadata: dict = field(default_factory=dict)
+    # Exact match over the records whose evidence lies at least `far_distance` tokens back (by default twice the
+    # smallest segment length: where only the dilated branches reach).
+    far_distance: int | None = None
+    far_exact_match: float | None = None
+    num_far_examples: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,9 +131,14 @@ class EvaluationReport:
             for b in self.position_buckets
         ]
         if self.num_retrieval_examples:
+            far = (
+                f"; over the {self.num_far_examples} whose evidence lies at least {self.far_distance} tokens back: "
+                f"**{self.far_exact_match:.1%}**"
+                if self.num_far_examples else ""
+            )
             lines += [
                 "",
-                f"Retrieval exact match over {self.num_retrieval_examples} records: **{self.exact_match:.1%}**",
+                f"Retrieval exact match over {self.num_retrieval_examples} records: **{self.exact_match:.1%}**{far}",
                 "",
                 "| distance (tokens) | records | exact match | token accuracy |",
                 "|---|---:|---:|---:|",
@@ -309,8 +321,14 @@ def evaluate_model(
     num_position_buckets: int = 8,
     batch_size: int = 8,
     metadata: dict | None = None,
+    distance_bucket_edges: Sequence[int] | None = None,
+    far_distance: int | None = None,
 ) -> EvaluationReport:
-    """Perplexity by position over ``texts`` and retrieval accuracy by distance over ``retrieval_records``."""
+    """Perplexity by position over ``texts`` and retrieval accuracy by distance over ``retrieval_records``.
+
+    ``distance_bucket_edges`` fixes the distance buckets (to compare models on the same ones; default: from the
+    model's segment lengths, :func:`distance_edges`). ``far_distance`` (default: twice the model's smallest segment
+    length) sets which records count for ``far_exact_match``."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"`block_size` must be an int >= 2, got {block_size!r}")
     if isinstance(num_position_buckets, bool) or not isinstance(num_position_buckets, int) or num_position_buckets < 1:
@@ -336,7 +354,15 @@ def evaluate_model(
 
     segment_lengths = getattr(model.config, "segment_lengths", None)
     results = score_retrieval(model, tokenizer, retrieval_records, batch_size=batch_size, max_length=block_size)
-    distance_buckets = retrieval_accuracy_by_distance(results, distance_edges([r.distance for r in results], segment_lengths)) if results else []
+    if results:
+        by_distance = list(distance_bucket_edges) if distance_bucket_edges else distance_edges([r.distance for r in results], segment_lengths)
+        by_distance[-1] = max(by_distance[-1], max(r.distance for r in results) + 1)
+        distance_buckets = retrieval_accuracy_by_distance(results, by_distance)
+    else:
+        distance_buckets = []
+    if far_distance is None and segment_lengths:
+        far_distance = 2 * min(segment_lengths)
+    far = [r for r in results if far_distance is not None and r.distance >= far_distance]
     return EvaluationReport(
         perplexity=math.exp(mean_nll),
         num_tokens=total,
@@ -347,6 +373,9 @@ def evaluate_model(
         block_size=block_size,
         segment_lengths=list(segment_lengths) if segment_lengths else None,
         metadata=dict(metadata or {}),
+        far_distance=far_distance,
+        far_exact_match=sum(r.exact_match for r in far) / len(far) if far else None,
+        num_far_examples=len(far),
     )
 
 
@@ -385,9 +414,88 @@ def plot_report(report: EvaluationReport, path: str | Path, *, title: str | None
         right.set_ylabel("accuracy")
         right.set_title("Retrieval accuracy by distance")
         right.legend(loc="upper right", fontsize=8)
+    return _save(figure, path, title)
+
+
+def _save(figure, path: Path, title: str | None) -> Path:
+    import matplotlib.pyplot as plt
+
     if title:
         figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def comparison_markdown(reports: dict[str, EvaluationReport]) -> str:
+    """One table of several models evaluated on the same documents: perplexity by position, then retrieval exact
+    match by distance, a column per model."""
+    names = list(reports)
+    first = reports[names[0]]
+    header = "| {} | " + " | ".join(names) + " |"
+    rule = "|---|" + "---:|" * len(names)
+    lines = ["Perplexity by position", "", header.format("positions"), rule]
+    for i, bucket in enumerate(first.position_buckets):
+        cells = [f"{r.position_buckets[i].perplexity:.3f}" if i < len(r.position_buckets) else "" for r in reports.values()]
+        lines.append(f"| {bucket.start}-{bucket.end - 1} | " + " | ".join(cells) + " |")
+    lines.append("| all | " + " | ".join(f"{r.perplexity:.3f}" for r in reports.values()) + " |")
+    if first.distance_buckets:
+        lines += ["", "Retrieval exact match by distance (records in brackets)", "", header.format("distance (tokens)"), rule]
+        for bucket in first.distance_buckets:
+            cells = []
+            for report in reports.values():
+                match = [b for b in report.distance_buckets if (b.low, b.high) == (bucket.low, bucket.high)]
+                cells.append(f"{match[0].exact_match:.1%} ({match[0].num_examples})" if match else "")
+            lines.append(f"| {bucket.low}-{bucket.high - 1} | " + " | ".join(cells) + " |")
+        lines.append("| all | " + " | ".join(f"{r.exact_match:.1%} ({r.num_retrieval_examples})" for r in reports.values()) + " |")
+        far = first.far_distance
+        if far is not None:
+            cells = [
+                f"{r.far_exact_match:.1%} ({r.num_far_examples})" if r.num_far_examples else "" for r in reports.values()
+            ]
+            lines.append(f"| >= {far} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(reports: dict[str, EvaluationReport], path: str | Path, *, title: str | None = None, segment_lengths: Sequence[int] = ()) -> Path:
+    """Writes a PNG of several models evaluated on the same documents: perplexity by position (left) and
+    retrieval exact match by distance (right), one curve per model, the given segment lengths marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    has_retrieval = any(r.distance_buckets for r in reports.values())
+    figure, axes = plt.subplots(1, 2 if has_retrieval else 1, figsize=(12 if has_retrieval else 6, 4), squeeze=False)
+    left = axes[0][0]
+    for name, report in reports.items():
+        centers = [(b.start + b.end - 1) / 2 for b in report.position_buckets]
+        left.plot(centers, [b.perplexity for b in report.position_buckets], marker="o", label=name)
+    left.set_xlabel("position in context (tokens)")
+    left.set_ylabel("perplexity")
+    left.set_title("Perplexity by position")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    block_size = max(r.block_size for r in reports.values())
+    for w in segment_lengths:
+        if w < block_size:
+            left.axvline(w, color="grey", linestyle="--", linewidth=0.8)
+            left.annotate(f"w={w}", (w, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8, color="grey")
+    if has_retrieval:
+        right = axes[0][1]
+        for name, report in reports.items():
+            centers = [(b.low + b.high - 1) / 2 for b in report.distance_buckets]
+            right.plot(centers, [b.exact_match for b in report.distance_buckets], marker="o", label=name)
+        for w in segment_lengths:
+            right.axvline(w, color="grey", linestyle="--", linewidth=0.8)
+            right.annotate(f"w={w}", (w, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8, color="grey")
+        right.set_xscale("log", base=2)
+        right.set_ylim(-0.03, 1.05)
+        right.set_xlabel("evidence distance (tokens, log scale; points at bucket centres)")
+        right.set_ylabel("exact match")
+        right.set_title("Retrieval exact match by distance")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
+    return _save(figure, path, title)

@@ -7,9 +7,14 @@ model was trained with (read from its training_summary.json); retrieval is score
 evidence/answer spans (the default dataset's passkey and key_value documents, or JSON lines with the fields
 evidence_start, evidence_end, answer_start, answer_end as character offsets).
 
+Several models are scored on the same documents, one curve each in the plot and a column each in the tables
+(the documents are made with the first model's training settings). Every question of a document is scored,
+each on the text up to its own answer.
+
 Examples:
     python scripts/evaluate.py outputs/tiny
     python scripts/evaluate.py outputs/tiny --files held_out.jsonl --block-size 2048 --output-dir outputs/eval
+    python scripts/evaluate.py outputs/main/longnet outputs/main/local --labels LongNet local-only
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="a saved model: folder (as written by train.py) or Hub id")
+    parser.add_argument("models", nargs="+", metavar="model", help="saved models: folders (as written by train.py) or Hub ids")
+    parser.add_argument("--labels", nargs="+", default=None, help="a name for each model in the tables and the plot (default: the folder names)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
     data = parser.add_argument_group("data (default: the embedded default dataset)")
     data.add_argument("--files", nargs="+", default=[], help="evaluation files: .txt/.md, .json/.jsonl or .parquet")
@@ -56,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
     evaluation.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     evaluation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights' dtype")
-    evaluation.add_argument("--output-dir", default=None, help="where the results go (default: MODEL/evaluation for a folder, else ./evaluation)")
+    evaluation.add_argument(
+        "--output-dir", default=None,
+        help="where the results go (default: MODEL/evaluation for one model folder, the first model's parent "
+        "folder/evaluation for several, else ./evaluation)",
+    )
     return parser
 
 
@@ -80,59 +90,106 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--files: file {path!r} does not exist")
-    check_model(args.model, args.revision)
+    if args.labels is not None and len(args.labels) != len(args.models):
+        raise ValueError(f"--labels names {len(args.labels)} model(s) but {len(args.models)} were given: give one label per model")
+    labels = model_labels(args)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models have the same label ({', '.join(labels)}): name them apart with --labels")
+    for model in args.models:
+        check_model(model, args.revision)
+
+
+def model_labels(args: argparse.Namespace) -> list[str]:
+    return list(args.labels) if args.labels else [Path(model).name or model for model in args.models]
 
 
 def load(args: argparse.Namespace) -> dict:
-    """Everything that can fail on user input: the model, its tokenizer and the data."""
+    """Everything that can fail on user input: the models, their tokenizers and the data."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
     from modeling_longnet.data import load_records
 
-    summary = _training_summary(args.model)
+    first = args.models[0]
+    summary = _training_summary(first)
     trained_data = summary.get("data", {}).get("source", {})
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype).to(device)
-    block_size = args.block_size or summary.get("block_size") or min(1024, model.config.max_position_embeddings)
+    models = {}
+    for label, name in zip(model_labels(args), args.models):
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=args.revision)
+        model = AutoModelForCausalLM.from_pretrained(name, revision=args.revision, dtype=dtype).to(device)
+        models[label] = (name, model, tokenizer)
+    config = models[model_labels(args)[0]][1].config
+    block_size = args.block_size or summary.get("block_size") or min(1024, config.max_position_embeddings)
 
     records = load_records(
         files=args.files, dataset_name=args.dataset, dataset_config=args.dataset_config, split=args.split,
         text_column=args.text_column, sample_by=args.sample_by, default_documents=args.documents,
         default_max_chars=args.max_chars or trained_data.get("default_max_chars", 1024),
         default_min_distance=args.min_distance or trained_data.get("default_min_distance")
-        or 2 * min(getattr(model.config, "segment_lengths", [64])),
+        or 2 * min(getattr(config, "segment_lengths", [64])),
         seed=args.seed if args.seed is not None else trained_data.get("seed", 0),
+        default_task_weights=trained_data.get("default_task_weights", (0.4, 0.4, 0.2)),
     )
     if args.max_documents:
         records = records[: args.max_documents]
     if not records:
         raise ValueError("the evaluation data is empty")
-    output_dir = Path(args.output_dir or (Path(args.model, "evaluation") if Path(args.model).is_dir() else "evaluation"))
-    return {"model": model, "tokenizer": tokenizer, "records": records, "block_size": block_size, "output_dir": output_dir}
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+    elif len(args.models) == 1:
+        output_dir = Path(first, "evaluation") if Path(first).is_dir() else Path("evaluation")
+    else:
+        output_dir = Path(first).parent / "evaluation" if Path(first).is_dir() else Path("evaluation")
+    return {"models": models, "records": records, "block_size": block_size, "output_dir": output_dir}
 
 
-def run(args: argparse.Namespace, model, tokenizer, records: list[dict], block_size: int, output_dir: Path) -> Path:
-    from modeling_longnet.data import is_retrieval_record
-    from modeling_longnet.evaluation import evaluate_model, plot_report
+def comparison_edges(segment_lengths: list[int], block_size: int) -> list[int]:
+    """Distance buckets shared by the compared models: edges at every segment length and at the powers of two
+    from the smallest one, so that the curves show where each model stops reaching."""
+    inner = set(segment_lengths)
+    edge = min(segment_lengths, default=64)
+    while edge < block_size:
+        inner.add(edge)
+        edge *= 2
+    return [0, *sorted(w for w in inner if 0 < w < block_size), block_size + 1]
 
-    report = evaluate_model(
-        model, tokenizer, [r["text"] for r in records], block_size=block_size,
-        retrieval_records=[r for r in records if is_retrieval_record(r)],
-        num_position_buckets=args.num_position_buckets, batch_size=args.batch_size,
-        metadata={"model": args.model, "documents": len(records), "data": args.files or args.dataset or f"default/{args.split}"},
-    )
+
+def run(args: argparse.Namespace, models: dict, records: list[dict], block_size: int, output_dir: Path) -> Path:
+    from modeling_longnet.data import question_records
+    from modeling_longnet.evaluation import comparison_markdown, evaluate_model, plot_comparison, plot_report
+
+    questions = question_records(records)
+    # The same distance buckets for every model: edges at all of their segment lengths.
+    segment_lengths = sorted({w for _, model, _ in models.values() for w in getattr(model.config, "segment_lengths", [])})
+    smallest = [min(model.config.segment_lengths) for _, model, _ in models.values() if getattr(model.config, "segment_lengths", None)]
+    reports = {}
+    for label, (name, model, tokenizer) in models.items():
+        reports[label] = evaluate_model(
+            model, tokenizer, [r["text"] for r in records], block_size=block_size, retrieval_records=questions,
+            num_position_buckets=args.num_position_buckets, batch_size=args.batch_size,
+            distance_bucket_edges=comparison_edges(segment_lengths, block_size) if len(models) > 1 else None,
+            far_distance=2 * min(smallest) if smallest else None,
+            metadata={"model": name, "documents": len(records), "data": args.files or args.dataset or f"default/{args.split}"},
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
-    report.save(output_dir / "evaluation.json")
-    (output_dir / "evaluation.md").write_text(report.to_markdown())
-    plot_report(report, output_dir / "evaluation.png", title=f"{Path(args.model).name}: {len(records)} documents, context {block_size}")
-    print(report.to_markdown())
+    title = f"{len(records)} documents, {len(questions)} questions, context {block_size}"
+    if len(models) == 1:
+        (label, report), = reports.items()
+        report.save(output_dir / "evaluation.json")
+        (output_dir / "evaluation.md").write_text(report.to_markdown())
+        plot_report(report, output_dir / "evaluation.png", title=f"{Path(args.models[0]).name}: {title}")
+        print(report.to_markdown())
+    else:
+        (output_dir / "evaluation.json").write_text(json.dumps({label: r.to_dict() for label, r in reports.items()}, indent=2) + "\n")
+        table = comparison_markdown(reports)
+        (output_dir / "evaluation.md").write_text(table)
+        plot_comparison(reports, output_dir / "evaluation.png", title=f"{' vs '.join(reports)}: {title}", segment_lengths=segment_lengths)
+        print(table)
     print(f"{PROG}: wrote {output_dir / 'evaluation.json'}, evaluation.md and evaluation.png")
     return output_dir
-
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help=f"the text to continue (default: {DEFAULT_PROMPT!r})")
     prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    prompt.add_argument(
+        "--prompts-jsonl", default=None,
+        help="continue many prompts: a JSON lines file of objects with a 'prompt' field; prints each object back "
+        "as one JSON line with the continuation added as 'generated'",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
@@ -61,6 +67,24 @@ def check_arguments(args: argparse.Namespace) -> str:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.do_sample and (not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
         raise ValueError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if args.prompts_jsonl is not None:
+        if not Path(args.prompts_jsonl).is_file():
+            raise FileNotFoundError(f"--prompts-jsonl {args.prompts_jsonl!r} does not exist")
+        items = []
+        for number, line in enumerate(Path(args.prompts_jsonl).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--prompts-jsonl line {number}: not JSON ({error.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+                raise ValueError(f"--prompts-jsonl line {number}: needs an object with a non-empty string 'prompt'")
+            items.append(item)
+        if not items:
+            raise ValueError(f"--prompts-jsonl {args.prompts_jsonl!r} holds no prompt")
+        check_model(args.model, args.revision)
+        return items
     if args.prompt_file is not None:
         if not Path(args.prompt_file).is_file():
             raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
@@ -90,14 +114,14 @@ def load(args: argparse.Namespace) -> tuple:
     return model.to(device).eval(), tokenizer, prompt
 
 
-def generate(args: argparse.Namespace, model, tokenizer, prompt: str) -> str:
-    """Streams the continuation of ``prompt`` to stdout and returns it."""
+def generate(args: argparse.Namespace, model, tokenizer, prompt: str, *, stream: bool = True) -> str:
+    """Streams the continuation of ``prompt`` to stdout (unless ``stream`` is false) and returns it."""
     import torch
     from transformers import TextStreamer
 
     torch.manual_seed(args.seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=args.no_prompt_echo, skip_special_tokens=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=args.no_prompt_echo, skip_special_tokens=True) if stream else None
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} if args.do_sample else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
@@ -116,6 +140,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    if isinstance(prompt, list):  # --prompts-jsonl
+        for item in prompt:
+            print(json.dumps({**item, "generated": generate(args, model, tokenizer, item["prompt"], stream=False)}), flush=True)
+        return 0
     generate(args, model, tokenizer, prompt)
     return 0
 

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="least evidence-to-answer distance of the default dataset (default: twice the smallest segment length)",
     )
     data.add_argument(
+        "--default-task-weights", type=float, nargs=3, default=(0.4, 0.4, 0.2), metavar=("PASSKEY", "KEY_VALUE", "TEXT"),
+        help="relative frequencies of the default dataset's passkey, key_value and text documents (default: 0.4 0.4 0.2)",
+    )
+    data.add_argument(
         "--tokenizer", default=None,
         help="'byte' (256 bytes + 2 special tokens; default for a new model), 'bpe' (byte-level BPE trained on the "
         "training text), or an AutoTokenizer folder / Hub id (default with --model: the model's own)",
@@ -123,9 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     training.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate of AdamW")
     training.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    training.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay (0.95 suits short, small-batch runs)")
     training.add_argument("--warmup-steps", type=float, default=0.05, help="warm-up steps (a float < 1 is a share of all steps)")
     training.add_argument("--lr-scheduler-type", default="cosine", help="transformers scheduler name (cosine, linear, constant, ...)")
     training.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    training.add_argument(
+        "--answer-loss-weight", type=float, default=0.0,
+        help="add this times the mean loss of the answer tokens of retrieval documents (the default dataset's "
+        "questions) to the mean loss of all tokens; 0 = plain language modelling. Retrieval answers are a few tokens "
+        "in hundreds: weighting them makes a small model learn to retrieve in far fewer steps (docs/quality.md)",
+    )
     training.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default=None,
         help="mixed precision (default: what an accelerate config sets, else fp32)",
@@ -166,6 +177,15 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise ValueError(f"--max-steps must be positive (or -1: train for --num-train-epochs), got {args.max_steps}")
+    if not 0 <= args.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {args.adam_beta2}")
+    if not 0 <= args.answer_loss_weight < math.inf:
+        raise ValueError(f"--answer-loss-weight must be a finite number >= 0 (0: plain language modelling), got {args.answer_loss_weight}")
+    weights = args.default_task_weights
+    if not all(0 <= w < math.inf for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"--default-task-weights must be three finite numbers >= 0 with a positive sum (passkey, key_value, text), got {' '.join(map(str, weights))}")
+    if args.answer_loss_weight > 0 and args.sequence_parallel_size > 1:
+        raise ValueError("--answer-loss-weight does not work with --sequence-parallel-size > 1 yet: use one of them")
     if not (0 < args.learning_rate < math.inf):
         raise ValueError(f"--learning-rate must be a positive finite number, got {args.learning_rate}")
     if not 0.0 <= args.validation_fraction < 1.0:
@@ -402,7 +422,7 @@ def build_model(config=None, *, pretrained: str | None = None, attn_implementati
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if pretrained is not None:
-        if _is_local_path(pretrained) and not Path(pretrained).is_dir():
+        if looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
             raise FileNotFoundError(f"--model: folder {pretrained!r} does not exist")
         return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
     model = LongNetForCausalLM(config)
@@ -416,16 +436,12 @@ def load_pretrained_config(name_or_path: str):
 
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
 
-    if _is_local_path(name_or_path) and not Path(name_or_path).is_dir():
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(f"--model: folder {name_or_path!r} does not exist")
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type != "longnet":
         raise ValueError(f"--model: {name_or_path!r} is a {config.model_type!r} model, not a LongNet")
     return config
-
-
-def _is_local_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1 or os.path.exists(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -516,6 +532,39 @@ def _sequence_parallel_trainer(base):
     return SequenceParallelTrainer
 
 
+def answer_token_loss(logits, labels, answer_mask):
+    """Mean cross-entropy of the tokens that ``answer_mask`` marks (0 when there are none), with the causal shift
+    of the model's own loss: the logits at position t predict the label at t + 1."""
+    import torch.nn.functional as F
+
+    marked = answer_mask[:, 1:].bool() & (labels[:, 1:] != -100)
+    if not marked.any():
+        return logits.sum() * 0.0  # keeps the graph (and the gradient's dtype) when a batch holds no answer
+    return F.cross_entropy(logits[:, :-1][marked].float(), labels[:, 1:][marked])
+
+
+def _answer_weighted_trainer(base):
+    """A Trainer whose loss adds ``answer_loss_weight`` times the mean loss of the answer tokens (the batch's
+    ``answer_mask``) to the model's mean loss over all tokens."""
+
+    class AnswerWeightedTrainer(base):
+        def __init__(self, *args, answer_loss_weight, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.answer_loss_weight = answer_loss_weight
+            self.model_accepts_loss_kwargs = False  # the loss is a mean per batch: the Trainer scales accumulation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            answer_mask = inputs.pop("answer_mask", None)  # validation rows carry none: their loss stays plain
+            outputs = model(**inputs)
+            loss = outputs.loss
+            if answer_mask is not None:
+                loss = loss + self.answer_loss_weight * answer_token_loss(outputs.logits, inputs["labels"], answer_mask)
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerWeightedTrainer
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Preparing everything that can fail on user input, before the (slow) Trainer starts
 # ----------------------------------------------------------------------------------------------------------
@@ -559,6 +608,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         "default_validation_documents": args.default_validation_documents,
         "default_max_chars": max_chars,
         "default_min_distance": min_distance,
+        "default_task_weights": list(args.default_task_weights),
     }
     datasets = load_text_datasets(
         train_files=args.train_files, validation_files=args.validation_files, dataset_name=args.dataset,
@@ -593,7 +643,8 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
 
     packed = {
         split: tokenize_and_pack(
-            datasets[split], tokenizer, block_size, mode=args.packing, num_proc=args.num_proc, description=f"{split} data"
+            datasets[split], tokenizer, block_size, mode=args.packing, num_proc=args.num_proc, description=f"{split} data",
+            mark_answers=split == "train" and args.answer_loss_weight > 0,
         )
         for split in ("train", "validation")
         if len(datasets[split])
@@ -644,6 +695,7 @@ def training_arguments(args: argparse.Namespace, has_validation: bool):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
+        adam_beta2=args.adam_beta2,
         warmup_steps=args.warmup_steps,
         lr_scheduler_type=args.lr_scheduler_type,
         max_grad_norm=args.max_grad_norm,
@@ -664,6 +716,9 @@ def training_arguments(args: argparse.Namespace, has_validation: bool):
         # A NaN or infinite loss is logged as it is (by default the Trainer logs the mean of earlier steps in its
         # place), so that the training guard sees it.
         logging_nan_inf_filter=False,
+        # the answer mask is no argument of the model's forward: keep it for the loss (the packed rows hold
+        # nothing else the model would refuse)
+        remove_unused_columns=not args.answer_loss_weight > 0,
         **optional,
     )
 
@@ -823,7 +878,12 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
     has_validation = "validation" in datasets and len(datasets["validation"]) > 0
     training_args = training_arguments(args, has_validation)  # initialises torch.distributed under a launcher
     sp_group = apply_sequence_parallel(model, args.sequence_parallel_size)
-    trainer_class, extra = (Trainer, {}) if sp_group is None else (_sequence_parallel_trainer(Trainer), {"sp_group": sp_group})
+    if sp_group is not None:
+        trainer_class, extra = _sequence_parallel_trainer(Trainer), {"sp_group": sp_group}
+    elif args.answer_loss_weight > 0:
+        trainer_class, extra = _answer_weighted_trainer(Trainer), {"answer_loss_weight": args.answer_loss_weight}
+    else:
+        trainer_class, extra = Trainer, {}
     checkpoint = prepared["checkpoint"]
     guard = training_guard(args, checkpoint)
     trainer = trainer_class(

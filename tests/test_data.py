@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from modeling_longnet import LongNetConfig, LongNetForCausalLM
 from modeling_longnet.data import (
     END_OF_TEXT,
     PADDING,
+    PASSKEY_STATEMENTS,
     TASKS,
     PackedRowsCollator,
     byte_level_tokenizer,
@@ -27,6 +29,8 @@ from modeling_longnet.data import (
     load_text_datasets,
     load_tokenizer,
     pack_documents,
+    pass_keys,
+    question_records,
     train_bpe_tokenizer,
 )
 from modeling_longnet.evaluation import locate_answer
@@ -87,21 +91,60 @@ def test_task_weights_choose_the_tasks():
     split=st.sampled_from(["train", "validation", "test"]),
 )
 def test_retrieval_evidence_lies_far_before_the_answer(seed, min_distance, extra_chars, split):
-    """The answer's only evidence lies at least `min_distance` characters back, nothing in between gives it
-    away, and documents respect `max_chars`."""
+    """Every answer's evidence (its latest statement before it) lies at least `min_distance` characters back,
+    nothing in between gives it away, and documents respect `max_chars`."""
     max_chars = min_distance + 192 + extra_chars
     for record in generate_default_dataset(12, split=split, seed=seed, max_chars=max_chars, min_distance=min_distance):
         text = record["text"]
         assert len(text) <= max_chars and text.isascii()
         if record["task"] == "text":
-            assert not is_retrieval_record(record)
+            assert not is_retrieval_record(record) and record["questions"] == []
             continue
-        evidence = text[record["evidence_start"] : record["evidence_end"]]
-        answer = text[record["answer_start"] : record["answer_end"]]
-        assert evidence == answer and answer.isdigit()
-        assert record["answer_start"] - record["evidence_end"] >= min_distance
-        assert answer not in text[record["evidence_end"] : record["answer_start"]]
-        assert text.count(answer) == 2  # the evidence and the answer, nowhere else
+        assert record["questions"] and record["questions"][-1] == [record[k] for k in ("evidence_start", "evidence_end", "answer_start", "answer_end")]
+        for evidence_start, evidence_end, answer_start, answer_end in record["questions"]:
+            evidence, answer = text[evidence_start:evidence_end], text[answer_start:answer_end]
+            assert evidence == answer
+            assert answer_start - evidence_end >= min_distance
+            assert answer not in text[evidence_end:answer_start]
+        key = text[record["answer_start"] : record["answer_end"]]
+        if record["task"] == "passkey":
+            # the key's letter and digit occur nowhere but in its statements and answers
+            statements = PASSKEY_STATEMENTS + len(record["questions"])
+            assert sum(c.isupper() for c in text) == statements and sum(c.isdigit() for c in text) == statements
+            assert text.count(key) == statements
+        else:
+            assert key.isdigit() and text.count(key) == 2  # the evidence and the answer, nowhere else
+
+
+def test_pass_key_statements_land_on_every_residue_modulo_4():
+    """A query of a rate-4 branch sees only keys of its own residue: the four statements of the key must cover
+    all four, or three queries in four could never find it."""
+    for record in generate_default_dataset(20, task_weights=(1, 0, 0), max_chars=255, min_distance=32):
+        key = record["text"][record["answer_start"] : record["answer_end"]]
+        first_answer = record["questions"][0][2]
+        statements = [i for i in range(first_answer) if record["text"].startswith(key, i)]
+        assert len(statements) == PASSKEY_STATEMENTS
+        assert {i % 4 for i in statements} == {0, 1, 2, 3}
+
+
+def test_held_out_splits_share_no_pass_key_with_training():
+    train, held_out = set(pass_keys("train")), set(pass_keys("test"))
+    assert not train & held_out and pass_keys("validation") == pass_keys("test")
+    assert len(train) == 208 and len(held_out) == 52  # 26 letters x 10 digits, one pair in five held out
+    assert {k[0] for k in held_out} == {k[0] for k in train} and {k[1] for k in held_out} == {k[1] for k in train}
+    for split, pool in (("train", train), ("test", held_out), ("demo", held_out)):
+        for record in generate_default_dataset(40, split=split, task_weights=(1, 0, 0), max_chars=300, min_distance=32):
+            assert record["text"][record["answer_start"] : record["answer_end"]] in pool
+
+
+def test_question_records_give_one_record_per_question():
+    records = generate_default_dataset(30, max_chars=400, min_distance=32)
+    expanded = question_records(records)
+    assert len(expanded) == sum(len(r["questions"]) for r in records)
+    assert all(is_retrieval_record(r) and "questions" not in r for r in expanded)
+    # a record of one's own, without `questions`: its one span
+    own = {"text": "x = 1234 ... x is 1234", "evidence_start": 4, "evidence_end": 8, "answer_start": 18, "answer_end": 22}
+    assert question_records([own, {"text": "no spans"}]) == [own]
 
 
 @settings(max_examples=10, deadline=None)
@@ -317,3 +360,54 @@ def test_evaluation_records_keep_retrieval_spans(tmp_path):
     assert load_records(files=[str(tmp_path / "held_out.jsonl")]) == records
     assert load_records(default_documents=6) == records
     assert [is_retrieval_record(r) for r in records] == [r["task"] != "text" for r in records]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    block_size=st.integers(2, 32),
+    mode=st.sampled_from(["documents", "concat"]),
+    seed=st.integers(0, 10_000),
+)
+def test_answer_masks_travel_with_their_tokens(lengths, block_size, mode, seed):
+    """Packing with answer masks changes nothing else, and each mask value stays with its token: every token is
+    numbered apart, so its value says which (document, position) it is. A token without a label (the first of a
+    document piece), end tokens and padding are never marked."""
+    rng = random.Random(seed)
+    documents, masks, origin = [], [], {}
+    for d, length in enumerate(lengths):
+        documents.append([len(origin) + i for i in range(length)])
+        masks.append([rng.randrange(2) for _ in range(length)])
+        origin.update({len(origin) + i: (d, i) for i in range(length)})
+    end, pad = 10_000, 10_001
+    plain = pack_documents(documents, block_size, eos_token_id=end, pad_token_id=pad, mode=mode)
+    marked = pack_documents(documents, block_size, eos_token_id=end, pad_token_id=pad, mode=mode, answer_masks=masks)
+    assert {key: marked[key] for key in plain} == plain
+    for tokens, labels, flags in zip(marked["input_ids"], marked["labels"], marked["answer_mask"]):
+        assert len(flags) == block_size
+        for token, label, flag in zip(tokens, labels, flags):
+            if token in (end, pad) or label == -100:
+                assert flag == 0
+            else:
+                d, i = origin[token]
+                assert flag == masks[d][i]
+
+
+def test_answer_masks_must_match_the_documents():
+    with pytest.raises(ValueError, match="one mask per document"):
+        pack_documents([[1, 2, 3]], 4, eos_token_id=0, pad_token_id=9, answer_masks=[[1, 0]])
+
+
+def test_tokenize_and_pack_marks_the_answer_tokens(byte_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    from modeling_longnet.data import tokenize_and_pack
+
+    records = generate_default_dataset(6, max_chars=255, min_distance=32, task_weights=(1, 1, 1))
+    packed = tokenize_and_pack(datasets.Dataset.from_list(records), byte_tokenizer, 256, mark_answers=True)
+    marked = "".join(chr(t) for row in packed for t, m in zip(row["input_ids"], row["answer_mask"]) if m)
+    expected = "".join(r["text"][a:b] for r in records for _, _, a, b in r["questions"])
+    assert marked == expected and marked  # the keys and values of every question, in order
+    plain = tokenize_and_pack(datasets.Dataset.from_list(records), byte_tokenizer, 256)
+    assert "answer_mask" not in plain.column_names
+    batch = PackedRowsCollator("documents")([packed[0], packed[1]])
+    assert batch["answer_mask"].shape == batch["input_ids"].shape == (1, 512)

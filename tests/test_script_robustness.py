@@ -189,8 +189,12 @@ def test_resume_with_another_max_steps_warns_and_reports_its_own_throughput(caps
 # A wrapper that runs train.py with the Trainer's optimizer save of checkpoint-3 cut in the middle: it writes a
 # partial optimizer.pt, touches the marker file and waits there to be killed.
 CUT_SHORT_SAVE = """
-import os, pathlib, runpy, sys, time
+import os, pathlib, runpy, signal, sys, time
 import transformers.trainer as trainer
+
+# Ctrl-C as in a terminal: a test run started in the background (`make test &` from a script) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 original = trainer.Trainer._save_optimizer_and_scheduler
 
@@ -224,7 +228,10 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before(caps
                 time.sleep(0.1)
             assert marker.exists(), f"the run never saved checkpoint-3: {log.read_text()[-3000:]}"
             process.send_signal(kill)
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=180)  # a bound on a hang: Ctrl-C ends the run at once, exit included
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the run did not end within 180 s of {kill.name}: {log.read_text()[-3000:]}")
         finally:
             if process.poll() is None:
                 process.kill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import math
 import random
 import subprocess
@@ -99,6 +100,9 @@ def _fail_in_process(capsys, name: str, argv: list[str]) -> str:
         (["--block-size", "200", "--set", "segment_lengths=[64,128]", "--set", "dilation_rates=[1,2]"],
          ["too short for evidence 128 characters", "at least 320"]),
         (["--sequence-parallel-size", "2"], ["--sequence-parallel-size 2"]),
+        (["--answer-loss-weight", "-1"], ["--answer-loss-weight must be a finite number >= 0"]),
+        (["--default-task-weights", "0", "0", "0"], ["--default-task-weights must be three finite numbers"]),
+        (["--adam-beta2", "1"], ["--adam-beta2 must be in [0, 1)"]),
     ],
 )
 def test_train_rejects_bad_input_in_one_line(capsys, tmp_path, argv, fragments):
@@ -262,9 +266,89 @@ def test_generate_reloads_without_the_package(trained_model, tmp_path):
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end(tmp_path):
-    result = run_script("main", "--output-dir", str(tmp_path), "--max-steps", "10", "--documents", "60", "--eval-documents", "10", timeout=900)
+    result = run_script("main", "--output-dir", str(tmp_path), "--max-steps", "10", "--eval-documents", "5", "--demo-questions", "2", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "reloaded with trust_remote_code in an isolated process" in result.stdout
+    assert "the reloaded LongNet (trust_remote_code, isolated process) answered" in result.stdout
+    assert "modeling_longnet importable: no" in result.stderr
+    reports = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert list(reports) == ["LongNet", "local-only"]
+
+
+def test_evaluate_compares_models_on_the_same_documents(trained_model, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(trained_model, twin, ignore=shutil.ignore_patterns("evaluation"))
+    result = run_script(
+        "evaluate", str(trained_model), str(twin), "--labels", "first", "second", "--documents", "6", "--batch-size", "4",
+        "--output-dir", str(tmp_path / "comparison"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads((tmp_path / "comparison" / "evaluation.json").read_text())
+    assert list(reports) == ["first", "second"]
+    # The same weights on the same documents: the same numbers, every question of every document scored.
+    first, second = reports.values()
+    assert first["position_buckets"] == second["position_buckets"] and first["distance_buckets"] == second["distance_buckets"]
+    records = generate_default_dataset(6, split="test", max_chars=255, min_distance=32)
+    assert first["num_retrieval_examples"] == sum(len(r["questions"]) for r in records) > len(records)
+    table = (tmp_path / "comparison" / "evaluation.md").read_text()
+    assert "| positions | first | second |" in table and "| distance (tokens) | first | second |" in table
+    png = tmp_path / "comparison" / "evaluation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_labels_that_do_not_name_the_models_apart(capsys, trained_model):
+    line = _fail_in_process(capsys, "evaluate", [str(trained_model), str(trained_model), "--labels", "one"])
+    assert "--labels names 1 model(s) but 2 were given" in line
+    line = _fail_in_process(capsys, "evaluate", [str(trained_model), str(trained_model), "--labels", "a", "a"])
+    assert "same label" in line
+
+
+def test_generate_answers_many_prompts_as_json_lines(trained_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    items = [{"prompt": "the pass key is E2. key? ", "id": 1}, {"prompt": "The old sailor", "id": 2}]
+    prompts.write_text("".join(json.dumps(item) + "\n" for item in items))
+    result = run_script("generate", str(trained_model), "--prompts-jsonl", str(prompts), "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [{k: a[k] for k in ("prompt", "id")} for a in answers] == items
+    # greedy decoding: the same continuation as a single --prompt run
+    single = run_script("generate", str(trained_model), "--prompt", items[1]["prompt"], "--max-new-tokens", "4", "--no-prompt-echo")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert answers[1]["generated"] == single.stdout.rstrip("\n")
+
+
+def test_generate_refuses_bad_prompt_lines(capsys, trained_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\nnot json\n')
+    assert "--prompts-jsonl line 2: not JSON" in _fail_in_process(capsys, "generate", [str(trained_model), "--prompts-jsonl", str(bad)])
+    bad.write_text('{"text": "no prompt field"}\n')
+    assert "line 1: needs an object with a non-empty string 'prompt'" in _fail_in_process(capsys, "generate", [str(trained_model), "--prompts-jsonl", str(bad)])
+
+
+def test_answer_token_loss_is_the_mean_over_the_marked_tokens():
+    answer_token_loss = load_script("train").answer_token_loss
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 6), generator=generator)
+    labels[1, 2] = -100
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    mask[0, 3] = mask[1, 5] = mask[1, 2] = mask[0, 0] = 1  # (1, 2) has no label and (0, 0) no prediction: neither counts
+    expected = (
+        torch.nn.functional.cross_entropy(logits[0, 2], labels[0, 3]) + torch.nn.functional.cross_entropy(logits[1, 4], labels[1, 5])
+    ) / 2
+    assert torch.allclose(answer_token_loss(logits, labels, mask), expected)
+    assert answer_token_loss(logits, labels, torch.zeros_like(mask)) == 0
+
+
+def test_answer_weighted_training_runs_and_keeps_validation_plain(tmp_path):
+    result = run_script(
+        "train", "--output-dir", str(tmp_path), *TINY_MODEL_ARGS, "--max-steps", "2", "--save-steps", "2",
+        "--default-task-weights", "1", "0", "0", "--answer-loss-weight", "5",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["data"]["source"]["default_task_weights"] == [1.0, 0.0, 0.0]
+    # the weighted training loss adds 5 x the answers' loss (about log 26 or log 10 each, untrained) to the plain one
+    assert summary["loss_history"][0][1] > summary["eval_loss"] + 5
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -74,23 +74,28 @@ def make_document(rng, length, pool, num_keys, min_distance, fmt, max_distance=N
     return text, spans
 
 
-def grid_document(rng, length, pool, num_keys, min_distance, shift=True, query_prob=0.5):
-    """Cells of 4 tokens: records `Xd` + value + `;` and questions `?Xd` + value (shift) or `Xd` + value + `?`."""
+def grid_document(rng, length, pool, num_keys, min_distance, shift=True, query_prob=0.5, requery=False):
+    """Cells of 4 tokens: records `Xd` + value + `;` and questions `?Xd` + value (shift) or `Xd` + value + `?`.
+
+    requery: a key can be asked again, once its last question lies min_distance back (the local branch never
+    reaches an earlier copy of the answer)."""
     keys = rng.sample(pool, min(num_keys, len(pool)))
     klen = len(keys[0])
     values = {k: rng.choice(LOW) for k in keys}
     text, spans = "", []
     record_at = {}  # key -> value position of its record
+    asked_at = {}  # key -> answer position of its last question
     new = list(keys)
     while len(text) + 4 <= length:
         here = len(text)
         qoff = (1 if shift else 0) + klen  # answer offset inside a question cell
-        eligible = [k for k, p in record_at.items() if here + qoff - p >= min_distance]
+        eligible = [k for k, p in record_at.items() if here + qoff - p >= min_distance and here + qoff - asked_at.get(k, -10**9) >= min_distance]
         if eligible and (not new or rng.random() < query_prob):
             k = rng.choice(eligible)
             cell = ("?" + k + values[k]) if shift else (k + values[k] + "?")
             cell = cell + " " * (4 - len(cell))
-            spans.append((record_at.pop(k), here + qoff))
+            spans.append((record_at[k] if requery else record_at.pop(k), here + qoff))
+            asked_at[k] = here + qoff
         elif new:
             k = new.pop()
             cell = k + values[k] + ";" * (3 - klen)
@@ -114,9 +119,12 @@ import functools
 
 
 @functools.lru_cache(maxsize=None)
-def passkey_pool(split):
+def passkey_pool(split, key_len=3):
     keys = [u + d + s for u in UP for d in DIG for s in SYMBOLS]
     held = [k for i, k in enumerate(keys) if (UP.index(k[0]) * 7 + DIG.index(k[1]) * 3 + SYMBOLS.index(k[2])) % 5 == 0]
+    if key_len == 2:
+        keys = [u + d for u in UP for d in DIG]
+        held = [k for k in keys if (UP.index(k[0]) * 7 + DIG.index(k[1]) * 3) % 5 == 0]
     held_set = set(held)
     return held if split != "train" else [k for k in keys if k not in held_set]
 
@@ -129,9 +137,15 @@ def prose(rng, n):
     return out[:n]
 
 
+def statement(key):
+    """One statement of the pass key, padded to 1 mod 4 tokens: repeated statements put the key on every residue."""
+    text = f" the pass key is {key}."
+    return text + " " * ((1 - len(text)) % 4)
+
+
 def passkey_document(rng, length, min_distance, pool, repeats=1, align=0):
     key = rng.choice(pool)
-    needle = "".join(f" the pass key is {key}." for _ in range(repeats)) + " "
+    needle = "".join(statement(key) for _ in range(repeats)) + " "
     question = " what is the pass key? the pass key is "
     tail = key + "."
     room = length - len(needle) - len(question) - len(tail)
@@ -148,7 +162,27 @@ def passkey_document(rng, length, min_distance, pool, repeats=1, align=0):
     text += prose(rng, room - before) + question
     ans = len(text)
     text += tail
-    spans = [(ev + i, ans + i) for i in range(3)]
+    spans = [(ev + i, ans + i) for i in range(len(key))]
+    return text, spans
+
+
+def passkey_multi_document(rng, length, min_distance, pool, repeats=4, question=" key? ", gap=(0, 48)):
+    """The pass key stated `repeats` times, then prose and questions: every answer lies at least min_distance
+    after the previous statement of the key (the needle or the last answer), so only the dilated branches reach it."""
+    key = rng.choice(pool)
+    text = prose(rng, rng.randint(0, 24)) + "".join(statement(key) for _ in range(repeats))
+    last = text.rindex(key)  # the last statement's key
+    spans = []
+    while True:
+        filler = max(0, min_distance - (len(text) - last) - len(question)) + rng.randint(*gap)
+        if len(text) + filler + len(question) + len(key) + 1 > length:
+            break
+        text += prose(rng, filler) + question
+        ans = len(text)
+        spans += [(last + i, ans + i) for i in range(len(key))]
+        text += key + "."
+        last = ans
+    text += prose(rng, length - len(text))
     return text, spans
 
 
@@ -156,11 +190,14 @@ def batch_docs(split, seed, start, count, args, min_distance=None, short_frac=0.
     docs = []
     for i in range(start, start + count):
         rng = random.Random(f"{split}/{seed}/{i}")
+        if args.fmt == "passkey-multi":
+            docs.append(passkey_multi_document(rng, length or args.length, min_distance or args.min_distance, passkey_pool(split, args.key_len), args.needle_repeats))
+            continue
         if args.fmt == "passkey":
-            docs.append(passkey_document(rng, length or args.length, min_distance or args.min_distance, passkey_pool(split), args.needle_repeats, args.align))
+            docs.append(passkey_document(rng, length or args.length, min_distance or args.min_distance, passkey_pool(split, args.key_len), args.needle_repeats, args.align))
             continue
         if args.fmt.startswith("grid"):
-            docs.append(grid_document(rng, length or args.length, key_pool(args.keys, split), args.num_keys, min_distance or args.min_distance, shift=args.fmt == "grid", query_prob=args.query_prob))
+            docs.append(grid_document(rng, length or args.length, key_pool(args.keys, split), args.num_keys, min_distance or args.min_distance, shift=args.fmt != "grid-noshift", query_prob=args.query_prob, requery=args.requery))
             continue
         docs.append(make_document(rng, args.length, key_pool(args.keys, split), args.num_keys, min_distance or args.min_distance, args.fmt, short_frac=short_frac, short_max=args.short_max))
     return docs
@@ -198,17 +235,24 @@ def evaluate(model, docs, args, device):
         logits.append(model(input_ids=ids[i:i + 8]).logits.argmax(-1).cpu())
     pred = torch.cat(logits)
     edges = [0, min(args.w), 2 * min(args.w)] + sorted(w for w in args.w if w > 2 * min(args.w)) + [10**9]
+    slot_ok, slot_n = {}, {}
     for d, (t, spans) in enumerate(docs):
-        for ev, ans in spans:
+        for slot, (ev, ans) in enumerate(spans):
             dist = ans - ev
             ok = int(pred[d, ans - 1]) == t.encode()[ans]
+            if args.fmt.startswith("passkey"):
+                slot = slot % args.key_len
+                slot_ok[slot] = slot_ok.get(slot, 0) + ok
+                slot_n[slot] = slot_n.get(slot, 0) + 1
             b = max(i for i, e in enumerate(edges) if dist >= e)
             correct[b] = correct.get(b, 0) + ok
             total[b] = total.get(b, 0) + 1
     model.train()
     far = [b for b in total if edges[b] >= 2 * min(args.w)]
     acc_far = sum(correct[b] for b in far) / max(1, sum(total[b] for b in far))
-    return acc_far, {f"{edges[b]}-{edges[b+1]-1}": (round(correct[b] / total[b], 3), total[b]) for b in sorted(total)}
+    buckets = {f"{edges[b]}-{edges[b+1]-1}": (round(correct[b] / total[b], 3), total[b]) for b in sorted(total)}
+    buckets.update({f"slot{k}": round(slot_ok[k] / slot_n[k], 3) for k in sorted(slot_n)})
+    return acc_far, buckets
 
 
 def main():
@@ -227,6 +271,8 @@ def main():
     p.add_argument("--len-start", type=int, default=96)
     p.add_argument("--eval-min-distance", type=int, default=0)
     p.add_argument("--query-prob", type=float, default=0.5)
+    p.add_argument("--requery", action="store_true")
+    p.add_argument("--key-len", type=int, default=3)
     p.add_argument("--short-max", type=int, default=64)
     p.add_argument("--curriculum", type=int, default=0, help="steps over which the train min distance ramps up")
     p.add_argument("--hidden", type=int, default=64)
@@ -285,10 +331,11 @@ def main():
         lp = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
         loss = lp.mean()
         if args.answer_weight:
-            mask = torch.zeros_like(lp)
-            for d, (_, spans) in enumerate(docs):
-                for ev, ans in spans:
-                    mask[d, ans - 1] = 1
+            rows = [d for d, (_, spans) in enumerate(docs) for _ in spans]
+            cols = [ans - 1 for _, spans in docs for _, ans in spans]
+            mask = torch.zeros(lp.shape, dtype=lp.dtype)
+            mask[rows, cols] = 1
+            mask = mask.to(lp.device)
             loss = loss + args.answer_weight * (lp * mask).sum() / mask.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
