@@ -55,6 +55,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
 from transformers.utils.generic import GeneralInterface, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -66,6 +67,8 @@ from .configuration_longnet import (
     is_finite_positive,
 )
 from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, in forward arguments and output fields;
 # the models accept both names and fill the output field this version has.
@@ -665,6 +668,9 @@ def _one_cache(cache, past_key_values):
         raise ValueError(
             "give the KV cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
         )
+    if past_key_values is not None and _CACHE_FIELD == "cache" and not torch.compiler.is_compiling():
+        # the words of transformers' own models (utils.generic), where the new name exists; none before
+        logger.warning_once("`past_key_values`/`cache_params` are deprecated. Use `cache` instead.")
     return cache if cache is not None else past_key_values
 
 
@@ -740,9 +746,13 @@ class LongNetModel(LongNetPreTrainedModel):
             kwargs.get("output_attentions", self.config.output_attentions)
             and self.config._attn_implementation != "eager"
         ):
-            raise ValueError(
-                "output_attentions=True needs dense attention weights: load the model with attn_implementation='eager' "
-                "or call model.set_attn_implementation('eager') (memory grows as the square of the length)"
+            # As transformers' SDPA and flash integrations do: the kernels form no weight matrix, so the call runs
+            # and no weights come back (the output's `attentions` holds none).
+            logger.warning_once(
+                f"attn_implementation={self.config._attn_implementation!r} returns no attention weights: "
+                "output_attentions=True gives none. For dense weights load the model with "
+                "attn_implementation='eager' or call model.set_attn_implementation('eager') (memory grows as the "
+                "square of the length)"
             )
         if not self.config.causal:
             if cache is not None:

@@ -208,18 +208,53 @@ def test_eager_attentions_are_the_dense_weights_of_the_same_attention(tmp_path):
     assert bool((weights[1, :, :, :5] == 0).all()) and bool((weights[1, :, :5] == 0).all())  # padding
 
 
+@pytest.fixture
+def transformers_warnings(caplog):
+    """The warnings transformers' loggers emit during the test, each `warning_once` message fresh (its cache is
+    per process, and another test of this worker may have spent it)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            yield lambda fragment: [r.getMessage() for r in caplog.records if fragment in r.getMessage()]
+    finally:
+        hf_logging.disable_propagation()
+
+
 @pytest.mark.transformers_versions
-def test_output_attentions_needs_eager():
+def test_output_attentions_without_eager_warns_once_and_returns_no_weights(transformers_warnings):
+    """As transformers' SDPA integration does: the call runs, a warning names the fix, and no weights come back;
+    the eager implementation returns the dense weights."""
     model = tiny_model()
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "output_attentions=True needs dense attention weights: load the model with attn_implementation='eager'"
-        ),
-    ):
-        model(random_ids(1, 5), output_attentions=True)
+    ids = random_ids(1, 5)
+    out = model(ids, output_attentions=True)
+    again = model(ids, output_attentions=True)
+    warnings = transformers_warnings("returns no attention weights")
+    assert len(warnings) == 1 and "attn_implementation='eager'" in warnings[0]
+    assert not [w for w in (out.attentions or ()) + (again.attentions or ()) if w is not None]
+    assert torch.equal(out.logits, model(ids).logits)
     model.set_attn_implementation("eager")
-    assert model(random_ids(1, 5), output_attentions=True).attentions[0].shape == (1, 4, 5, 5)
+    assert model(ids, output_attentions=True).attentions[0].shape == (1, 4, 5, 5)
+
+
+@pytest.mark.transformers_versions
+def test_the_old_cache_name_warns_where_transformers_renamed_it(transformers_warnings):
+    """transformers 5.24 renamed `past_key_values` to `cache` and its models warn on the old name; LongNet accepts
+    both and warns the same way there, and says nothing under older versions, where the old name is the only one.
+    generate passes the cache under the name of its own version: no warning."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    renamed = "cache" in BaseModelOutputWithPast.__dataclass_fields__
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert transformers_warnings("deprecated") == []
+    old = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    assert len(transformers_warnings("Use `cache` instead")) == (1 if renamed else 0)
+    new_name = {"cache" if renamed else "past_key_values": DynamicCache(config=model.config)}
+    assert torch.equal(old.logits, model(ids, use_cache=True, **new_name).logits)
 
 
 @pytest.mark.transformers_versions
