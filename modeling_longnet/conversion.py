@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .configuration_longnet import LongNetConfig
 from .modeling_longnet import LongNetForCausalLM
 
-__all__ = ["check_llama_checkpoint", "convert_llama_to_longnet", "longnet_config_from_llama"]
+__all__ = ["check_llama_checkpoint", "convert_llama_to_longnet", "llama_config_from_longnet", "longnet_config_from_llama"]
 
 # LongNetConfig field <- LlamaConfig field
 _SAME_FIELDS = (
@@ -62,6 +62,23 @@ def longnet_config_from_llama(llama_config: LlamaConfig, **overrides) -> LongNet
     fields.update(overrides)
     return LongNetConfig(**fields)
 
+
+
+def llama_config_from_longnet(config: LongNetConfig) -> LlamaConfig:
+    """The Llama configuration of a LongNet one whose blocks are Llama blocks (RMSNorm, gated SiLU MLP, rotary
+    positions): the same sizes, rotary parameters and special tokens, and attention over the whole context (the
+    dense reference a LongNet is compared with). The inverse of :func:`longnet_config_from_llama`."""
+    if not isinstance(config, LongNetConfig):
+        raise TypeError(f"`config` must be a LongNetConfig, got {type(config).__name__}")
+    differences = [
+        f"{name}={getattr(config, name)!r} (Llama: {wanted!r})"
+        for name, wanted in (("normalization", "rmsnorm"), ("gated_mlp", True), ("position_encoding", "rope"), ("causal", True))
+        if getattr(config, name) != wanted
+    ]
+    if differences:
+        raise ValueError(f"this LongNet's blocks are not Llama blocks: {', '.join(differences)}; a Llama of its sizes would be another model")
+    fields = {name: getattr(config, name) for name in _SAME_FIELDS}
+    return LlamaConfig(**fields, rope_parameters=dict(config.rope_parameters), rms_norm_eps=config.norm_eps)
 
 def not_llama_message(name: str | os.PathLike, model_type: str | None) -> str:
     """Why the checkpoint ``name`` whose config.json says ``model_type`` cannot be converted."""

@@ -23,17 +23,23 @@ carries the character spans of its evidence and its answer, from which :mod:`mod
 measures retrieval accuracy by distance with any tokenizer that reports offsets.
 
 ``datasets`` is imported only by the functions that build :class:`datasets.DatasetDict` objects, so that the
-generator, the tokenizers and the packing also run where that package is not installed.
+generator, the tokenizers, the packing and :class:`DefaultDatasetStream` (the default dataset made as it is read,
+for long contexts) also run where that package is not installed.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import os
 import random
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from torch.utils.data import IterableDataset, get_worker_info
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -46,6 +52,7 @@ __all__ = [
     "PASSKEY_QUESTION",
     "PASSKEY_STATEMENTS",
     "TASKS",
+    "DefaultDatasetStream",
     "PackedRowsCollator",
     "byte_level_tokenizer",
     "generate_default_dataset",
@@ -153,12 +160,13 @@ def pass_keys(split: str) -> tuple[str, ...]:
     )
 
 
-def _key_statement(key: str) -> str:
-    """``" the pass key is E2."`` padded with spaces to 1 mod 4 characters: statements in a row then put the key on
-    successive residues modulo 4. In a branch of dilation rate r a query sees only the keys of its own residue
-    modulo r, so one statement would be visible to one query in r; four reach every query of rates 1, 2 and 4."""
+def _key_statement(key: str, statements: int = PASSKEY_STATEMENTS) -> str:
+    """``" the pass key is E2."`` padded with spaces to 1 mod ``statements`` characters: statements in a row then put
+    the key on successive residues modulo ``statements``. In a branch of dilation rate r a query sees only the keys
+    of its own residue modulo r, so one statement would be visible to one query in r; ``statements`` of them (a
+    power of two) reach every query of the rates that divide it."""
     text = f" the pass key is {key}."
-    return text + " " * ((1 - len(text)) % 4)
+    return text + " " * ((1 - len(text)) % statements)
 
 
 def _filler(rng: random.Random, num_chars: int) -> str:
@@ -169,9 +177,12 @@ def _filler(rng: random.Random, num_chars: int) -> str:
     return text[:num_chars]
 
 
-def _passkey_document(rng: random.Random, length: int, min_distance: int, split: str) -> dict:
+def _passkey_document(
+    rng: random.Random, length: int, min_distance: int, split: str, *, max_distance: int | None = None,
+    statements: int = PASSKEY_STATEMENTS,
+) -> dict:
     key = rng.choice(pass_keys(split))
-    text = _filler(rng, rng.randint(0, 24)) + "".join(_key_statement(key) for _ in range(PASSKEY_STATEMENTS))
+    text = _filler(rng, rng.randint(0, 24)) + "".join(_key_statement(key, statements) for _ in range(statements))
     evidence = text.rindex(key)  # the latest statement of the key
     questions = []
     while True:
@@ -180,7 +191,14 @@ def _passkey_document(rng: random.Random, length: int, min_distance: int, split:
         room = length - len(text) - least_filler - len(PASSKEY_QUESTION) - len(key) - 1
         if room < 0:
             break
-        text += _filler(rng, least_filler + rng.randint(0, min(room, 3 * min_distance // 2))) + PASSKEY_QUESTION
+        if max_distance is None:
+            extra = rng.randint(0, min(room, 3 * min_distance // 2))
+        else:  # log-uniform: every scale of distance between the two bounds gets its share of the questions
+            shortest = len(text) - evidence - len(key) + least_filler + len(PASSKEY_QUESTION)  # >= min_distance
+            longest = max(min_distance, min(max_distance, shortest + room))
+            distance = round(math.exp(rng.uniform(math.log(min_distance), math.log(longest))))
+            extra = min(room, max(0, distance - shortest))
+        text += _filler(rng, least_filler + extra) + PASSKEY_QUESTION
         questions.append([evidence, evidence + len(key), len(text), len(text) + len(key)])
         evidence = len(text)
         text += key + "."
@@ -238,6 +256,9 @@ def generate_default_dataset(
     max_chars: int = 1024,
     min_distance: int = 128,
     task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    max_distance: int | None = None,
+    passkey_statements: int = PASSKEY_STATEMENTS,
+    first_document: int = 0,
 ) -> list[dict]:
     """The embedded default dataset: ``num_documents`` records, a deterministic function of the arguments.
 
@@ -250,6 +271,15 @@ def generate_default_dataset(
         min_distance: the least distance, in characters, from the end of the evidence to the start of the answer.
             Set it above the smallest segment length to make retrieval need the dilated, longer branches.
         task_weights: relative frequencies of ``passkey``, ``key_value`` and ``text`` documents.
+        max_distance: the longest such distance in ``passkey`` documents (or the least that the key's padded
+            statement and the question take, if that is more), with distances drawn log-uniformly between the two
+            bounds (as many questions from 64 to 128 characters back as from 8K to 16K). By default (``None``)
+            they are drawn uniformly between ``min_distance`` and 2.5 times it.
+        passkey_statements: how often a ``passkey`` document states its key at the start, a power of two: the
+            statements land on every residue modulo it, so that it should be at least the largest dilation rate
+            of the model that learns from them.
+        first_document: the index of the first document: ``first_document=k`` gives documents ``k, k+1, ...``
+            of the same sequence (how :class:`DefaultDatasetStream` reads it in pieces).
 
     Returns:
         A list of dicts with ``text``, ``task`` (one of :data:`TASKS`), ``questions`` (the character spans
@@ -259,12 +289,23 @@ def generate_default_dataset(
         Document ``i`` does not depend on ``num_documents``.
     """
     _check_int(num_documents, "num_documents", minimum=0)
+    _check_int(first_document, "first_document", minimum=0)
     _check_int(seed, "seed", minimum=0)
     _check_int(min_distance, "min_distance", minimum=1)
     _check_int(max_chars, "max_chars", minimum=1)
+    if max_distance is not None:
+        _check_int(max_distance, "max_distance", minimum=min_distance)
+    if (
+        isinstance(passkey_statements, bool) or not isinstance(passkey_statements, int) or passkey_statements < 1
+        or passkey_statements & (passkey_statements - 1)
+    ):
+        raise ValueError(
+            f"`passkey_statements` must be a power of two (1, 2, 4, 8, ...: the statements then cover every residue "
+            f"of the dilation rates that divide it), got {passkey_statements!r}"
+        )
     if not isinstance(split, str) or not split:
         raise ValueError(f"`split` must be a non-empty string, got {split!r}")
-    least_length = least_document_length(min_distance)
+    least_length = least_document_length(min_distance, passkey_statements)
     if max_chars < least_length:
         raise ValueError(
             f"`max_chars` ({max_chars}) is too short for `min_distance`={min_distance}: documents must be able to "
@@ -280,12 +321,14 @@ def generate_default_dataset(
             f"sum, got {list(task_weights)!r}"
         )
     documents = []
-    for index in range(num_documents):
+    for index in range(first_document, first_document + num_documents):
         rng = _document_rng(split, seed, index)
         task = rng.choices(TASKS, weights=task_weights)[0]
         length = rng.randint(max(max_chars // 2, least_length), max_chars)
         if task == "passkey":
-            documents.append(_passkey_document(rng, length, min_distance, split))
+            documents.append(
+                _passkey_document(rng, length, min_distance, split, max_distance=max_distance, statements=passkey_statements)
+            )
         elif task == "key_value":
             documents.append(_key_value_document(rng, length, min_distance))
         else:
@@ -293,11 +336,11 @@ def generate_default_dataset(
     return documents
 
 
-def least_document_length(min_distance: int) -> int:
+def least_document_length(min_distance: int, passkey_statements: int = PASSKEY_STATEMENTS) -> int:
     """The shortest ``max_chars`` that :func:`generate_default_dataset` accepts for ``min_distance``: a document
-    must hold the fixed parts (intro, needle, question: under 150 characters), the distance, and a sentence of
-    slack."""
-    return min_distance + 192
+    must hold the fixed parts (intro, the key's statements, question: under 150 characters with four statements),
+    the distance, and a sentence of slack."""
+    return min_distance + 192 + 32 * max(0, passkey_statements - PASSKEY_STATEMENTS)
 
 
 def _check_int(value, name: str, *, minimum: int) -> None:
@@ -434,12 +477,15 @@ def load_text_datasets(
     default_max_chars: int = 1024,
     default_min_distance: int = 128,
     default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    default_max_distance: int | None = None,
+    default_passkey_statements: int = PASSKEY_STATEMENTS,
 ) -> DatasetDict:
     """A :class:`datasets.DatasetDict` with ``train`` and ``validation`` splits that have a ``text`` column.
 
     The source is, by priority: ``train_files`` (text, JSON lines or parquet files, by extension), else the Hub
     dataset ``dataset_name`` (``dataset_config`` names its configuration), else the embedded default dataset
-    (:func:`generate_default_dataset` with the ``default_*`` settings, different documents in each split).
+    (:func:`generate_default_dataset` with the ``default_*`` settings, different documents in each split; for long
+    contexts :class:`DefaultDatasetStream` makes the same documents without ``datasets`` as they are read).
 
     Text files are read one example per file (``sample_by="document"``), per blank-line separated paragraph or
     per line. ``text_column`` names the column that holds the text in JSON, parquet and Hub data; it is renamed
@@ -492,12 +538,14 @@ def load_text_datasets(
                 generate_default_dataset(
                     default_documents, split="train", seed=seed, max_chars=default_max_chars,
                     min_distance=default_min_distance, task_weights=default_task_weights,
+                    max_distance=default_max_distance, passkey_statements=default_passkey_statements,
                 )
             ),
             validation=datasets.Dataset.from_list(
                 generate_default_dataset(
                     default_validation_documents, split="validation", seed=seed, max_chars=default_max_chars,
                     min_distance=default_min_distance, task_weights=default_task_weights,
+                    max_distance=default_max_distance, passkey_statements=default_passkey_statements,
                 )
             ),
         )
@@ -534,6 +582,8 @@ def load_records(
     default_min_distance: int = 128,
     seed: int = 0,
     default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    default_max_distance: int | None = None,
+    default_passkey_statements: int = PASSKEY_STATEMENTS,
 ) -> list[dict]:
     """Evaluation records (dicts with at least ``text``) from files, a Hub dataset split, or the embedded default
     dataset's ``split``. Retrieval fields (``evidence_start``, ``evidence_end``, ``answer_start``,
@@ -541,7 +591,7 @@ def load_records(
     if not files and not dataset_name:
         return generate_default_dataset(
             default_documents, split=split, seed=seed, max_chars=default_max_chars, min_distance=default_min_distance,
-            task_weights=default_task_weights,
+            task_weights=default_task_weights, max_distance=default_max_distance, passkey_statements=default_passkey_statements,
         )
     try:
         import datasets
@@ -695,24 +745,45 @@ class PackedRowsCollator:
     ``mode="documents"``: the rows of a batch are joined end to end into a single row of
     ``batch_size * block_size`` tokens, with no attention mask, so that the restarting ``position_ids`` mark
     every document (LongNet, like transformers' ``DataCollatorWithFlattening`` convention, reads packed
-    documents from a batch of one row). ``mode="concat"``: the rows are stacked into ``(batch, block_size)``.
+    documents from a batch of one row). ``mode="concat"``, or ``flatten=False`` (for models that read no document
+    boundaries from position ids, such as transformers' Llama with SDPA): the rows are stacked into
+    ``(batch, block_size)`` without ``position_ids``, each row one causal context.
     """
 
-    def __init__(self, mode: str = "documents"):
+    def __init__(self, mode: str = "documents", *, flatten: bool = True):
         if mode not in PACKING_MODES:
             raise ValueError(f"`mode` must be one of {PACKING_MODES}, got {mode!r}")
         self.mode = mode
+        self.flatten = flatten and mode == "documents"
 
     def __call__(self, features: Sequence[dict]) -> dict:
         import torch
 
-        keys = ("input_ids", "labels", "position_ids") if self.mode == "documents" else ("input_ids", "labels")
+        keys = ("input_ids", "labels", "position_ids") if self.flatten else ("input_ids", "labels")
         if features and "answer_mask" in features[0]:
             keys += ("answer_mask",)
         batch = {key: torch.tensor([f[key] for f in features], dtype=torch.long) for key in keys}
-        if self.mode == "documents":
+        if self.flatten:
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         return batch
+
+
+def _tokenize_marking_answers(tokenizer, texts: Sequence[str], questions: Sequence[Sequence] | None):
+    """Token ids of ``texts`` and, when ``questions`` (each text's spans, as in the default dataset's records)
+    are given, one 0/1 mask per text: 1 on the tokens that overlap an answer span ``[span[2], span[3])``."""
+    if questions is None:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"], None
+    encoding = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    masks = []
+    for offsets, spans in zip(encoding["offset_mapping"], questions):
+        mask = [0] * len(offsets)
+        token_ends = [end for _, end in offsets]
+        token_starts = [start for start, _ in offsets]
+        for span in spans:  # the tokens with end > answer start and start < answer end, found by bisection
+            first, stop = bisect.bisect_right(token_ends, span[2]), bisect.bisect_left(token_starts, span[3])
+            mask[first:stop] = [1] * max(0, stop - first)
+        masks.append(mask)
+    return encoding["input_ids"], masks
 
 
 def tokenize_and_pack(
@@ -735,14 +806,9 @@ def tokenize_and_pack(
     has_questions = mark_answers and "questions" in dataset.column_names
 
     def tokenize(batch):
-        if not mark_answers:
-            return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-        encoding = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
-        masks = []
-        for index, offsets in enumerate(encoding["offset_mapping"]):
-            answers = [(span[2], span[3]) for span in batch["questions"][index]] if has_questions else []
-            masks.append([int(any(a < end and b > start for start, end in answers)) for a, b in offsets])
-        return {"input_ids": encoding["input_ids"], "answer_mask": masks}
+        questions = batch["questions"] if has_questions else [[] for _ in batch["text"]]
+        input_ids, masks = _tokenize_marking_answers(tokenizer, batch["text"], questions if mark_answers else None)
+        return {"input_ids": input_ids, "answer_mask": masks} if mark_answers else {"input_ids": input_ids}
 
     def pack(batch):
         return pack_documents(
@@ -757,3 +823,49 @@ def tokenize_and_pack(
         pack, batched=True, batch_size=1000, remove_columns=tokenized.column_names, num_proc=num_proc,
         desc=f"Packing {description} into blocks of {block_size}",
     )
+
+
+class DefaultDatasetStream(IterableDataset):
+    """Packed rows of the embedded default dataset, made as they are read: nothing is held in memory or on disk
+    and the ``datasets`` package is not needed, so that training at long contexts (32K tokens and more, for as many
+    steps as one likes) starts at once.
+
+    The rows hold the documents of :func:`generate_default_dataset` (``document_settings`` are its keyword
+    arguments) in order, packed by :func:`pack_documents` in chunks of ``documents_per_chunk`` documents. A data
+    loader's workers take the chunks in turn: the rows are the same for any number of workers, their order in the
+    batches is not. ``num_documents=None`` streams without end (train with ``max_steps``). ``mark_answers`` adds
+    the ``answer_mask`` rows of :func:`tokenize_and_pack`.
+    """
+
+    def __init__(self, tokenizer, block_size: int, *, num_documents: int | None = None, documents_per_chunk: int = 16,
+                 mark_answers: bool = False, **document_settings):
+        if num_documents is not None:
+            _check_int(num_documents, "num_documents", minimum=1)
+        _check_int(documents_per_chunk, "documents_per_chunk", minimum=1)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
+        generate_default_dataset(0, **document_settings)  # checks the settings here, not later in a worker
+        self.tokenizer, self.block_size, self.num_documents = tokenizer, block_size, num_documents
+        self.documents_per_chunk, self.mark_answers, self.document_settings = documents_per_chunk, mark_answers, document_settings
+
+    def rows_of_chunk(self, chunk: int) -> list[dict]:
+        first = chunk * self.documents_per_chunk
+        count = self.documents_per_chunk if self.num_documents is None else min(self.documents_per_chunk, self.num_documents - first)
+        records = generate_default_dataset(count, first_document=first, **self.document_settings)
+        input_ids, masks = _tokenize_marking_answers(
+            self.tokenizer, [r["text"] for r in records], [r["questions"] for r in records] if self.mark_answers else None
+        )
+        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        packed = pack_documents(
+            input_ids, self.block_size, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad_token_id,
+            answer_masks=masks,
+        )
+        return [dict(zip(packed, row)) for row in zip(*packed.values())]
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        chunks = itertools.count() if self.num_documents is None else range(-(-self.num_documents // self.documents_per_chunk))
+        for chunk in chunks:
+            if chunk % num_workers == worker_id:
+                yield from self.rows_of_chunk(chunk)

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--documents", type=int, default=200, help="documents of the default dataset")
     data.add_argument("--max-chars", type=int, default=None, help="longest default-dataset document (default: as trained, else 1024)")
     data.add_argument("--min-distance", type=int, default=None, help="least evidence distance of the default dataset (default: as trained)")
+    data.add_argument("--max-distance", type=int, default=None, help="longest evidence distance of the default dataset's pass-key questions, drawn log-uniformly from --min-distance (default: as trained)")
     data.add_argument("--seed", type=int, default=None, help="seed of the default dataset (default: as trained, else 0)")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--block-size", type=int, default=None, help="context length in tokens (default: as trained, else min(1024, max_position_embeddings))")
@@ -81,12 +82,14 @@ def _training_summary(model: str) -> dict:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses a bad command line before torch and transformers are imported (10-14 s)."""
-    for name in ("documents", "num_position_buckets", "batch_size", "block_size", "max_documents", "max_chars", "min_distance"):
+    for name in ("documents", "num_position_buckets", "batch_size", "block_size", "max_documents", "max_chars", "min_distance", "max_distance"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.files and args.dataset:
         raise ValueError("give either --files or --dataset, not both")
+    if args.max_distance is not None and args.min_distance is not None and args.max_distance < args.min_distance:
+        raise ValueError(f"--max-distance ({args.max_distance}) must be at least --min-distance ({args.min_distance})")
     for path in args.files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--files: file {path!r} does not exist")
@@ -132,6 +135,8 @@ def load(args: argparse.Namespace) -> dict:
         or 2 * min(getattr(config, "segment_lengths", [64])),
         seed=args.seed if args.seed is not None else trained_data.get("seed", 0),
         default_task_weights=trained_data.get("default_task_weights", (0.4, 0.4, 0.2)),
+        default_max_distance=args.max_distance or trained_data.get("default_max_distance"),
+        default_passkey_statements=trained_data.get("default_passkey_statements", 4),
     )
     if args.max_documents:
         records = records[: args.max_documents]

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LongNet attention function: auto (default), torch, triton, flash or eager",
     )
     model.add_argument(
+        "--architecture", choices=("longnet", "llama"), default="longnet",
+        help="longnet (default), or llama: transformers' LlamaForCausalLM of the same sizes (hidden, layers, heads, "
+        "MLP, rotary; the config's segment lengths are not used), with SDPA attention over each whole context: the "
+        "dense-attention reference to compare a LongNet with",
+    )
+    model.add_argument(
         "--sequence-parallel-size", type=int, default=1,
         help="split each sequence over this many processes (modeling_longnet.sequence_parallel; needs --packing "
         "concat and a launcher with a multiple of this many processes); 1 = off",
@@ -99,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--default-min-distance", type=int, default=None,
         help="least evidence-to-answer distance of the default dataset (default: twice the smallest segment length)",
+    )
+    data.add_argument(
+        "--default-max-distance", type=int, default=None,
+        help="longest evidence-to-answer distance of the default dataset's pass-key questions, drawn log-uniformly from "
+        "--default-min-distance to it (default: uniformly up to 2.5 times --default-min-distance)",
+    )
+    data.add_argument(
+        "--default-passkey-statements", type=int, default=4,
+        help="how often a pass-key document states its key, a power of two at least the largest dilation rate: the "
+        "statements then lie on every residue that a dilated head can see (default: 4)",
+    )
+    data.add_argument(
+        "--stream-default-data", action="store_true",
+        help="make the default dataset's training contexts as they are read (endless; needs --max-steps), instead of "
+        "generating and tokenizing --default-documents up front with `datasets`: for long contexts and many steps",
     )
     data.add_argument(
         "--default-task-weights", type=float, nargs=3, default=(0.4, 0.4, 0.2), metavar=("PASSKEY", "KEY_VALUE", "TEXT"),
@@ -169,7 +190,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     a typo is answered at once (:func:`resolve_checkpoint` then checks the checkpoint to resume, also without)."""
     _check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps", "block_size", "default_documents", "sequence_parallel_size",
-                    "default_max_chars", "default_min_distance", "vocab_size", "num_proc", "num_train_epochs")
+                    "default_max_chars", "default_min_distance", "default_max_distance", "vocab_size", "num_proc",
+                    "num_train_epochs", "default_passkey_statements")
     for name in ("eval_steps", "default_validation_documents", "weight_decay", "warmup_steps", "max_grad_norm",
                  "save_total_limit", "dataloader_num_workers"):
         value = getattr(args, name)
@@ -186,6 +208,25 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--default-task-weights must be three finite numbers >= 0 with a positive sum (passkey, key_value, text), got {' '.join(map(str, weights))}")
     if args.answer_loss_weight > 0 and args.sequence_parallel_size > 1:
         raise ValueError("--answer-loss-weight does not work with --sequence-parallel-size > 1 yet: use one of them")
+    statements = args.default_passkey_statements
+    if statements & (statements - 1):
+        raise ValueError(f"--default-passkey-statements must be a power of two (1, 2, 4, 8, ...), got {statements}")
+    if args.default_max_distance is not None and args.default_min_distance is not None and args.default_max_distance < args.default_min_distance:
+        raise ValueError(
+            f"--default-max-distance ({args.default_max_distance}) must be at least --default-min-distance ({args.default_min_distance})"
+        )
+    if args.stream_default_data:
+        if args.train_files or args.dataset:
+            raise ValueError("--stream-default-data streams the embedded default dataset: leave out --train-files and --dataset")
+        if args.max_steps < 0:
+            raise ValueError("--stream-default-data makes an endless stream of contexts: give the length of training with --max-steps")
+        if args.tokenizer == "bpe":
+            raise ValueError("--stream-default-data needs a ready tokenizer ('byte', or a folder / Hub id): 'bpe' would have to be trained on the whole data first")
+    if args.architecture == "llama":
+        if args.model is not None:
+            raise ValueError("--architecture llama trains a new Llama from --preset / --config: leave out --model")
+        if args.sequence_parallel_size > 1:
+            raise ValueError("--architecture llama does not support --sequence-parallel-size > 1 (LongNet's sequence parallelism)")
     if not (0 < args.learning_rate < math.inf):
         raise ValueError(f"--learning-rate must be a positive finite number, got {args.learning_rate}")
     if not 0.0 <= args.validation_fraction < 1.0:
@@ -414,12 +455,21 @@ def build_config(preset: str | None, config_path: str | None, overrides: dict):
     return LongNetConfig.from_preset(preset, **overrides)
 
 
-def build_model(config=None, *, pretrained: str | None = None, attn_implementation: str | None = None):
-    """A new LongNetForCausalLM from ``config``, or the saved one at ``pretrained`` (a folder or Hub id)."""
+def build_model(config=None, *, pretrained: str | None = None, attn_implementation: str | None = None, architecture: str = "longnet"):
+    """A new LongNetForCausalLM from ``config``, or the saved one at ``pretrained`` (a folder or Hub id); with
+    ``architecture="llama"`` a new LlamaForCausalLM of ``config``'s sizes (SDPA attention by default)."""
     from transformers import AutoModelForCausalLM
 
     from modeling_longnet import LongNetForCausalLM  # importing the package registers LongNet with the Auto classes
 
+    if architecture == "llama":
+        from transformers import LlamaForCausalLM
+
+        from modeling_longnet.conversion import llama_config_from_longnet
+
+        model = LlamaForCausalLM(llama_config_from_longnet(config))
+        model.set_attn_implementation(attn_implementation or "sdpa")
+        return model
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if pretrained is not None:
         if looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
@@ -582,7 +632,9 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     from (:func:`resolve_checkpoint`)."""
     if args.quiet:
         silence_progress_bars()
-    from modeling_longnet.data import least_document_length, load_text_datasets, load_tokenizer, tokenize_and_pack
+    from modeling_longnet.data import (
+        DefaultDatasetStream, least_document_length, load_text_datasets, load_tokenizer, tokenize_and_pack,
+    )
 
     overrides = parse_overrides(args.overrides)
     check_config_fields(overrides)
@@ -596,30 +648,38 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         raise ValueError(f"--block-size {block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
     min_distance = args.default_min_distance or 2 * min(config.segment_lengths)
     max_chars = args.default_max_chars or block_size - 1
-    if not (args.train_files or args.dataset) and max_chars < least_document_length(min_distance):
+    statements = args.default_passkey_statements
+    if not (args.train_files or args.dataset) and max_chars < least_document_length(min_distance, statements):
         raise ValueError(
             f"the default dataset's documents (at most {max_chars} characters: --default-max-chars, by default "
             f"--block-size - 1) are too short for evidence {min_distance} characters before the answer "
             "(--default-min-distance, by default twice the smallest segment length); raise --block-size or "
-            f"--default-max-chars to at least {least_document_length(min_distance)} or lower --default-min-distance"
+            f"--default-max-chars to at least {least_document_length(min_distance, statements)} or lower --default-min-distance"
         )
+    if args.default_max_distance is not None and args.default_max_distance < min_distance:
+        raise ValueError(f"--default-max-distance ({args.default_max_distance}) must be at least the least distance ({min_distance})")
     data_settings = {
         "default_documents": args.default_documents,
         "default_validation_documents": args.default_validation_documents,
         "default_max_chars": max_chars,
         "default_min_distance": min_distance,
         "default_task_weights": list(args.default_task_weights),
+        "default_max_distance": args.default_max_distance,
+        "default_passkey_statements": statements,
     }
-    datasets = load_text_datasets(
-        train_files=args.train_files, validation_files=args.validation_files, dataset_name=args.dataset,
-        dataset_config=args.dataset_config, text_column=args.text_column, sample_by=args.sample_by,
-        validation_fraction=args.validation_fraction, seed=args.seed, **data_settings,
-    )
-    if len(datasets["train"]) == 0:
-        raise ValueError("the training data is empty")
-
     tokenizer_name = args.tokenizer or (args.model if args.model else "byte")
-    tokenizer = load_tokenizer(tokenizer_name, texts=datasets["train"]["text"], vocab_size=args.vocab_size)
+    if args.stream_default_data:
+        datasets = None
+        tokenizer = load_tokenizer(tokenizer_name)
+    else:
+        datasets = load_text_datasets(
+            train_files=args.train_files, validation_files=args.validation_files, dataset_name=args.dataset,
+            dataset_config=args.dataset_config, text_column=args.text_column, sample_by=args.sample_by,
+            validation_fraction=args.validation_fraction, seed=args.seed, **data_settings,
+        )
+        if len(datasets["train"]) == 0:
+            raise ValueError("the training data is empty")
+        tokenizer = load_tokenizer(tokenizer_name, texts=datasets["train"]["text"], vocab_size=args.vocab_size)
 
     from transformers import set_seed
 
@@ -630,7 +690,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         config.pad_token_id, config.bos_token_id, config.eos_token_id = (
             tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
         )
-        model = build_model(config, attn_implementation=args.attn_implementation)
+        model = build_model(config, attn_implementation=args.attn_implementation, architecture=args.architecture)
     else:
         model = build_model(pretrained=args.model, attn_implementation=args.attn_implementation)
         if len(tokenizer) > model.config.vocab_size:
@@ -641,16 +701,32 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     if args.sequence_parallel_size > 1:
         check_sequence_parallel(args.sequence_parallel_size, config=model.config, block_size=block_size, packing=args.packing)
 
-    packed = {
-        split: tokenize_and_pack(
-            datasets[split], tokenizer, block_size, mode=args.packing, num_proc=args.num_proc, description=f"{split} data",
-            mark_answers=split == "train" and args.answer_loss_weight > 0,
-        )
-        for split in ("train", "validation")
-        if len(datasets[split])
-    }
-    if not packed.get("train") or len(packed["train"]) == 0:
-        raise ValueError(f"no training context of {block_size} tokens could be made: the data is too short for --block-size")
+    if args.stream_default_data:
+        document_settings = {
+            "seed": args.seed, "max_chars": max_chars, "min_distance": min_distance,
+            "task_weights": list(args.default_task_weights), "max_distance": args.default_max_distance,
+            "passkey_statements": statements,
+        }
+        packed = {"train": DefaultDatasetStream(
+            tokenizer, block_size, split="train", mark_answers=args.answer_loss_weight > 0, **document_settings
+        )}
+        if args.default_validation_documents:
+            packed["validation"] = list(DefaultDatasetStream(
+                tokenizer, block_size, split="validation", num_documents=args.default_validation_documents, **document_settings
+            ))
+        documents = {"train": "streamed", "validation": args.default_validation_documents}
+    else:
+        packed = {
+            split: tokenize_and_pack(
+                datasets[split], tokenizer, block_size, mode=args.packing, num_proc=args.num_proc, description=f"{split} data",
+                mark_answers=split == "train" and args.answer_loss_weight > 0,
+            )
+            for split in ("train", "validation")
+            if len(datasets[split])
+        }
+        if not packed.get("train") or len(packed["train"]) == 0:
+            raise ValueError(f"no training context of {block_size} tokens could be made: the data is too short for --block-size")
+        documents = {split: len(datasets[split]) for split in datasets}
     source = (
         {"kind": "files", "train_files": args.train_files, "validation_files": args.validation_files}
         if args.train_files
@@ -665,7 +741,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         "tokenizer_name": tokenizer_name,
         "datasets": packed,
         "block_size": block_size,
-        "data": {"source": source, "documents": {split: len(datasets[split]) for split in datasets}, "packing": args.packing},
+        "data": {"source": source, "documents": documents, "packing": args.packing, "streamed": args.stream_default_data},
     }
 
 
@@ -891,7 +967,8 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"] if has_validation else None,
-        data_collator=PackedRowsCollator(args.packing),
+        # Llama reads no document boundaries from restarting position ids: its rows stay rows, one context each.
+        data_collator=PackedRowsCollator(args.packing, flatten=args.architecture == "longnet"),
         processing_class=tokenizer,
         callbacks=[guard],
         **extra,
@@ -900,7 +977,8 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())
     if trainer.is_world_process_zero():
         print(
-            f"{PROG}: {type(model).__name__} with {num_parameters / 1e6:.2f}M parameters; {len(datasets['train'])} "
+            f"{PROG}: {type(model).__name__} with {num_parameters / 1e6:.2f}M parameters; "
+            f"{'streamed' if args.stream_default_data else len(datasets['train'])} "
             f"training contexts of {prepared['block_size']} tokens; {trainer.args.world_size} process(es)"
             + (f"; resuming from {checkpoint}" if checkpoint else ""),
             flush=True,

@@ -13,7 +13,7 @@ from modeling_longnet.configuration_longnet import AUTO_MAP, PRESETS_DIR
 
 
 def test_presets_are_listed_and_load():
-    assert LongNetConfig.available_presets() == ["llama-1b", "longnet-paper", "tiny"]
+    assert LongNetConfig.available_presets() == ["llama-1b", "longnet-32k", "longnet-paper", "tiny"]
     for name in LongNetConfig.available_presets():
         assert LongNetConfig.from_preset(name).model_type == "longnet"
 
@@ -36,7 +36,7 @@ def test_llama_1b_preset_has_about_a_billion_parameters():
 def test_from_preset_applies_overrides_and_names_the_presets_of_an_unknown_name():
     assert LongNetConfig.from_preset("tiny", num_hidden_layers=3).num_hidden_layers == 3
     with pytest.raises(
-        ValueError, match=re.escape("unknown preset 'huge': the presets are ['llama-1b', 'longnet-paper', 'tiny']")
+        ValueError, match=re.escape("unknown preset 'huge': the presets are ['llama-1b', 'longnet-32k', 'longnet-paper', 'tiny']")
     ):
         LongNetConfig.from_preset("huge")
 

@@ -154,3 +154,37 @@ def test_script_converts_a_saved_llama(tmp_path):
     ids = torch.randint(3, 128, (1, 30))
     with torch.no_grad():
         assert (longnet(ids).logits - llama(ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.transformers_versions
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}, {"head_dim": 16}, {"rope_theta": 1e6}],
+    ids=["plain", "tied-biases", "head-dim", "rope-theta"],
+)
+def test_a_llama_of_a_longnets_sizes_converts_back_to_the_same_config(overrides):
+    """train.py --architecture llama: the dense reference of a LongNet config is the Llama whose conversion gives
+    that LongNet config back, up to its branches (the Llama attends to the whole context)."""
+    from modeling_longnet import LongNetConfig
+    from modeling_longnet.conversion import llama_config_from_longnet, longnet_config_from_llama
+
+    config = LongNetConfig.from_preset("tiny", segment_lengths=[8, 16], dilation_rates=[1, 2], **overrides)
+    llama_config = llama_config_from_longnet(config)
+    assert isinstance(llama_config, LlamaConfig)
+    back = longnet_config_from_llama(llama_config, segment_lengths=[8, 16], dilation_rates=[1, 2])
+    assert back.to_dict() == config.to_dict()
+    llama = LlamaForCausalLM(llama_config)
+    assert sum(p.numel() for p in llama.parameters()) == sum(p.numel() for p in LongNetForCausalLM(config).parameters())
+
+
+@pytest.mark.parametrize(
+    "field, value", [("normalization", "sub_layernorm"), ("gated_mlp", False), ("position_encoding", "xpos"), ("causal", False)]
+)
+def test_a_longnet_that_is_not_a_llama_block_has_no_llama_config(field, value):
+    from modeling_longnet import LongNetConfig
+    from modeling_longnet.conversion import llama_config_from_longnet
+
+    with pytest.raises(ValueError, match=f"not Llama blocks: {field}="):
+        llama_config_from_longnet(LongNetConfig.from_preset("tiny", **{field: value}))
+    with pytest.raises(TypeError, match="must be a LongNetConfig"):
+        llama_config_from_longnet(LlamaConfig())

@@ -19,12 +19,14 @@ from modeling_longnet import LongNetConfig, LongNetForCausalLM
 from modeling_longnet.data import (
     END_OF_TEXT,
     PADDING,
+    PASSKEY_QUESTION,
     PASSKEY_STATEMENTS,
     TASKS,
     PackedRowsCollator,
     byte_level_tokenizer,
     generate_default_dataset,
     is_retrieval_record,
+    least_document_length,
     load_records,
     load_text_datasets,
     load_tokenizer,
@@ -89,12 +91,19 @@ def test_task_weights_choose_the_tasks():
     min_distance=st.integers(16, 300),
     extra_chars=st.integers(0, 1500),
     split=st.sampled_from(["train", "validation", "test"]),
+    spread=st.one_of(st.none(), st.integers(0, 2000)),
+    statements=st.sampled_from([1, 2, 4, 8, 16]),
 )
-def test_retrieval_evidence_lies_far_before_the_answer(seed, min_distance, extra_chars, split):
-    """Every answer's evidence (its latest statement before it) lies at least `min_distance` characters back,
-    nothing in between gives it away, and documents respect `max_chars`."""
-    max_chars = min_distance + 192 + extra_chars
-    for record in generate_default_dataset(12, split=split, seed=seed, max_chars=max_chars, min_distance=min_distance):
+def test_retrieval_evidence_lies_far_before_the_answer(seed, min_distance, extra_chars, split, spread, statements):
+    """Every answer's evidence (its latest statement before it) lies at least `min_distance` characters back (and
+    at most `max_distance`), nothing in between gives it away, and documents respect `max_chars`."""
+    max_chars = least_document_length(min_distance, statements) + extra_chars
+    max_distance = None if spread is None else min_distance + spread
+    records = generate_default_dataset(
+        12, split=split, seed=seed, max_chars=max_chars, min_distance=min_distance, max_distance=max_distance,
+        passkey_statements=statements,
+    )
+    for record in records:
         text = record["text"]
         assert len(text) <= max_chars and text.isascii()
         if record["task"] == "text":
@@ -105,26 +114,48 @@ def test_retrieval_evidence_lies_far_before_the_answer(seed, min_distance, extra
             evidence, answer = text[evidence_start:evidence_end], text[answer_start:answer_end]
             assert evidence == answer
             assert answer_start - evidence_end >= min_distance
+            if max_distance is not None and record["task"] == "passkey":
+                # the key's statement is padded with up to statements - 1 spaces, then comes the question
+                assert answer_start - evidence_end <= max(max_distance, len(". ") + statements - 1 + len(PASSKEY_QUESTION))
             assert answer not in text[evidence_end:answer_start]
         key = text[record["answer_start"] : record["answer_end"]]
         if record["task"] == "passkey":
             # the key's letter and digit occur nowhere but in its statements and answers
-            statements = PASSKEY_STATEMENTS + len(record["questions"])
-            assert sum(c.isupper() for c in text) == statements and sum(c.isdigit() for c in text) == statements
-            assert text.count(key) == statements
+            occurrences = statements + len(record["questions"])
+            assert sum(c.isupper() for c in text) == occurrences and sum(c.isdigit() for c in text) == occurrences
+            assert text.count(key) == occurrences
         else:
             assert key.isdigit() and text.count(key) == 2  # the evidence and the answer, nowhere else
 
 
-def test_pass_key_statements_land_on_every_residue_modulo_4():
-    """A query of a rate-4 branch sees only keys of its own residue: the four statements of the key must cover
-    all four, or three queries in four could never find it."""
-    for record in generate_default_dataset(20, task_weights=(1, 0, 0), max_chars=255, min_distance=32):
+@pytest.mark.parametrize("count", [PASSKEY_STATEMENTS, 1, 2, 8, 16])
+def test_pass_key_statements_land_on_every_residue(count):
+    """A query of a rate-r branch sees only keys of its own residue modulo r: the `count` statements of the key
+    must cover all `count` residues, or most queries of the largest rate could never find it."""
+    records = generate_default_dataset(
+        20, task_weights=(1, 0, 0), max_chars=least_document_length(32, count) + 64, min_distance=32, passkey_statements=count,
+    )
+    for record in records:
         key = record["text"][record["answer_start"] : record["answer_end"]]
         first_answer = record["questions"][0][2]
         statements = [i for i in range(first_answer) if record["text"].startswith(key, i)]
-        assert len(statements) == PASSKEY_STATEMENTS
-        assert {i % 4 for i in statements} == {0, 1, 2, 3}
+        assert len(statements) == count
+        assert {i % count for i in statements} == set(range(count))
+
+
+def test_a_wide_distance_range_is_spread_over_every_scale():
+    """With `max_distance` the distances are log-uniform: each doubling of distance gets about the same share
+    (a little more for the shortest, as the last gap of a document is cut to what fits)."""
+    records = generate_default_dataset(
+        40, task_weights=(1, 0, 0), max_chars=32767, min_distance=32, max_distance=4096, passkey_statements=8
+    )
+    distances = [answer - evidence for _, evidence, answer, _ in (q for r in records for q in r["questions"])]
+    shares = [sum(32 * 2**k <= d < 32 * 2 ** (k + 1) for d in distances) / len(distances) for k in range(6)]
+    assert len(distances) > 500 and all(0.1 < share < 0.22 for share in shares), shares  # 1/7 each, ideally
+
+
+def test_documents_can_be_read_from_any_index():
+    assert generate_default_dataset(5, first_document=7, seed=1) == generate_default_dataset(12, seed=1)[7:]
 
 
 def test_held_out_splits_share_no_pass_key_with_training():
@@ -172,6 +203,10 @@ def test_evidence_is_outside_the_smallest_segment_in_tokens(byte_tokenizer, seed
         ({"num_documents": 3, "task_weights": (1, 1)}, "`task_weights`"),
         ({"num_documents": 3, "task_weights": (0, 0, 0)}, "`task_weights`"),
         ({"num_documents": 3, "split": ""}, "`split`"),
+        ({"num_documents": 3, "min_distance": 64, "max_distance": 32}, "`max_distance` must be an int >= 64"),
+        ({"num_documents": 3, "passkey_statements": 3}, "`passkey_statements` must be a power of two"),
+        ({"num_documents": 3, "passkey_statements": 0}, "`passkey_statements` must be a power of two"),
+        ({"num_documents": 3, "first_document": -1}, "`first_document`"),
     ],
 )
 def test_generator_rejects_bad_arguments(kwargs, message):
@@ -290,6 +325,8 @@ def test_collator_shapes():
     assert flat["position_ids"][0].tolist() == [p for f in features for p in f["position_ids"]]
     stacked = PackedRowsCollator("concat")(features)
     assert set(stacked) == {"input_ids", "labels"} and stacked["input_ids"].shape == (len(features), 4)
+    rows_kept = PackedRowsCollator("documents", flatten=False)(features)  # for models that ignore position restarts
+    assert set(rows_kept) == {"input_ids", "labels"} and rows_kept["input_ids"].shape == (len(features), 4)
 
 
 def test_packed_batch_loss_is_the_loss_of_each_document_alone():
@@ -411,3 +448,54 @@ def test_tokenize_and_pack_marks_the_answer_tokens(byte_tokenizer):
     assert "answer_mask" not in plain.column_names
     batch = PackedRowsCollator("documents")([packed[0], packed[1]])
     assert batch["answer_mask"].shape == batch["input_ids"].shape == (1, 512)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The default dataset streamed
+# ----------------------------------------------------------------------------------------------------------
+
+STREAM_SETTINGS = {"split": "train", "seed": 2, "max_chars": 400, "min_distance": 32, "task_weights": (1, 1, 1)}
+
+
+@settings(max_examples=10, deadline=None)
+@given(num_documents=st.integers(1, 40), chunk=st.integers(1, 9), block_size=st.sampled_from([401, 900, 1500]))
+def test_the_stream_holds_the_default_documents_in_order(byte_tokenizer, num_documents, chunk, block_size):
+    """Its rows, read in order, hold the documents of generate_default_dataset, each followed by the end token,
+    and mark exactly the answers (as tokenize_and_pack does; the rows hold whole documents here, 400 characters
+    and the end token at most, so that no answer starts a piece of a document, whose first token has no label)."""
+    from modeling_longnet.data import DefaultDatasetStream
+
+    stream = DefaultDatasetStream(
+        byte_tokenizer, block_size, num_documents=num_documents, documents_per_chunk=chunk, mark_answers=True,
+        **STREAM_SETTINGS,
+    )
+    rows = list(stream)
+    assert all(len(row[key]) == block_size for row in rows for key in ("input_ids", "labels", "position_ids", "answer_mask"))
+    records = generate_default_dataset(num_documents, **STREAM_SETTINGS)
+    real = [(t, m) for row in rows for t, label, m, p in zip(row["input_ids"], row["labels"], row["answer_mask"], row["position_ids"])
+            if not (t == byte_tokenizer.pad_token_id and label == -100)]
+    eos = byte_tokenizer.eos_token_id
+    assert [t for t, _ in real] == [t for r in records for t in [*r["text"].encode(), eos]]
+    marked = "".join(chr(t) for t, m in real if m)
+    assert marked == "".join(r["text"][a:b] for r in records for _, _, a, b in r["questions"])
+
+
+def test_the_stream_gives_the_same_rows_to_any_number_of_workers(byte_tokenizer):
+    from modeling_longnet.data import DefaultDatasetStream
+
+    stream = DefaultDatasetStream(byte_tokenizer, 401, num_documents=30, documents_per_chunk=4, **STREAM_SETTINGS)
+    alone = sorted(tuple(row["input_ids"]) for row in stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    assert sorted(tuple(row["input_ids"]) for row in loader) == alone
+    endless = DefaultDatasetStream(byte_tokenizer, 401, documents_per_chunk=4, **STREAM_SETTINGS)
+    first = [row["input_ids"] for _, row in zip(range(len(alone) + 5), endless)]
+    assert len(first) == len(alone) + 5  # no end without num_documents
+
+
+def test_the_stream_checks_its_settings_at_once(byte_tokenizer):
+    from modeling_longnet.data import DefaultDatasetStream
+
+    with pytest.raises(ValueError, match="`passkey_statements` must be a power of two"):
+        DefaultDatasetStream(byte_tokenizer, 256, passkey_statements=6)
+    with pytest.raises(ValueError, match="`num_documents`"):
+        DefaultDatasetStream(byte_tokenizer, 256, num_documents=0)

@@ -103,12 +103,19 @@ def _fail_in_process(capsys, name: str, argv: list[str]) -> str:
         (["--answer-loss-weight", "-1"], ["--answer-loss-weight must be a finite number >= 0"]),
         (["--default-task-weights", "0", "0", "0"], ["--default-task-weights must be three finite numbers"]),
         (["--adam-beta2", "1"], ["--adam-beta2 must be in [0, 1)"]),
+        (["--stream-default-data"], ["--stream-default-data", "--max-steps"]),
+        (["--stream-default-data", "--max-steps", "2", "--train-files", "{tmp}/notes.txt"], ["leave out --train-files"]),
+        (["--stream-default-data", "--max-steps", "2", "--tokenizer", "bpe"], ["needs a ready tokenizer"]),
+        (["--architecture", "llama", "--model", "{tmp}"], ["--architecture llama", "leave out --model"]),
+        (["--default-passkey-statements", "3"], ["--default-passkey-statements must be a power of two"]),
+        (["--default-min-distance", "64", "--default-max-distance", "32"], ["--default-max-distance (32) must be at least"]),
     ],
 )
 def test_train_rejects_bad_input_in_one_line(capsys, tmp_path, argv, fragments):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "negative.json").write_text(json.dumps({"model_type": "longnet", "hidden_size": -1}))
     (tmp_path / "notes.csv").write_text("a,b\n")
+    (tmp_path / "notes.txt").write_text("some text\n")
     argv = [part.format(tmp=tmp_path) for part in argv]
     line = _fail_in_process(capsys, "train", ["--output-dir", str(tmp_path / "out"), "--default-documents", "4", *argv])
     for fragment in fragments:
@@ -159,6 +166,55 @@ def test_train_without_the_datasets_package_fails_in_one_line(tmp_path):
         env=script_env(tmp_path / "hf"), capture_output=True, text=True, timeout=300, check=False,
     )
     assert_clean_failure(result, "needs the `datasets` package: pip install datasets")
+
+
+# As where `datasets` is not installed at all: importlib.util.find_spec answers None (transformers asks it).
+WITHOUT_DATASETS = """
+import runpy, sys
+
+sys.modules["datasets"] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_streamed_training_needs_no_datasets_package(tmp_path):
+    """--stream-default-data, as on the GPU machines (no `datasets`): the contexts are made as they are read, the
+    answers weighted, and the summary says so."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DATASETS, str(SCRIPTS / "train.py"), "--output-dir", str(tmp_path / "out"),
+         *TINY_MODEL_ARGS, "--stream-default-data", "--max-steps", "3", "--save-steps", "3", "--dataloader-num-workers", "1",
+         "--default-task-weights", "1", "0", "0", "--answer-loss-weight", "5", "--default-max-distance", "200",
+         "--default-passkey-statements", "2"],
+        env=script_env(tmp_path / "hf"), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 3 and summary["data"]["streamed"]
+    source = summary["data"]["source"]
+    assert source["default_max_distance"] == 200 and source["default_passkey_statements"] == 2
+    assert summary["data"]["documents"] == {"train": "streamed", "validation": 8}
+    assert summary["loss_history"][0][1] > summary["eval_loss"] + 5  # the answers' loss, weighted, is in it
+
+
+def test_a_llama_of_the_same_sizes_trains_and_is_compared(tmp_path, trained_model):
+    """--architecture llama: the dense reference, saved as a plain transformers Llama, scored beside a LongNet."""
+    output = tmp_path / "llama"
+    result = run_script(
+        "train", "--output-dir", str(output), *TINY_MODEL_ARGS, "--architecture", "llama", "--max-steps", "2",
+        "--save-steps", "2", env=script_env(tmp_path / "hf"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["hidden_size"] == 32 and "segment_lengths" not in config
+    assert not list(output.glob("*.py"))  # transformers' own model: no remote code
+    evaluation = run_script(
+        "evaluate", str(trained_model), str(output), "--labels", "LongNet", "Llama", "--documents", "4",
+        "--output-dir", str(tmp_path / "evaluation"), env=script_env(tmp_path / "hf"),
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    reports = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert set(reports) == {"LongNet", "Llama"} and reports["Llama"]["segment_lengths"] is None
 
 
 def test_a_failing_script_exits_non_zero_with_one_line(tmp_path):

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU recipe of docs/quality.md ("Retrieval at 32K on one H200"): a LongNet (configuration/longnet-32k.json),
+# the same model with only its 2048-token local branch, and a Llama of the same sizes with SDPA attention, trained
+# on the same streamed pass-key data at contexts of 32768 tokens (8 per step), then scored on the same held-out
+# documents (every question 4K-24K tokens after its evidence).
+#   RUNS="longnet local" STEPS=800 bash experiments/retrieval/gpu_32k.sh   # these at once on one GPU
+#   RUNS=llama STEPS=800 ...                                                # later, beside them
+# Runs: longnet, local, llama, longnet-lr3e-3 (the LongNet at the main job's learning rate). Models and logs go to
+# $WORK/<run>; the evaluation scores every model found there. With RESULTS set, everything but the weights is
+# packed into $RESULTS/results.tgz (evaluation.md and .png beside it), the few files the device tool brings back.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WORK=${WORK:-outputs/gpu}; STEPS=${STEPS:-800}; RUNS=${RUNS:-longnet local llama}; WORKERS=${WORKERS:-3}; DOCS=${DOCS:-100}
+TRAIN_LIMIT=${TRAIN_LIMIT:-86400}  # seconds; a training still running then is stopped (what it logged is kept)
+mkdir -p "$WORK"
+TRAIN=(python3 scripts/train.py --preset longnet-32k --block-size 32768 --stream-default-data
+       --per-device-train-batch-size 8 --precision bf16 --learning-rate 2e-3 --adam-beta2 0.95 --warmup-steps 0.05
+       --default-min-distance 32 --default-max-distance 20480 --default-passkey-statements 8
+       --default-task-weights 1 0 0 --answer-loss-weight 5 --default-validation-documents 16
+       --per-device-eval-batch-size 4 --dataloader-num-workers "$WORKERS" --logging-steps 25 --save-steps 1000000
+       --quiet --seed 0)
+run_arguments() {
+  case $1 in
+    longnet) ;;
+    local) echo "--set segment_lengths=[2048] --set dilation_rates=[1]" ;;
+    llama) echo "--architecture llama" ;;
+    longnet-lr3e-3) echo "--learning-rate 3e-3" ;;
+    *) echo "unknown run $1" >&2; exit 2 ;;
+  esac
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)'
+date -u +%FT%TZ
+start=$(date +%s); pids=()
+for run in $RUNS; do
+  # shellcheck disable=SC2046  (the run's arguments are words without spaces)
+  timeout "$TRAIN_LIMIT" "${TRAIN[@]}" --max-steps "$STEPS" $(run_arguments "$run") --output-dir "$WORK/$run" >"$WORK/$run.log" 2>&1 &
+  pids+=($!)
+done
+status=0; for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+echo "training ($RUNS, $STEPS steps each, at once) rc=$status $(( $(date +%s) - start )) s"
+for run in $RUNS; do echo "--- $run"; grep -E "^\{'loss'" "$WORK/$run.log" | awk 'NR % 8 == 0'; tail -n 8 "$WORK/$run.log"; done
+
+models=(); labels=()
+for run in longnet longnet-lr3e-3 local llama; do
+  if [ -f "$WORK/$run/training_summary.json" ]; then models+=("$WORK/$run"); labels+=("$run"); fi
+done
+start=$(date +%s)
+python3 scripts/evaluate.py "${models[@]}" --labels "${labels[@]}" --min-distance 4096 --max-distance 24576 \
+  --documents "$DOCS" --batch-size 2 --dtype bfloat16 --output-dir "$WORK/evaluation" 2>&1 | grep -v "Loading weights"
+echo "evaluation $(( $(date +%s) - start )) s"
+if [ -n "${NEAR:-}" ]; then  # the same models on questions inside the local branch: did retrieval form at all?
+  python3 scripts/evaluate.py "${models[@]}" --labels "${labels[@]}" --min-distance 32 --max-distance 2048 \
+    --documents 10 --batch-size 2 --dtype bfloat16 --output-dir "$WORK/evaluation-near" 2>&1 | grep -A 12 "^Retrieval"
+fi
+if [ -n "${RESULTS:-}" ]; then
+  mkdir -p "$RESULTS"
+  (cd "$WORK" && find . -name '*.log' -o -name training_summary.json -o -path './evaluation*/*' | tar czf "$RESULTS/results.tgz" -T -)
+  cp "$WORK/evaluation/evaluation.md" "$WORK/evaluation/evaluation.png" "$RESULTS/" 2>/dev/null
+fi
