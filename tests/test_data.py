@@ -220,7 +220,8 @@ def test_generator_rejects_bad_arguments(kwargs, message):
 
 
 @settings(max_examples=30, deadline=None)
-@given(text=st.text(max_size=200))
+# Text holding a special token's own spelling ("<|pad|>") becomes that token, by design: such text is left out.
+@given(text=st.text(max_size=200).filter(lambda t: END_OF_TEXT not in t and PADDING not in t))
 def test_byte_tokenizer_is_lossless_and_its_ids_are_the_bytes(byte_tokenizer, text):
     ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids == list(text.encode("utf-8"))
