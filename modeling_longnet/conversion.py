@@ -63,7 +63,6 @@ def longnet_config_from_llama(llama_config: LlamaConfig, **overrides) -> LongNet
     return LongNetConfig(**fields)
 
 
-
 def llama_config_from_longnet(config: LongNetConfig) -> LlamaConfig:
     """The Llama configuration of a LongNet one whose blocks are Llama blocks (RMSNorm, gated SiLU MLP, rotary
     positions): the same sizes, rotary parameters and special tokens, and attention over the whole context (the
@@ -79,6 +78,7 @@ def llama_config_from_longnet(config: LongNetConfig) -> LlamaConfig:
         raise ValueError(f"this LongNet's blocks are not Llama blocks: {', '.join(differences)}; a Llama of its sizes would be another model")
     fields = {name: getattr(config, name) for name in _SAME_FIELDS}
     return LlamaConfig(**fields, rope_parameters=dict(config.rope_parameters), rms_norm_eps=config.norm_eps)
+
 
 def not_llama_message(name: str | os.PathLike, model_type: str | None) -> str:
     """Why the checkpoint ``name`` whose config.json says ``model_type`` cannot be converted."""

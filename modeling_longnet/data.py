@@ -768,6 +768,13 @@ class PackedRowsCollator:
         return batch
 
 
+def _packing_token_ids(tokenizer) -> tuple[int, int]:
+    """The end token that packing puts after every document, and the padding token (the end token if none)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
+    return tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _tokenize_marking_answers(tokenizer, texts: Sequence[str], questions: Sequence[Sequence] | None):
     """Token ids of ``texts`` and, when ``questions`` (each text's spans, as in the default dataset's records)
     are given, one 0/1 mask per text: 1 on the tokens that overlap an answer span ``[span[2], span[3])``."""
@@ -800,19 +807,19 @@ def tokenize_and_pack(
     returns a dataset of ``input_ids``, ``labels`` and ``position_ids`` rows, and with ``mark_answers`` an
     ``answer_mask`` too: 1 on the tokens that overlap an answer span of the ``questions`` column (the default
     dataset's), 0 elsewhere and in data without that column."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_token_id, pad_token_id = _packing_token_ids(tokenizer)
     has_questions = mark_answers and "questions" in dataset.column_names
 
     def tokenize(batch):
+        if not mark_answers:
+            return {"input_ids": _tokenize_marking_answers(tokenizer, batch["text"], None)[0]}
         questions = batch["questions"] if has_questions else [[] for _ in batch["text"]]
-        input_ids, masks = _tokenize_marking_answers(tokenizer, batch["text"], questions if mark_answers else None)
-        return {"input_ids": input_ids, "answer_mask": masks} if mark_answers else {"input_ids": input_ids}
+        input_ids, masks = _tokenize_marking_answers(tokenizer, batch["text"], questions)
+        return {"input_ids": input_ids, "answer_mask": masks}
 
     def pack(batch):
         return pack_documents(
-            batch["input_ids"], block_size, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id, mode=mode,
+            batch["input_ids"], block_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, mode=mode,
             answer_masks=batch["answer_mask"] if mark_answers else None,
         )
 
@@ -842,8 +849,7 @@ class DefaultDatasetStream(IterableDataset):
         if num_documents is not None:
             _check_int(num_documents, "num_documents", minimum=1)
         _check_int(documents_per_chunk, "documents_per_chunk", minimum=1)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no end-of-sequence token, which packing puts between documents")
+        self.eos_token_id, self.pad_token_id = _packing_token_ids(tokenizer)
         generate_default_dataset(0, **document_settings)  # checks the settings here, not later in a worker
         self.tokenizer, self.block_size, self.num_documents = tokenizer, block_size, num_documents
         self.documents_per_chunk, self.mark_answers, self.document_settings = documents_per_chunk, mark_answers, document_settings
@@ -855,10 +861,8 @@ class DefaultDatasetStream(IterableDataset):
         input_ids, masks = _tokenize_marking_answers(
             self.tokenizer, [r["text"] for r in records], [r["questions"] for r in records] if self.mark_answers else None
         )
-        pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         packed = pack_documents(
-            input_ids, self.block_size, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad_token_id,
-            answer_masks=masks,
+            input_ids, self.block_size, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, answer_masks=masks
         )
         return [dict(zip(packed, row)) for row in zip(*packed.values())]
 

@@ -112,7 +112,7 @@ def load(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
-    from modeling_longnet.data import load_records
+    from modeling_longnet.data import PASSKEY_STATEMENTS, load_records
 
     first = args.models[0]
     summary = _training_summary(first)
@@ -136,7 +136,7 @@ def load(args: argparse.Namespace) -> dict:
         seed=args.seed if args.seed is not None else trained_data.get("seed", 0),
         default_task_weights=trained_data.get("default_task_weights", (0.4, 0.4, 0.2)),
         default_max_distance=args.max_distance or trained_data.get("default_max_distance"),
-        default_passkey_statements=trained_data.get("default_passkey_statements", 4),
+        default_passkey_statements=trained_data.get("default_passkey_statements", PASSKEY_STATEMENTS),
     )
     if args.max_documents:
         records = records[: args.max_documents]
