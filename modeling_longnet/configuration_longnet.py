@@ -250,8 +250,8 @@ class LongNetConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> LongNetConfig:
-        """A named preset: ``"tiny"`` (tests and demos), ``"longnet-32k"`` (the 3.5M-parameter, 4-layer model of the
-        GPU retrieval recipe, docs/quality.md: w = 2048/8192/32768, r = 1/4/8), ``"longnet-paper"`` (the paper's 12-layer, 768-wide model with
+        """A named preset: ``"tiny"`` (tests and demos), ``"longnet-32k"`` (the 13.9M-parameter, 4-layer model of the
+        GPU retrieval recipe, docs/quality.md: width 512, 16 heads of 32, w = 2048/8192/32768, r = 1/4/8), ``"longnet-paper"`` (the paper's 12-layer, 768-wide model with
         xPos, sub-LN and w = 2048..32768, r = 1..12) or ``"llama-1b"`` (a ~1B Llama-shaped LongNet). Keyword arguments
         override fields of the preset."""
         presets = cls.available_presets()

@@ -55,6 +55,7 @@ __all__ = [
     "DefaultDatasetStream",
     "PackedRowsCollator",
     "byte_level_tokenizer",
+    "default_documents_per_row",
     "generate_default_dataset",
     "is_retrieval_record",
     "least_document_length",
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 TASKS = ("passkey", "key_value", "text")
+STREAM_ROWS_PER_CHUNK = 8  # DefaultDatasetStream packs this many rows at a time, by default (its last one padded)
 PACKING_MODES = ("documents", "concat")
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|pad|>"
@@ -745,9 +747,11 @@ class PackedRowsCollator:
     ``mode="documents"``: the rows of a batch are joined end to end into a single row of
     ``batch_size * block_size`` tokens, with no attention mask, so that the restarting ``position_ids`` mark
     every document (LongNet, like transformers' ``DataCollatorWithFlattening`` convention, reads packed
-    documents from a batch of one row). ``mode="concat"``, or ``flatten=False`` (for models that read no document
-    boundaries from position ids, such as transformers' Llama with SDPA): the rows are stacked into
-    ``(batch, block_size)`` without ``position_ids``, each row one causal context.
+    documents from a batch of one row). ``mode="concat"``, or ``flatten=False`` (for transformers' Llama with SDPA or
+    flash attention): the rows are stacked into ``(batch, block_size)`` without ``position_ids``, each row one
+    causal context in which documents see each other. (Given restarting ``position_ids``, transformers would keep
+    the documents apart with a materialised ``batch x block_size^2`` mask and a kernel that skips nothing, 8.6 GB
+    and the full quadratic work at 8 rows of 32K.)
     """
 
     def __init__(self, mode: str = "documents", *, flatten: bool = True):
@@ -832,32 +836,82 @@ def tokenize_and_pack(
     )
 
 
+def default_documents_per_row(tokenizer, block_size: int, *, rows: int = 8, **document_settings) -> float:
+    """About how many documents of :func:`generate_default_dataset` (``document_settings`` are its keyword
+    arguments) a row of ``block_size`` tokens holds when packed by :func:`pack_documents`: measured by packing its
+    first documents until they fill ``rows`` rows. It sizes the chunks of :class:`DefaultDatasetStream` and turns a
+    number of training steps into a number of documents (``scripts/train.py --default-curriculum``)."""
+    _check_int(rows, "rows", minimum=1)
+    eos_token_id, pad_token_id = _packing_token_ids(tokenizer)
+    input_ids: list[list[int]] = []
+    while sum(len(ids) + 1 for ids in input_ids) < rows * block_size and len(input_ids) < 65536:
+        records = generate_default_dataset(16, first_document=len(input_ids), **document_settings)
+        input_ids += _tokenize_marking_answers(tokenizer, [r["text"] for r in records], None)[0]
+    packed = pack_documents(input_ids, block_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id)["input_ids"]
+    last_row_fill = sum(1 for token in packed[-1] if token != pad_token_id) / block_size if pad_token_id != eos_token_id else 1.0
+    return len(input_ids) / (len(packed) - 1 + last_row_fill)
+
+
 class DefaultDatasetStream(IterableDataset):
     """Packed rows of the embedded default dataset, made as they are read: nothing is held in memory or on disk
     and the ``datasets`` package is not needed, so that training at long contexts (32K tokens and more, for as many
     steps as one likes) starts at once.
 
     The rows hold the documents of :func:`generate_default_dataset` (``document_settings`` are its keyword
-    arguments) in order, packed by :func:`pack_documents` in chunks of ``documents_per_chunk`` documents. A data
-    loader's workers take the chunks in turn: the rows are the same for any number of workers, their order in the
-    batches is not. ``num_documents=None`` streams without end (train with ``max_steps``). ``mark_answers`` adds
-    the ``answer_mask`` rows of :func:`tokenize_and_pack`.
+    arguments) in order, packed by :func:`pack_documents` in chunks of ``documents_per_chunk`` documents (by
+    default as many as fill about :data:`STREAM_ROWS_PER_CHUNK` rows: the last row of a chunk is padded, so a chunk
+    of few short documents would be mostly padding). A data loader's workers take the chunks in turn: the rows are
+    the same for any number of workers, their order in the batches is not. ``num_documents=None`` streams without
+    end (train with ``max_steps``). ``mark_answers`` adds the ``answer_mask`` rows of :func:`tokenize_and_pack`.
+
+    ``curriculum``, a sequence of ``(documents, settings)`` pairs, comes first: its first ``documents`` documents
+    are made with ``settings`` in place of the matching ``document_settings`` (for example ``{"max_chars": 512}``:
+    short documents, many to a row), then the next stage's, and after the last stage the stream goes on with
+    ``document_settings`` alone. ``num_documents`` counts the stages' documents too. A retrieval circuit forms
+    sooner where a query has few keys to choose from (docs/quality.md, "Retrieval at 32K").
     """
 
-    def __init__(self, tokenizer, block_size: int, *, num_documents: int | None = None, documents_per_chunk: int = 16,
-                 mark_answers: bool = False, **document_settings):
+    def __init__(self, tokenizer, block_size: int, *, num_documents: int | None = None,
+                 documents_per_chunk: int | None = None, mark_answers: bool = False,
+                 curriculum: Sequence[tuple[int, dict]] = (), **document_settings):
         if num_documents is not None:
             _check_int(num_documents, "num_documents", minimum=1)
-        _check_int(documents_per_chunk, "documents_per_chunk", minimum=1)
+        if documents_per_chunk is not None:
+            _check_int(documents_per_chunk, "documents_per_chunk", minimum=1)
         self.eos_token_id, self.pad_token_id = _packing_token_ids(tokenizer)
+        self.tokenizer, self.block_size, self.num_documents, self.mark_answers = tokenizer, block_size, num_documents, mark_answers
         generate_default_dataset(0, **document_settings)  # checks the settings here, not later in a worker
-        self.tokenizer, self.block_size, self.num_documents = tokenizer, block_size, num_documents
-        self.documents_per_chunk, self.mark_answers, self.document_settings = documents_per_chunk, mark_answers, document_settings
 
-    def rows_of_chunk(self, chunk: int) -> list[dict]:
-        first = chunk * self.documents_per_chunk
-        count = self.documents_per_chunk if self.num_documents is None else min(self.documents_per_chunk, self.num_documents - first)
-        records = generate_default_dataset(count, first_document=first, **self.document_settings)
+        def chunk_size(settings: dict) -> int:
+            if documents_per_chunk is not None:
+                return documents_per_chunk
+            return max(1, round(STREAM_ROWS_PER_CHUNK * default_documents_per_row(tokenizer, block_size, **settings)))
+
+        self.stages: list[tuple[int | None, dict, int]] = []  # (the stage's end document or None, settings, chunk)
+        end = 0
+        for index, stage in enumerate(curriculum):
+            if not (isinstance(stage, (tuple, list)) and len(stage) == 2 and isinstance(stage[1], dict)):
+                raise ValueError(f"`curriculum[{index}]` must be a (documents, settings dict) pair, got {stage!r}")
+            _check_int(stage[0], f"curriculum[{index}][0] (its number of documents)", minimum=1)
+            settings = {**document_settings, **stage[1]}
+            generate_default_dataset(0, **settings)
+            end += stage[0]
+            self.stages.append((end, settings, chunk_size(settings)))
+        self.stages.append((None, document_settings, chunk_size(document_settings)))
+
+    def chunks(self):
+        """``(first document, number of documents, settings)`` of every chunk, in order; no chunk spans two stages."""
+        first = 0
+        for end, settings, size in self.stages:
+            if self.num_documents is not None:
+                end = self.num_documents if end is None else min(end, self.num_documents)
+            while end is None or first < end:
+                count = size if end is None else min(size, end - first)
+                yield first, count, settings
+                first += count
+
+    def rows_of_chunk(self, first: int, count: int, settings: dict) -> list[dict]:
+        records = generate_default_dataset(count, first_document=first, **settings)
         input_ids, masks = _tokenize_marking_answers(
             self.tokenizer, [r["text"] for r in records], [r["questions"] for r in records] if self.mark_answers else None
         )
@@ -869,7 +923,6 @@ class DefaultDatasetStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        chunks = itertools.count() if self.num_documents is None else range(-(-self.num_documents // self.documents_per_chunk))
-        for chunk in chunks:
-            if chunk % num_workers == worker_id:
-                yield from self.rows_of_chunk(chunk)
+        for index, chunk in enumerate(self.chunks()):
+            if index % num_workers == worker_id:
+                yield from self.rows_of_chunk(*chunk)

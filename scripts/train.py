@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "generating and tokenizing --default-documents up front with `datasets`: for long contexts and many steps",
     )
     data.add_argument(
+        "--default-curriculum", nargs="+", default=None, metavar="MAX_CHARS:STEPS",
+        help="with --stream-default-data: train the first STEPS steps on documents of at most MAX_CHARS characters, "
+        "then the next stage's, then the rest of --max-steps on the full-length documents (e.g. 512:300 4096:200: "
+        "retrieval is learned sooner where a question has few keys to choose from; docs/quality.md)",
+    )
+    data.add_argument(
         "--default-task-weights", type=float, nargs=3, default=(0.4, 0.4, 0.2), metavar=("PASSKEY", "KEY_VALUE", "TEXT"),
         help="relative frequencies of the default dataset's passkey, key_value and text documents (default: 0.4 0.4 0.2)",
     )
@@ -142,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     training = parser.add_argument_group("training")
     training.add_argument("--output-dir", default="outputs/longnet", help="where the model, checkpoints and summary go")
     training.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --num-train-epochs)")
+    training.add_argument(
+        "--max-train-minutes", type=float, default=None,
+        help="stop after the first step that ends this many minutes into training, then evaluate and save as usual "
+        "(the learning-rate schedule stays that of --max-steps; the summary says where it stopped)",
+    )
     training.add_argument("--num-train-epochs", type=float, default=1.0, help="passes over the training data")
     training.add_argument("--per-device-train-batch-size", type=int, default=8, help="contexts per device per step")
     training.add_argument("--per-device-eval-batch-size", type=int, default=8, help="contexts per device per evaluation step")
@@ -184,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def parse_curriculum(stages: list[str]) -> list[tuple[int, int]]:
+    """``["512:300", "4096:200"]`` -> ``[(512, 300), (4096, 200)]``: (longest document in characters, steps)."""
+    parsed = []
+    for stage in stages:
+        match = re.fullmatch(r"(\d+):(\d+)", stage)
+        if match is None or int(match[1]) < 1 or int(match[2]) < 1:
+            raise ValueError(
+                f"--default-curriculum takes stages MAX_CHARS:STEPS of two positive integers (e.g. 512:300), got {stage!r}"
+            )
+        parsed.append((int(match[1]), int(match[2])))
+    return parsed
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses a bad command line with one ValueError / FileNotFoundError: numbers out of range, local files and
     folders that do not exist, options that exclude each other. Imports nothing beyond the standard library, so that
@@ -191,7 +215,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     _check_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps", "block_size", "default_documents", "sequence_parallel_size",
                     "default_max_chars", "default_min_distance", "default_max_distance", "vocab_size", "num_proc",
-                    "num_train_epochs", "default_passkey_statements")
+                    "num_train_epochs", "default_passkey_statements", "max_train_minutes")
     for name in ("eval_steps", "default_validation_documents", "weight_decay", "warmup_steps", "max_grad_norm",
                  "save_total_limit", "dataloader_num_workers"):
         value = getattr(args, name)
@@ -222,6 +246,15 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError("--stream-default-data makes an endless stream of contexts: give the length of training with --max-steps")
         if args.tokenizer == "bpe":
             raise ValueError("--stream-default-data needs a ready tokenizer ('byte', or a folder / Hub id): 'bpe' would have to be trained on the whole data first")
+    if args.default_curriculum is not None:
+        if not args.stream_default_data:
+            raise ValueError("--default-curriculum orders the streamed default dataset: add --stream-default-data")
+        stages = parse_curriculum(args.default_curriculum)
+        if sum(steps for _, steps in stages) >= args.max_steps:
+            raise ValueError(
+                f"--default-curriculum's stages take {sum(steps for _, steps in stages)} steps, --max-steps "
+                f"{args.max_steps}: leave steps for the full-length documents (raise --max-steps or shorten the stages)"
+            )
     if args.architecture == "llama":
         if args.model is not None:
             raise ValueError("--architecture llama trains a new Llama from --preset / --config: leave out --model")
@@ -627,6 +660,26 @@ def _check_positive(args, *names):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def curriculum_stages(args: argparse.Namespace, tokenizer, block_size: int, document_settings: dict) -> list[dict]:
+    """``--default-curriculum``'s stages as the stream's document counts: each stage's steps times the rows of a
+    step (batch x accumulation x processes), times how many of its documents a row holds (measured on a sample)."""
+    from modeling_longnet.data import default_documents_per_row, least_document_length
+
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    stages = []
+    for max_chars, steps in parse_curriculum(args.default_curriculum or []):
+        least = least_document_length(document_settings["min_distance"], document_settings["passkey_statements"])
+        if not least <= max_chars <= block_size - 1:
+            raise ValueError(
+                f"--default-curriculum's stage {max_chars}:{steps}: documents of at most {max_chars} characters must be "
+                f"at least {least} (the least distance, the key's statements and the question) and at most "
+                f"--block-size - 1 = {block_size - 1}"
+            )
+        per_row = default_documents_per_row(tokenizer, block_size, split="train", **{**document_settings, "max_chars": max_chars})
+        stages.append({"max_chars": max_chars, "steps": steps, "documents": math.ceil(steps * rows_per_step * per_row)})
+    return stages
+
+
 def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     """The model, tokenizer and packed data, after :func:`check_arguments`; ``checkpoint`` is the folder to resume
     from (:func:`resolve_checkpoint`)."""
@@ -707,14 +760,18 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
             "task_weights": list(args.default_task_weights), "max_distance": args.default_max_distance,
             "passkey_statements": statements,
         }
+        curriculum = curriculum_stages(args, tokenizer, block_size, document_settings)
         packed = {"train": DefaultDatasetStream(
-            tokenizer, block_size, split="train", mark_answers=args.answer_loss_weight > 0, **document_settings
+            tokenizer, block_size, split="train", mark_answers=args.answer_loss_weight > 0,
+            curriculum=[(stage["documents"], {"max_chars": stage["max_chars"]}) for stage in curriculum], **document_settings
         )}
         if args.default_validation_documents:
             packed["validation"] = list(DefaultDatasetStream(
                 tokenizer, block_size, split="validation", num_documents=args.default_validation_documents, **document_settings
             ))
         documents = {"train": "streamed", "validation": args.default_validation_documents}
+        if curriculum:
+            documents["curriculum"] = curriculum
     else:
         packed = {
             split: tokenize_and_pack(
@@ -848,13 +905,29 @@ def training_guard(args: argparse.Namespace, checkpoint: str | None):
         def __init__(self):
             self.first_step = self.last_logged = 0
             self.accelerator = None  # set once the Trainer exists: to agree across processes on the weights' check
+            self.started = time.perf_counter()
+            self.stopped_at_time_limit = None  # the step after which --max-train-minutes stopped the training
 
         def on_train_begin(self, training_args, state, control, lr_scheduler=None, **kwargs):
             self.first_step = self.last_logged = state.global_step
+            self.started = time.perf_counter()
             if checkpoint is not None:
                 warn_on_schedule_change(args, checkpoint, resumed_state, state, training_args, lr_scheduler)
 
+        def out_of_time(self) -> bool:
+            if args.max_train_minutes is None:
+                return False
+            late = time.perf_counter() - self.started > 60 * args.max_train_minutes
+            if self.accelerator is not None and self.accelerator.num_processes > 1:  # all processes stop at one step
+                import torch
+
+                late = bool(self.accelerator.gather(torch.tensor([float(late)], device=self.accelerator.device)).max())
+            return late
+
         def on_step_end(self, training_args, state, control, **kwargs):
+            if not control.should_training_stop and state.global_step < state.max_steps and self.out_of_time():
+                control.should_training_stop = True
+                self.stopped_at_time_limit = state.global_step
             if control.should_save or control.should_evaluate or control.should_training_stop:
                 # Log (and so check, below) this step before anything is saved or evaluated.
                 control.should_log = True
@@ -967,7 +1040,7 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
         args=training_args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"] if has_validation else None,
-        # Llama reads no document boundaries from restarting position ids: its rows stay rows, one context each.
+        # Llama's rows stay rows, one causal context each (PackedRowsCollator says why it gets no position ids).
         data_collator=PackedRowsCollator(args.packing, flatten=args.architecture == "longnet"),
         processing_class=tokenizer,
         callbacks=[guard],
@@ -1040,6 +1113,8 @@ def train(args: argparse.Namespace, prepared: dict) -> dict:
         "eval_perplexity": math.exp(metrics["eval_loss"]) if "eval_loss" in metrics else None,
         "resumed_from": checkpoint,
         "resumed_at_step": guard.first_step if checkpoint else None,
+        "max_steps": trainer.state.max_steps,
+        "stopped_at_time_limit": guard.stopped_at_time_limit,
     }
     if trainer.is_world_process_zero():
         Path(args.output_dir, SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -1077,7 +1152,9 @@ def print_summary(summary: dict, output_dir: str) -> None:
     rows = [
         ("model", f"{summary['model_class']}, {summary['num_parameters'] / 1e6:.2f}M parameters"),
         ("steps", f"{summary['global_step']} ({summary['epochs']:.2f} epochs), {summary['train_tokens']:,} tokens of context {summary['block_size']}{resumed}"),
-        ("time", f"{int(minutes)}m{seconds:04.1f}s, {summary['tokens_per_second']:,.0f} tokens/s"),
+        ("time", f"{int(minutes)}m{seconds:04.1f}s, {summary['tokens_per_second']:,.0f} tokens/s"
+                 + (f"; stopped by --max-train-minutes after step {summary['stopped_at_time_limit']} of {summary['max_steps']}"
+                    if summary.get("stopped_at_time_limit") is not None else "")),
         ("training loss", f"{first:.3f} (step {losses[0][0] if losses else '-'}) -> {last:.3f} (step {losses[-1][0] if losses else '-'})"),
     ]
     if summary["eval_loss"] is not None:
@@ -1087,7 +1164,6 @@ def print_summary(summary: dict, output_dir: str) -> None:
     print("\nTraining summary")
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-
 
 
 def main(argv=None) -> int:

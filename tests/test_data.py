@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -493,6 +494,75 @@ def test_the_stream_gives_the_same_rows_to_any_number_of_workers(byte_tokenizer)
     assert len(first) == len(alone) + 5  # no end without num_documents
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    stages=st.lists(st.tuples(st.integers(1, 12), st.sampled_from([240, 300, 400])), min_size=1, max_size=3),
+    num_documents=st.one_of(st.none(), st.integers(1, 50)),
+    chunk=st.one_of(st.none(), st.integers(1, 7)),
+)
+def test_a_curriculum_streams_each_stage_with_its_settings_then_the_rest(byte_tokenizer, stages, num_documents, chunk):
+    """Documents 0.. of the stream are those of generate_default_dataset with each stage's settings in turn, then
+    with the stream's own, whatever the chunking; no chunk mixes two stages; rows are those of the whole
+    documents (each followed by the end token)."""
+    from modeling_longnet.data import DefaultDatasetStream
+
+    settings = {**STREAM_SETTINGS, "max_chars": 900}
+    stream = DefaultDatasetStream(
+        byte_tokenizer, 1024, num_documents=num_documents, documents_per_chunk=chunk,
+        curriculum=[(count, {"max_chars": max_chars}) for count, max_chars in stages], **settings,
+    )
+    total = num_documents if num_documents is not None else sum(count for count, _ in stages) + 5
+    expected, first = [], 0
+    for count, max_chars in stages:
+        expected += generate_default_dataset(count, first_document=first, **{**settings, "max_chars": max_chars})
+        first += count
+    expected += generate_default_dataset(max(0, total - first), first_document=first, **settings)
+    expected = expected[:total]
+    read, boundaries = [], set(itertools.accumulate(count for count, _ in stages))
+    for first, count, chunk_settings in itertools.islice(stream.chunks(), 200):
+        if first >= total:
+            break
+        assert not any(first < boundary < first + count for boundary in boundaries)  # within one stage
+        read += generate_default_dataset(count, first_document=first, **chunk_settings)
+    assert [r["text"] for r in read[:total]] == [r["text"] for r in expected]
+    if num_documents is not None:
+        assert sum(count for _, count, _ in stream.chunks()) == num_documents
+        rows = list(stream)
+        real = [t for row in rows for t, label in zip(row["input_ids"], row["labels"])
+                if not (t == byte_tokenizer.pad_token_id and label == -100)]
+        assert real == [t for r in expected for t in [*r["text"].encode(), byte_tokenizer.eos_token_id]]
+
+
+def test_the_stream_sizes_its_chunks_to_fill_rows(byte_tokenizer):
+    """By default a chunk holds about STREAM_ROWS_PER_CHUNK rows' worth of documents, at every stage: a fixed
+    number of short documents would make one mostly padded row per chunk."""
+    from modeling_longnet.data import STREAM_ROWS_PER_CHUNK, DefaultDatasetStream
+
+    settings = {**STREAM_SETTINGS, "max_chars": 4000}
+    stream = DefaultDatasetStream(byte_tokenizer, 4096, curriculum=[(300, {"max_chars": 300})], **settings)
+    sizes = []
+    for first, count, chunk_settings in itertools.islice(stream.chunks(), 0, 12, 5):  # one short chunk, two long
+        rows = stream.rows_of_chunk(first, count, chunk_settings)
+        assert STREAM_ROWS_PER_CHUNK - 1 <= len(rows) <= STREAM_ROWS_PER_CHUNK + 2, (chunk_settings["max_chars"], len(rows))
+        sizes.append((chunk_settings["max_chars"], count))
+    assert sizes[0][0] == 300 and sizes[-1][0] == 4000 and sizes[0][1] > 5 * sizes[-1][1]
+
+
+@pytest.mark.parametrize("max_chars, block_size", [(300, 4096), (2000, 4096), (4000, 4096)])
+def test_documents_per_row_predicts_how_many_documents_fill_rows(byte_tokenizer, max_chars, block_size):
+    """The estimate, made on the first documents, holds for later ones: packing documents 5000.. into 20 rows
+    takes within 10% of 20 x the estimate."""
+    from modeling_longnet.data import default_documents_per_row
+
+    settings = {**STREAM_SETTINGS, "max_chars": max_chars}
+    estimate = default_documents_per_row(byte_tokenizer, block_size, **settings)
+    records = generate_default_dataset(round(40 * estimate) + 16, first_document=5000, **settings)
+    ids = [r["text"].encode() for r in records]
+    packed = pack_documents(ids, block_size, eos_token_id=256, pad_token_id=257)["input_ids"]
+    documents_in_20_rows = sum(1 for row in packed[:20] for t in row if t == 256)
+    assert abs(documents_in_20_rows - 20 * estimate) <= 0.1 * 20 * estimate
+
+
 def test_the_stream_checks_its_settings_at_once(byte_tokenizer):
     from modeling_longnet.data import DefaultDatasetStream
 
@@ -500,3 +570,11 @@ def test_the_stream_checks_its_settings_at_once(byte_tokenizer):
         DefaultDatasetStream(byte_tokenizer, 256, passkey_statements=6)
     with pytest.raises(ValueError, match="`num_documents`"):
         DefaultDatasetStream(byte_tokenizer, 256, num_documents=0)
+    with pytest.raises(ValueError, match=r"`curriculum\[0\]` must be a \(documents, settings dict\) pair"):
+        DefaultDatasetStream(byte_tokenizer, 256, curriculum=[300], **STREAM_SETTINGS)
+    with pytest.raises(ValueError, match=r"`curriculum\[1\]\[0\] \(its number of documents\)` must be an int >= 1"):
+        DefaultDatasetStream(byte_tokenizer, 256, curriculum=[(2, {}), (0, {})], **STREAM_SETTINGS)
+    with pytest.raises(ValueError, match="`max_chars` \\(100\\) is too short"):
+        DefaultDatasetStream(byte_tokenizer, 256, curriculum=[(2, {"max_chars": 100})], **STREAM_SETTINGS)
+    with pytest.raises(ValueError, match="`documents_per_chunk`"):
+        DefaultDatasetStream(byte_tokenizer, 256, documents_per_chunk=0, **STREAM_SETTINGS)

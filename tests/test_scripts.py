@@ -109,6 +109,14 @@ def _fail_in_process(capsys, name: str, argv: list[str]) -> str:
         (["--architecture", "llama", "--model", "{tmp}"], ["--architecture llama", "leave out --model"]),
         (["--default-passkey-statements", "3"], ["--default-passkey-statements must be a power of two"]),
         (["--default-min-distance", "64", "--default-max-distance", "32"], ["--default-max-distance (32) must be at least"]),
+        (["--default-curriculum", "512:10"], ["--default-curriculum orders the streamed", "add --stream-default-data"]),
+        (["--stream-default-data", "--max-steps", "5", "--default-curriculum", "512"], ["stages MAX_CHARS:STEPS", "'512'"]),
+        (["--stream-default-data", "--max-steps", "5", "--default-curriculum", "512:0"], ["stages MAX_CHARS:STEPS", "'512:0'"]),
+        (["--stream-default-data", "--max-steps", "5", "--default-curriculum", "300:2", "400:3"],
+         ["stages take 5 steps, --max-steps 5", "leave steps for the full-length documents"]),
+        (["--stream-default-data", "--max-steps", "5", "--default-curriculum", "100:2"],
+         ["stage 100:2", "must be at least 200", "at most --block-size - 1 = 1023"]),
+        (["--max-train-minutes", "0"], ["--max-train-minutes must be positive"]),
     ],
 )
 def test_train_rejects_bad_input_in_one_line(capsys, tmp_path, argv, fragments):
@@ -185,7 +193,7 @@ def test_streamed_training_needs_no_datasets_package(tmp_path):
         [sys.executable, "-c", WITHOUT_DATASETS, str(SCRIPTS / "train.py"), "--output-dir", str(tmp_path / "out"),
          *TINY_MODEL_ARGS, "--stream-default-data", "--max-steps", "3", "--save-steps", "3", "--dataloader-num-workers", "1",
          "--default-task-weights", "1", "0", "0", "--answer-loss-weight", "5", "--default-max-distance", "200",
-         "--default-passkey-statements", "2"],
+         "--default-passkey-statements", "2", "--default-curriculum", "230:2"],
         env=script_env(tmp_path / "hf"), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,8 +201,29 @@ def test_streamed_training_needs_no_datasets_package(tmp_path):
     assert summary["status"] == "completed" and summary["global_step"] == 3 and summary["data"]["streamed"]
     source = summary["data"]["source"]
     assert source["default_max_distance"] == 200 and source["default_passkey_statements"] == 2
-    assert summary["data"]["documents"] == {"train": "streamed", "validation": 8}
+    documents = summary["data"]["documents"]
+    assert documents["train"] == "streamed" and documents["validation"] == 8
+    # The first 2 steps (2 rows each) read documents of at most 230 characters: about one to a row of 256 tokens.
+    [stage] = documents["curriculum"]
+    assert stage["max_chars"] == 230 and stage["steps"] == 2 and 4 <= stage["documents"] <= 8
     assert summary["loss_history"][0][1] > summary["eval_loss"] + 5  # the answers' loss, weighted, is in it
+    assert summary["stopped_at_time_limit"] is None and summary["max_steps"] == 3
+
+
+def test_max_train_minutes_stops_then_evaluates_and_saves(tmp_path):
+    """A time limit that has passed after the first step: training stops there, the model is evaluated and saved
+    like a finished one, and the summary says where it stopped (the schedule was that of --max-steps)."""
+    out = tmp_path / "out"
+    result = run_script(
+        "train", "--output-dir", str(out), *TINY_MODEL_ARGS, "--max-steps", "50", "--max-train-minutes", "1e-9",
+        env=script_env(tmp_path / "hf"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = training_summary(out)
+    assert summary["status"] == "completed" and summary["global_step"] == 1 and summary["max_steps"] == 50
+    assert summary["stopped_at_time_limit"] == 1 and summary["eval_loss"] is not None
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert "stopped by --max-train-minutes after step 1 of 50" in result.stdout
 
 
 def test_a_llama_of_the_same_sizes_trains_and_is_compared(tmp_path, trained_model):
