@@ -711,14 +711,16 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         )
     if args.default_max_distance is not None and args.default_max_distance < min_distance:
         raise ValueError(f"--default-max-distance ({args.default_max_distance}) must be at least the least distance ({min_distance})")
+    # The default dataset's documents: generate_default_dataset's arguments (for the stream), and the same under
+    # load_text_datasets' names, with the document counts (for the dataset made up front, and the summary).
+    document_settings = {
+        "max_chars": max_chars, "min_distance": min_distance, "task_weights": list(args.default_task_weights),
+        "max_distance": args.default_max_distance, "passkey_statements": statements,
+    }
     data_settings = {
         "default_documents": args.default_documents,
         "default_validation_documents": args.default_validation_documents,
-        "default_max_chars": max_chars,
-        "default_min_distance": min_distance,
-        "default_task_weights": list(args.default_task_weights),
-        "default_max_distance": args.default_max_distance,
-        "default_passkey_statements": statements,
+        **{f"default_{name}": value for name, value in document_settings.items()},
     }
     tokenizer_name = args.tokenizer or (args.model if args.model else "byte")
     if args.stream_default_data:
@@ -755,11 +757,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
         check_sequence_parallel(args.sequence_parallel_size, config=model.config, block_size=block_size, packing=args.packing)
 
     if args.stream_default_data:
-        document_settings = {
-            "seed": args.seed, "max_chars": max_chars, "min_distance": min_distance,
-            "task_weights": list(args.default_task_weights), "max_distance": args.default_max_distance,
-            "passkey_statements": statements,
-        }
+        document_settings = {"seed": args.seed, **document_settings}
         curriculum = curriculum_stages(args, tokenizer, block_size, document_settings)
         packed = {"train": DefaultDatasetStream(
             tokenizer, block_size, split="train", mark_answers=args.answer_loss_weight > 0,
