@@ -844,9 +844,12 @@ def default_documents_per_row(tokenizer, block_size: int, *, rows: int = 8, **do
     _check_int(rows, "rows", minimum=1)
     eos_token_id, pad_token_id = _packing_token_ids(tokenizer)
     input_ids: list[list[int]] = []
-    while sum(len(ids) + 1 for ids in input_ids) < rows * block_size and len(input_ids) < 65536:
+    tokens = 0  # with the end token of each document
+    while tokens < rows * block_size and len(input_ids) < 65536:
         records = generate_default_dataset(16, first_document=len(input_ids), **document_settings)
-        input_ids += _tokenize_marking_answers(tokenizer, [r["text"] for r in records], None)[0]
+        batch = _tokenize_marking_answers(tokenizer, [r["text"] for r in records], None)[0]
+        input_ids += batch
+        tokens += sum(len(ids) + 1 for ids in batch)
     packed = pack_documents(input_ids, block_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id)["input_ids"]
     last_row_fill = sum(1 for token in packed[-1] if token != pad_token_id) / block_size if pad_token_id != eos_token_id else 1.0
     return len(input_ids) / (len(packed) - 1 + last_row_fill)

@@ -666,9 +666,9 @@ def curriculum_stages(args: argparse.Namespace, tokenizer, block_size: int, docu
     from modeling_longnet.data import default_documents_per_row, least_document_length
 
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    least = least_document_length(document_settings["min_distance"], document_settings["passkey_statements"])
     stages = []
     for max_chars, steps in parse_curriculum(args.default_curriculum or []):
-        least = least_document_length(document_settings["min_distance"], document_settings["passkey_statements"])
         if not least <= max_chars <= block_size - 1:
             raise ValueError(
                 f"--default-curriculum's stage {max_chars}:{steps}: documents of at most {max_chars} characters must be "

@@ -35,12 +35,14 @@ def bucket_accuracy(scores: dict, low: int, high: int) -> float:
 
 
 def losses(folder: str, run: str) -> list[tuple[int, float]]:
+    with open(os.path.join(HERE, folder, run, "training_summary.json")) as file:
+        max_steps = json.load(file)["max_steps"]
     points = []
     with open(os.path.join(HERE, folder, f"{run}.log")) as file:
         for line in file:
             if line.startswith("{'loss'"):
                 entry = ast.literal_eval(line.strip())
-                points.append((round(float(entry["epoch"]) * 900), float(entry["loss"])))  # epoch = step / --max-steps
+                points.append((round(float(entry["epoch"]) * max_steps), float(entry["loss"])))  # epoch = step / max_steps
     return points
 
 
