@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .dilated_attention import TokenLayout
+from .dilated_attention_pattern import TokenLayout
 
 __all__ = ["LongNetBoundedCache", "SegmentBoundedLayer", "cached_lengths", "check_cache"]
 

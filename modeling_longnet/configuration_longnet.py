@@ -14,7 +14,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
-from .dilated_attention import OFFSET_MODES, DilatedPattern, pattern_coverage
+from .dilated_attention_pattern import OFFSET_MODES, DilatedPattern, pattern_coverage
 
 logger = logging.get_logger(__name__)
 

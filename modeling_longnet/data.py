@@ -30,7 +30,6 @@ for long contexts) also run where that package is not installed.
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 import os
 import random

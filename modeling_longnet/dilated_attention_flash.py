@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dilated_attention import DilatedPattern, TokenLayout, _branch_tables, merge_partial
+from .dilated_attention_pattern import DilatedPattern, TokenLayout, _branch_tables, merge_partial
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256

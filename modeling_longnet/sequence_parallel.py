@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dilated_attention import DilatedPattern, TokenLayout, _check_qkv, dilated_attention
+from .dilated_attention import _check_qkv, dilated_attention
+from .dilated_attention_pattern import DilatedPattern, TokenLayout
 
 __all__ = [
     "apply_sequence_parallel",

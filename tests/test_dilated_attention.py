@@ -16,7 +16,7 @@ from reference import head_offset, reference_dilated_attention
 from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, pattern_coverage
 
 # the package exports the function under the module's name, so reach the module through importlib
-dilated_attention_module = importlib.import_module("modeling_longnet.dilated_attention")
+torch_backend_module = importlib.import_module("modeling_longnet.dilated_attention_torch")
 
 # ---------------------------------------------------------------------------------------------------------
 # random cases
@@ -257,7 +257,7 @@ def test_pattern_coverage_matches_brute_force_and_the_function(branches, num_hea
 )
 def test_pattern_coverage_scans_a_bounded_number_of_positions(monkeypatch, segment_lengths, dilation_rates, num_heads):
     """The cost does not grow with the period: at most 2**20 positions of any group of branches are scanned."""
-    core = importlib.import_module("modeling_longnet.dilated_attention")
+    core = importlib.import_module("modeling_longnet.dilated_attention_pattern")
     scanned = []
     real_arange = torch.arange
 
@@ -305,7 +305,7 @@ def test_pattern_coverage_errors():
 
 
 def _largest_tensor(n: int, monkeypatch) -> int:
-    monkeypatch.setattr(dilated_attention_module, "_CHUNK_ELEMENTS", 1 << 16)  # small chunks, small test
+    monkeypatch.setattr(torch_backend_module, "_CHUNK_ELEMENTS", 1 << 16)  # small chunks, small test
     q, k, v = (torch.randn(1, n, 1, 8, requires_grad=True) for _ in range(3))
     with LargestTensor() as probe:
         out = dilated_attention(q, k, v, [n], [1], causal=True, backend="torch")  # one segment of the whole sequence

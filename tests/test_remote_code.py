@@ -26,6 +26,8 @@ CODE_FILES = {
     "configuration_longnet.py",
     "cache_longnet.py",
     "dilated_attention.py",
+    "dilated_attention_pattern.py",
+    "dilated_attention_torch.py",
     "dilated_attention_triton.py",
     "dilated_attention_flash.py",
 }

@@ -25,6 +25,7 @@ from modeling_longnet import TokenLayout, dilated_attention
 
 triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
 core = importlib.import_module("modeling_longnet.dilated_attention")
+torch_backend = importlib.import_module("modeling_longnet.dilated_attention_torch")
 
 if not triton_backend.is_available():
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
@@ -390,7 +391,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="CUDA"):
         triton_backend.check_supported(q, core.DilatedPattern([4], [1]), TokenLayout.build(1, 8, 8), 0.0)
     # "auto" never picks Triton for CPU tensors
-    assert core._select_backend("auto", q, core.DilatedPattern([4], [1]), None, 0.0) is core._torch_backend
+    assert core._select_backend("auto", q, core.DilatedPattern([4], [1]), None, 0.0) is torch_backend.dilated_attention_torch
 
 
 # ---------------------------------------------------------------------------------------------------------
