@@ -9,16 +9,17 @@ Each row is ``D`` contiguous elements, so every row load is coalesced.
 
 Forward, one launch per branch: a program owns a block of query rows of one (document segment, head), runs the
 online softmax over the keys of that segment, and merges its result into the running output. Each row keeps its
-largest scaled score and its sum of exponentials apart (never one rounded log-sum-exp, which at logits of 1e9
-would carry an error of e^64 into the weights), and mixes by weights that add up to one, so the output stays a
-convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the
+largest product q.k (unscaled) and its sum of exponentials ``exp2((q.k - max) * scale * log2 e)`` apart (never one
+rounded log-sum-exp, which at logits of 1e9 would carry an error of e^64 into the weights), and mixes by weights
+that add up to one, so the output stays a convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the
 merge needs no atomics; a branch with r = 1 covers every query and runs last, writing the final output in the
 input dtype.
 
 Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - max) / sum`` with the *merged*
 row maximum and sum is exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)
-- dLSE``, as in a flash-attention backward; the kernels take exp(s - max) (at most 1) with dO and delta divided by
-the row's sum, which leaves dV and dS unchanged. Programs that own a block of keys (one kv-head, all the query
+- dLSE``, as in a flash-attention backward; the kernels take exp(s - max) (at most 1, and the forward's exponent
+bit for bit: the same product, less the same maximum, times the same scale) with dO and delta divided by the
+row's sum, which leaves dV and dS unchanged. Programs that own a block of keys (one kv-head, all the query
 heads of its group that share those key rows, so grouped-query attention needs no atomics for dK, dV) accumulate
 dK, dV over the query blocks. dQ is formed one of two ways (``BackwardConfig.dq_mode``): other programs own a block of queries and
 recompute S and dP to accumulate dQ over the key blocks (7 matrix products per tile pair, deterministic), or the
@@ -362,20 +363,25 @@ if triton is not None:
                 else:
                     k = tl.load(k_ptrs)
                     v = tl.load(v_ptrs)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
             if MASKED:
                 allowed = key_valid[None, :]
                 if CAUSAL:
                     allowed = allowed & (key_rows[None, :] <= query_rows[:, None])
-                s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                qk = tl.where(allowed, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
                 # a row with no key yet keeps m = -inf; subtract 0 instead so that nothing turns into NaN
                 m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
                 m_shift = m_new
-            p = tl.math.exp2(s - m_shift[:, None])
-            alpha = tl.math.exp2(m_i - m_shift)
+            # The maximum is taken over the unscaled products q.k and the exponent is (q.k - max) * scale: 0 for
+            # the largest, never positive, and recomputed bit for bit by the backward from the same product. The
+            # usual `q.k * scale - max` is fused into one fma by the compiler in some kernels and not in others;
+            # the two then differ by up to ulp(score) / 2, a factor 2**64 on P at logits of 1e9
+            # (docs/triton_notes.md, "Mixing at any logit scale").
+            p = tl.math.exp2((qk - m_shift[:, None]) * qk_scale)
+            alpha = tl.math.exp2((m_i - m_shift) * qk_scale)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if DROPOUT:
@@ -398,12 +404,16 @@ if triton is not None:
         stride_ob, stride_on, stride_oh,
         stride_lb, stride_ln,
         dilation, query_begin, num_query_blocks, head_begin,
-        qk_scale, seed, stream_base, dropout_p,
+        softmax_scale, seed, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
         TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1)."""
+        # Formed here and in the backward kernel by the same float32 product, so that both kernels' exponents agree
+        # bit for bit. (Passed in as a second argument instead, it cost the backward 40 more spilled registers and
+        # 20% of its time on an H200: docs/triton_notes.md.)
+        qk_scale = softmax_scale * 1.4426950408889634  # log2(e)
         pid = tl.program_id(0)
         head = head_begin + tl.program_id(1)
         item = pid // num_query_blocks
@@ -470,7 +480,7 @@ if triton is not None:
         out = acc / l_safe[:, None]
         if DROPOUT:
             out = out / (1.0 - dropout_p)
-        # A row's state is its largest scaled score (log2 units) and its sum of exp2(score - largest), kept apart:
+        # A row's state is its largest product q.k (unscaled) and its sum of exp2((q.k - largest) * scale), apart:
         # folding them into one LSE would round it by ulp(largest), 64 at logits of 1e9, which would return as a
         # factor e^64 on the weights. Rows outside the block's queries are never stored; 0 keeps them finite.
         row_max = tl.where(query_valid, m_i, 0.0)
@@ -486,8 +496,8 @@ if triton is not None:
             # weights sum * exp2(max - largest) over their total: they add up to one at any logit scale, and the
             # output stays a convex combination of value rows
             largest = tl.maximum(previous_max, row_max)
-            previous_weight = previous_sum * tl.math.exp2(previous_max - largest)
-            weight = row_sum * tl.math.exp2(row_max - largest)
+            previous_weight = previous_sum * tl.math.exp2((previous_max - largest) * qk_scale)
+            weight = row_sum * tl.math.exp2((row_max - largest) * qk_scale)
             total = previous_weight + weight
             out = (previous * previous_weight[:, None] + out * weight[:, None]) / total[:, None]
             row_max = largest
@@ -544,11 +554,14 @@ if triton is not None:
                 q_t = tl.load(
                     q_rows + (rows * query_stride)[None, :] + offs_d[:, None], mask=query_valid[None, :], other=0.0
                 )
-            row_max_log2 = tl.load(max_rows_ptr + rows * row_stride, mask=query_valid, other=0.0)
-            # k q^T, where the forward took q k^T: the two products may round apart by an ulp of the score, which
-            # at logits >= 1e5 (float32) shows in P and dV (docs/triton_notes.md)
-            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-            p_t = tl.math.exp2(tl.minimum(s_t - row_max_log2[None, :], 0.0))  # a probability: at most 1
+            row_max = tl.load(max_rows_ptr + rows * row_stride, mask=query_valid, other=0.0)
+            # The forward's exponent (q.k - max) * scale, bit for bit: the same products (a tensor-core or FMA dot
+            # sums q_i k_i in the same order whichever operand comes first), then the same two operations, so it is
+            # at most 0 on every real (query, key) pair. The clamp at 0 changes none of them; it keeps P finite
+            # where rows outside the bounds were loaded as 0: a key row k = 0 (exponent -max) adds its finite dS
+            # times k = 0 to dQ, a query row q = 0, max = 0 has dO = 0.
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)
+            p_t = tl.math.exp2(tl.minimum((s_t - row_max[None, :]) * qk_scale, 0.0))
             if MASKED:
                 p_t = tl.where(query_rows[None, :] >= key_rows[:, None], p_t, 0.0)
             if TMA:
@@ -579,7 +592,7 @@ if triton is not None:
 
     @triton.jit
     def _backward_q_steps(
-        dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
+        dq, q, do, row_max, delta, k_rows, v_rows, query_rows, lo, hi, key_lo, key_end, key_stride,
         qk_scale, seed, stream, item, dropout_p,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -608,7 +621,8 @@ if triton is not None:
                     k_t = tl.load(k_ptrs)
                     v_t = tl.load(v_ptrs)
             s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-            p = tl.math.exp2(tl.minimum(s * qk_scale - row_max_log2[:, None], 0.0))  # a probability: at most 1
+            # the forward's exponent bit for bit (at most 0); the clamp keeps keys loaded as 0 finite (see above)
+            p = tl.math.exp2(tl.minimum((s - row_max[:, None]) * qk_scale, 0.0))
             if MASKED and CAUSAL:
                 p = tl.where(query_rows[:, None] >= key_rows[None, :], p, 0.0)
             dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -651,7 +665,7 @@ if triton is not None:
         With DQ_MODE 1 or 2 there are no dQ programs: the dK/dV programs add dQ into DQ, a zeroed float32 buffer.
         """
         pid = tl.program_id(0)
-        qk_scale = softmax_scale * 1.4426950408889634
+        qk_scale = softmax_scale * 1.4426950408889634  # log2(e), as in the forward: the same product
         offs_d = tl.arange(0, HEAD_DIM)
         if INTERLEAVE:
             # the heaviest programs of both roles come first, side by side, instead of all dQ work trailing
@@ -771,9 +785,7 @@ if triton is not None:
                 DO + batch * stride_dob + head * stride_doh + query_index[:, None] * stride_don + offs_d[None, :],
                 mask=query_valid[:, None], other=0.0,
             )
-            row_max_log2 = tl.load(
-                RowMax + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0
-            )
+            row_max = tl.load(RowMax + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
             delta = tl.load(Delta + batch * stride_lb + query_index * stride_ln + head, mask=query_valid, other=0.0)
 
             k_rows = K + batch * stride_kb + kv_head * stride_kh + base * stride_kn
@@ -791,17 +803,17 @@ if triton is not None:
             last_full = tl.maximum(last_full, first_full)
             stream = stream_base + head
             dq = _backward_q_steps(
-                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
+                dq, q, do, row_max, delta, k_rows, v_rows, query_rows, (key_lo // BLOCK_N2) * BLOCK_N2,
                 tl.minimum(first_full, key_stop), key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, first_full, last_full,
+                dq, q, do, row_max, delta, k_rows, v_rows, query_rows, first_full, last_full,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, False, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
             dq = _backward_q_steps(
-                dq, q, do, row_max_log2, delta, k_rows, v_rows, query_rows, last_full, key_stop,
+                dq, q, do, row_max, delta, k_rows, v_rows, query_rows, last_full, key_stop,
                 key_lo, end, key_stride, qk_scale, seed, stream, item, dropout_p,
                 BLOCK_N2, HEAD_DIM, True, CAUSAL, DROPOUT, TMA, DOT_PRECISION,
             )
@@ -1000,7 +1012,7 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
                         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
                         row_max.stride(0), row_max.stride(1),
                         plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
-                        softmax_scale * _LOG2E, seed, branch << 16, dropout_p,
+                        softmax_scale, seed, branch << 16, dropout_p,
                         GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m,
                         BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0,
                         FINAL=write_final and position == len(plans) - 1, TMA=tma,
@@ -1011,7 +1023,10 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     if not write_final and q.dtype != torch.float32:
         # positions no branch wrote hold garbage in `running`; they have row_sum = 0 and get 0
         out = running.masked_fill_(~seen.unsqueeze(-1), 0.0).to(q.dtype)
-    lse = torch.where(seen, (row_max + torch.log2(torch.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
+    # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2
+    lse = torch.where(
+        seen, (row_max * (softmax_scale * _LOG2E) + torch.log2(torch.where(seen, row_sum, 1.0))) * _LN2, float("-inf")
+    )
     return out, lse, row_max, row_sum
 
 
@@ -1024,7 +1039,11 @@ def _backward(
     _, num_queries, num_heads, head_dim = q.shape
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_out = _last_dim_contiguous(grad_out)
+    inverse_sum = torch.where(row_sum > 0, row_sum, 1.0).reciprocal()
+    # delta is formed from the dO / sum that the kernels read, rounded to the input dtype as they read it, so that
+    # dP - delta cancels exactly where it should (a saturated row, O = v_j): from the unrounded dO / sum, the
+    # mismatch of one 16-bit rounding of dO.v, times |k| and the scale, overflowed fp16 dQ at |x| ~ 3e4.
+    grad_out = (_last_dim_contiguous(grad_out).float() * inverse_sum.unsqueeze(-1)).to(grad_out.dtype)
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     rows = delta.numel()
     _delta_kernel[(triton.cdiv(rows, 64),)](
@@ -1034,11 +1053,8 @@ def _backward(
     )
     if grad_lse is not None:
         # d LSE / d s = P: a gradient on the LSE enters dS like -delta
-        delta -= grad_lse
-    inverse_sum = torch.where(row_sum > 0, row_sum, 1.0).reciprocal()
-    delta = delta * inverse_sum
-    grad_out = (grad_out.float() * inverse_sum.unsqueeze(-1)).to(grad_out.dtype)
-    row_max_log2 = row_max.nan_to_num(neginf=0.0)  # the forward's row maxima (scaled scores, log2 units)
+        delta -= grad_lse * inverse_sum
+    row_max = row_max.nan_to_num(neginf=0.0)  # the forward's row maxima (unscaled products q.k)
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
     plans = _plans(q, k, pattern, layout)[::-1]
@@ -1073,12 +1089,12 @@ def _backward(
                 num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
                 with stream:
                     _backward_kernel[(num_kv_programs + num_q_programs,)](
-                        q, k, v, grad_out, grad_q, grad_k, grad_v, row_max_log2, delta,
+                        q, k, v, grad_out, grad_q, grad_k, grad_v, row_max, delta,
                         plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
                         plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
                         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
                         *_row_strides(grad_q), *_row_strides(grad_k),
-                        row_max_log2.stride(0), row_max_log2.stride(1),
+                        row_max.stride(0), row_max.stride(1),
                         plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
                         num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
                         softmax_scale, seed, branch << 16, dropout_p,

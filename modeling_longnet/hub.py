@@ -30,6 +30,18 @@ class HubPublishError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _describe_time(training: dict) -> str:
+    """The run's seconds, said of the steps they timed: a resumed run timed only the steps after its checkpoint."""
+    seconds = f"{training.get('train_seconds', 0):.0f} s"
+    resumed_at = training.get("resumed_at_step")
+    if not resumed_at:
+        return seconds
+    return (
+        f"resumed at step {resumed_at}: {seconds} for the last {training.get('steps_this_run')} steps "
+        f"({training.get('tokens_this_run', 0):,} tokens)"
+    )
+
+
 def _describe_data(training: dict) -> str:
     data = training.get("data", {})
     source = data.get("source", {})
@@ -142,8 +154,7 @@ def build_model_card(
                 f"**Run.** {training.get('global_step')} optimizer steps over {training.get('train_tokens', 0):,} "
                 f"tokens in contexts of {training.get('block_size')} tokens (packing: "
                 f"{training.get('data', {}).get('packing')}), tokenizer `{training.get('tokenizer')}`, precision "
-                f"{training.get('precision')}, {training.get('world_size', 1)} process(es), "
-                f"{training.get('train_seconds', 0):.0f} s."
+                f"{training.get('precision')}, {training.get('world_size', 1)} process(es), {_describe_time(training)}."
             ),
         ]
         if losses:

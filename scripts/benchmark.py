@@ -139,7 +139,7 @@ def parse_args(argv=None):
                              "--forward-config/--backward-config apply to the 16-bit rows of --head-dim")
     parser.add_argument("--check-cases", default=None,
                         help="for --check: comma-separated indices of the cases to run (0-based, in table order) "
-                             "and/or 'dropout'; all by default")
+                             "and/or 'dropout', 'logits' (logits 1e1 .. 1e9); all by default")
     parser.add_argument("--sweep", action="store_true",
                         help="first time the launch configurations below at --sweep-n and keep the fastest")
     parser.add_argument("--sweep-n", type=parse_size, default=131072, help="sequence length of the --sweep")
@@ -610,6 +610,103 @@ def check(progress=print, cases: str | None = None) -> tuple[bool, list[str]]:
         all_ok &= dropout_ok
         lines += ["", dropout_line]
         progress(lines[-1])
+    if chosen is None or "logits" in chosen:
+        logits_ok, logit_lines = check_large_logits()
+        all_ok &= logits_ok
+        lines += ["", *logit_lines]
+        for line in logit_lines:
+            progress(line)
+    return all_ok, lines
+
+
+LOGIT_SCALES = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9)
+HALF_MAGNITUDES = (1e1, 1e2, 1e3, 1e4, 3e4)
+
+
+def _multiset_bias(segments, rates, heads: int, n: int, causal: bool, device) -> torch.Tensor:
+    """(1, H, N, N): log of how many branches hold key j for query i (SPEC.md, offsets "interleaved"), -inf where
+    none does: with it as an additive mask one dense softmax is the same function as the dilated attention."""
+    t = torch.arange(n, device=device)
+    count = torch.zeros(heads, n, n, dtype=torch.float64, device=device)
+    for w, r in zip(segments, rates):
+        for h in range(heads):
+            holds = (t % w) % r == h % r
+            allowed = holds[:, None] & holds[None, :] & ((t // w)[:, None] == (t // w)[None, :])
+            if causal:
+                allowed &= t[None, :] <= t[:, None]
+            count[h] += allowed
+    return torch.where(count > 0, count.log(), float("-inf")).unsqueeze(0)
+
+
+def check_large_logits(device="cuda", problems: int = 4) -> tuple[bool, list[str]]:
+    """The Triton kernels at logits 1e1 .. 1e9 (issue 11): fp32 outputs convex (|O| <= max |v|), gradients finite,
+    and every error against float64 within 4x of a dense softmax's in float32 (SDPA with the multiset mask);
+    fp16 / bf16 inputs of magnitude up to 3e4 give finite outputs and gradients. The problem of
+    tests/test_stability.py: B = 2, N = 32, H = 4, D = 16, w = 8/16/32, r = 1/2/4, causal."""
+    segments, rates, shape = (8, 16, 32), (1, 2, 4), (2, 32, 4, 16)
+    bias = _multiset_bias(segments, rates, shape[2], shape[1], True, device)
+
+    def ours(q, k, v):
+        return dilated_attention(q, k, v, segments, rates, causal=True, backend="triton")
+
+    def dense(q, k, v):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.to(q.dtype)
+        )
+        return out.transpose(1, 2)
+
+    def run(function, inputs, grad):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = function(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+    def error(got, want):
+        # relative, except for (near-)zero references (a gradient through a softmax that is one-hot), as in the tests
+        got, want = torch.cat([g.flatten() for g in got]).double(), torch.cat([w.flatten() for w in want])
+        return float((got - want).norm() / max(float(want.norm()), 1.0))
+
+    lines = [
+        "| logits | out | dQ | dK | dV (Triton, fp32) | out | dQ | dK | dV (dense softmax, fp32) | convex, finite | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    all_ok = True
+    floor = 2 * len(segments) * torch.finfo(torch.float32).eps
+    for scale in LOGIT_SCALES:
+        results = {"ours": [], "dense": [], "truth": []}
+        convex_and_finite = True
+        for seed in range(problems):
+            gen = torch.Generator().manual_seed(seed)
+            factor = scale**0.5 * shape[3] ** 0.25  # scores q.k / sqrt(D) of the order of `scale`
+            q, k = (torch.randn(shape, generator=gen, dtype=torch.float64) * factor for _ in range(2))
+            v, grad = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+            inputs32 = [t.float().to(device) for t in (q, k, v)]
+            exact = [t.double() for t in inputs32]
+            got = run(ours, inputs32, grad.to(device))
+            results["ours"].append(got)
+            results["dense"].append(run(dense, inputs32, grad.to(device)))
+            results["truth"].append(run(dense, exact, grad.to(device).double()))
+            convex_and_finite &= float(got[0].abs().max()) <= float(inputs32[2].abs().max()) * (1 + floor)
+            convex_and_finite &= all(bool(g.isfinite().all()) for g in got)
+        ours_errors = [error([r[i] for r in results["ours"]], [r[i] for r in results["truth"]]) for i in range(4)]
+        dense_errors = [error([r[i] for r in results["dense"]], [r[i] for r in results["truth"]]) for i in range(4)]
+        ok = convex_and_finite and all(o <= 4 * max(d, floor) for o, d in zip(ours_errors, dense_errors))
+        all_ok &= ok
+        cells = " | ".join(f"{e:.1e}" for e in (*ours_errors, *dense_errors))
+        lines.append(f"| {scale:.0e} | {cells} | {convex_and_finite} | {'pass' if ok else 'FAIL'} |")
+    for dtype in (torch.float16, torch.bfloat16):
+        finite = True
+        for magnitude in HALF_MAGNITUDES:
+            gen = torch.Generator().manual_seed(int(magnitude))
+            inputs = [
+                (torch.randn(shape, generator=gen).clamp(-3, 3) * (magnitude / 3)).to(dtype).to(device) for _ in range(3)
+            ]
+            got = run(ours, inputs, torch.ones(shape, device=device))
+            finite &= all(bool(g.isfinite().all()) for g in got)
+        all_ok &= finite
+        lines.append(
+            f"{str(dtype).replace('torch.', '')} inputs of magnitude {', '.join(f'{m:.0e}' for m in HALF_MAGNITUDES)}: "
+            f"outputs and gradients finite: {'pass' if finite else 'FAIL'}"
+        )
     return all_ok, lines
 
 

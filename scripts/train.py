@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import sys
 import time
@@ -875,6 +876,14 @@ def _has_accelerator(args) -> bool:
     return torch.cuda.is_available() and not args.use_cpu
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler preempting the job): the run ends as after Ctrl-C, with exit status 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 class TrainingFailed(RuntimeError):
     """The training loss, the gradient norm or the weights stopped being finite numbers; nothing of that step was
     saved."""
@@ -1174,20 +1183,24 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    # SIGTERM would otherwise end the process on the spot, mid-save; as an exception it takes Ctrl-C's way out
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         train(args, prepared)
     except TrainingFailed as failure:
         if _is_main_process():
             print(f"{PROG}: error: {one_line(failure)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
+        terminated = isinstance(interruption, Terminated)
         if _is_main_process():
             print(
-                f"{PROG}: error: interrupted; nothing was saved as the model. Continue from the newest complete "
-                f"checkpoint with --output-dir {args.output_dir} --resume-from-checkpoint",
+                f"{PROG}: error: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was saved as the "
+                f"model. Continue from the newest complete checkpoint with --output-dir {args.output_dir} "
+                "--resume-from-checkpoint",
                 file=sys.stderr,
             )
-        return 130
+        return 143 if terminated else 130
     return 0
 
 

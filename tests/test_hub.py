@@ -115,6 +115,19 @@ def test_model_card_describes_config_data_and_evaluation(trained_model):
     assert bare.count("Not recorded.") == 2
 
 
+def test_model_card_times_only_the_steps_a_resumed_run_trained(trained_model):
+    """A run resumed at step 30 of 50 timed 20 steps: the card must not put all 50 steps' tokens over those seconds."""
+    config = json.loads((trained_model / "config.json").read_text())
+    training = {**json.loads((trained_model / "training_summary.json").read_text()), "global_step": 50,
+                "train_tokens": 50_000, "resumed_at_step": 30, "steps_this_run": 20, "tokens_this_run": 20_000,
+                "train_seconds": 12.4}
+    text = build_model_card(config, repo_id="user/tiny", training=training)
+    assert "50 optimizer steps over 50,000 tokens" in text
+    assert "resumed at step 30: 12 s for the last 20 steps (20,000 tokens)" in text
+    fresh = build_model_card(config, repo_id="user/tiny", training={**training, "resumed_at_step": None})
+    assert "resumed" not in fresh and "process(es), 12 s." in fresh
+
+
 def test_upload_folder_holds_everything_a_repository_needs(trained_model, tmp_path):
     folder = prepare_upload_folder(trained_model, tmp_path / "upload", repo_id="user/tiny")
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}

@@ -211,7 +211,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before(capsys, tmp_path, kill):
     """A real training process, killed while it writes checkpoint-3 (it waits there: the moment is exact), then
     resumed: the partial checkpoint-3 is skipped and the run completes from checkpoint-2."""
@@ -239,6 +239,9 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before(caps
     stderr = log.read_text()
     if kill == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
+    elif kill == signal.SIGTERM:  # as Ctrl-C, with the shell's status for SIGTERM
+        assert process.returncode == 143 and "Traceback" not in stderr, stderr
+        assert "train.py: error: terminated (SIGTERM); nothing was saved as the model" in _error_line(stderr)
     else:  # Ctrl-C: one line, no traceback
         assert process.returncode == 130 and "Traceback" not in stderr, stderr
         assert "train.py: error: interrupted; nothing was saved as the model" in _error_line(stderr)

@@ -28,7 +28,6 @@ SCALES = [1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
 # Triton runs in its interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1), as in tests/test_triton.py.
 BACKENDS = [name for name in ("torch", "triton") if name in available_backends()]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_PRECISE_GRADIENTS_UP_TO = 1e1  # logit scale up to which the Triton gradients meet the dense softmax's
 
 
 def _inputs(scale: float, seed: int):
@@ -101,11 +100,6 @@ def test_mixing_is_convex_and_as_accurate_as_a_dense_softmax_at_any_logit_scale(
     assert float(out.abs().max()) <= float(values.abs().max()) * (1 + floor)
     assert all(bool(g.isfinite().all()) for g in gradients)
     names = ("output", "dq", "dk", "dv")
-    if backend == "triton" and scale > TRITON_PRECISE_GRADIENTS_UP_TO:
-        # Known limit (docs/triton_notes.md, "Mixing at any logit scale"): the dK/dV programs recompute the scores
-        # as k q^T where the forward took q k^T; the two round apart by an ulp of the score, a relative error of
-        # about 1e-7 x |logit| on P and dV. The forward and every value stay exact and convex.
-        names = ("output",)
     for name, ours_error, dense_error in zip(names, our_errors, dense_errors):
         bound = 4 * max(dense_error if dense_error == dense_error else float("inf"), floor)  # NaN: SDPA broke
         assert ours_error <= bound, f"{name}: {ours_error:.2e} against the dense softmax's {dense_error:.2e}"
@@ -114,17 +108,22 @@ def test_mixing_is_convex_and_as_accurate_as_a_dense_softmax_at_any_logit_scale(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1e1, 1e2, 1e3, 1e4, 3e4])
 @pytest.mark.parametrize("segments, rates", [(SEGMENTS, RATES), ([8, 8], [1, 1])])
-def test_half_precision_inputs_of_any_magnitude_give_finite_outputs_and_gradients(dtype, magnitude, segments, rates):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_inputs_of_any_magnitude_give_finite_outputs_and_gradients(backend, dtype, magnitude, segments, rates):
     """fp16 inputs with |x| ~ 3e4 used to give -inf outputs, and |x| ~ 1e3 non-finite dQ/dK even for w = [8, 8],
-    r = [1, 1] (one branch counted twice): a recomputed score above the stored LSE made exp(s - LSE) overflow."""
+    r = [1, 1] (one branch counted twice): a recomputed score above the stored LSE made exp(s - LSE) overflow.
+    In the Triton backward, delta formed from an unrounded dO / sum overflowed fp16 dQ at |x| ~ 3e4."""
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter computes bfloat16 products wrongly (tests/test_triton.py); GPU only")
     generator = torch.Generator().manual_seed(int(magnitude))
     q, k, v = (
         (torch.randn(BATCH, LENGTH, HEADS, HEAD_DIM, generator=generator).clamp(-3, 3) * (magnitude / 3))
         .to(dtype)
+        .to(DEVICE if backend == "triton" else "cpu")
         .requires_grad_()
         for _ in range(3)
     )
-    out = dilated_attention(q, k, v, segments, rates, causal=True, backend="torch")
+    out = dilated_attention(q, k, v, segments, rates, causal=True, backend=backend)
     out.float().sum().backward()
     assert bool(out.isfinite().all())
     assert float(out.detach().abs().max()) <= float(v.detach().abs().max()) * 1.01
