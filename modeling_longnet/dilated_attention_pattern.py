@@ -14,6 +14,7 @@ package: the backends (``dilated_attention_torch``, ``_triton``, ``_flash``) imp
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -382,8 +383,14 @@ class TokenLayout:
         position_offset: torch.Tensor | int | None = None,
         device: torch.device | None = None,
     ) -> "TokenLayout":
-        """Checks ``attention_mask`` / ``cu_seqlens`` / ``position_offset`` and turns them into documents."""
+        """Checks ``attention_mask`` / ``cu_seqlens`` / ``position_offset`` and turns them into documents.
+
+        A batch of whole rows (no mask, or a mask of 1s; one shared int offset) gets the one layout kept for its
+        sizes, so that the tables backends derive from it (``cache``) are built once, not at every call.
+        """
         num_queries = num_keys if num_queries is None else num_queries
+        if attention_mask is None and cu_seqlens is None and num_keys > 0 and _is_shared_offset(position_offset):
+            return _whole_rows_layout(batch_size, num_keys, num_queries, int(position_offset or 0))
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError(
                 "give either `attention_mask` (padding) or `cu_seqlens` (packed documents), not both: packed "
@@ -407,6 +414,8 @@ class TokenLayout:
             first = _position_offsets(position_offset, batch_size)
             keep = lengths > 0
             rows, starts, lengths, first = rows[keep], starts[keep], lengths[keep], first[keep]
+            if num_keys > 0 and len(rows) == batch_size and bool((lengths == num_keys).all()) and bool((first == first[0]).all()):
+                return _whole_rows_layout(batch_size, num_keys, num_queries, int(first[0]))
         return cls(batch_size, num_keys, num_queries, rows, starts, lengths, first)
 
     def logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,6 +427,25 @@ class TokenLayout:
             doc[b, s : s + n] = d
             pos[b, s : s + n] = torch.arange(p, p + n)
         return doc, pos
+
+
+def _is_shared_offset(position_offset) -> bool:
+    return position_offset is None or (
+        isinstance(position_offset, Integral) and not isinstance(position_offset, bool) and 0 <= position_offset <= MAX_BRANCH_VALUE
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_rows_layout(batch_size: int, num_keys: int, num_queries: int, first_position: int) -> TokenLayout:
+    """The layout of ``batch_size`` rows of ``num_keys`` real tokens each, the first at ``first_position``: one per
+    sizes, shared by every call (and every layer) that has them. Bounded: 64 shapes at most are kept."""
+    return TokenLayout(
+        batch_size, num_keys, num_queries,
+        doc_row=torch.arange(batch_size),
+        doc_start=torch.zeros(batch_size, dtype=torch.long),
+        doc_length=torch.full((batch_size,), num_keys, dtype=torch.long),
+        doc_first_position=torch.full((batch_size,), first_position, dtype=torch.long),
+    )
 
 
 def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, device) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,133 @@
+"""Host work per call of dilated attention on one GPU (issue 14): host milliseconds and CUDA kernels per call.
+
+For each entry point (the public function with and without a prepared ``token_layout``, the standalone layer,
+the model's attention through a LongNet forward) and N: the host time of one call (perf_counter around the call,
+GPU work not waited for, after a warm-up and with the GPU idle before it), the single synced call and the
+back-to-back time (CUDA events), and the number of CUDA kernels one call launches (torch.profiler).
+
+    python experiments/host_overhead/probe.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from modeling_longnet import TokenLayout, dilated_attention
+
+PAPER_W, PAPER_R = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
+
+
+def host_ms(fn, repeats=20):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def synced_and_chain(fn, repeats=20, chain=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    single = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        single.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(chain):
+        fn()
+    end.record()
+    end.synchronize()
+    return statistics.median(single), start.elapsed_time(end) / chain
+
+
+def kernels_per_call(fn):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(events), sorted({e.name[:60] for e in events})
+
+
+def host_profile(calls: int, n: int = 8192):
+    """cProfile of ``calls`` public calls (forward, then forward+backward) at N = n: the host functions by own time."""
+    import cProfile
+    import pstats
+
+    q, k, v, g = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for backward in (False, True):
+        leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+        def call():
+            out = dilated_attention(*leaves, PAPER_W, PAPER_R, causal=True, backend="triton")
+            return torch.autograd.grad(out, leaves, g) if backward else out
+
+        call()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            call()
+        profiler.disable()
+        torch.cuda.synchronize()
+        print(f"--- host profile, {'fwd+bwd' if backward else 'fwd'}, N = {n}, {calls} calls", flush=True)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="8192,32768,131072")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--cprofile", type=int, default=0, help="also print where the host time of N calls goes")
+    args = parser.parse_args()
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        q, k, v, g = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        layout = TokenLayout.build(1, n, n, device=q.device)
+        for backward in (False, True):
+            leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+            def public(leaves=leaves, backward=backward, g=g):
+                out = dilated_attention(*leaves, PAPER_W, PAPER_R, causal=True, backend="triton")
+                return torch.autograd.grad(out, leaves, g) if backward else out
+
+            def prepared(leaves=leaves, backward=backward, g=g):
+                out = dilated_attention(*leaves, PAPER_W, PAPER_R, causal=True, backend="triton", token_layout=layout)
+                return torch.autograd.grad(out, leaves, g) if backward else out
+
+            for name, fn in (("public", public), ("prepared layout", prepared)):
+                single, chain = synced_and_chain(fn)
+                count, names = kernels_per_call(fn)
+                row = {"n": n, "mode": "fwd+bwd" if backward else "fwd", "entry": name, "host_ms": host_ms(fn),
+                       "single_ms": single, "back_to_back_ms": chain, "kernels": count, "kernel_names": names}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}), flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
+    if args.cprofile:
+        host_profile(args.cprofile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
