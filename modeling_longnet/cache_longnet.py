@@ -61,7 +61,11 @@ class SegmentBoundedLayer(DynamicLayer):
             # Only the last document of a row goes on; the others need nothing any more.
             last_start = torch.full((layout.batch_size,), -1, dtype=torch.long)
             last_start = last_start.scatter_reduce(0, layout.doc_row, layout.doc_start, reduce="amax")
-            index = index[layout.doc_start == last_start[layout.doc_row]]
+            last = layout.doc_start == last_start[layout.doc_row]
+            index, rows = index[last], layout.doc_row[last]
+            if layout.compaction is not None and index.numel():  # compacted key j is key key_order[b, j]
+                order = layout.compaction.key_order.cpu()
+                index = torch.where(index < num_keys, order[rows, index.clamp(max=num_keys - 1)], num_keys)
             layout.cache[key] = int(index.min()) if index.numel() else num_keys
         return layout.cache[key]
 

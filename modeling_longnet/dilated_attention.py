@@ -190,7 +190,8 @@ def dilated_attention(
         softmax_scale: defaults to ``D ** -0.5``.
         offsets: ``"interleaved"`` (head h takes offset ``h mod r``, the paper's) or ``"grouped"``
             (``h // ceil(H / r)``, torchscale's).
-        attention_mask: ``(B, N_k)``, 1 for real tokens and 0 for padding, left or right. Padding queries get 0.
+        attention_mask: ``(B, N_k)``, 1 for real tokens and 0 for padding, anywhere: a 0 is no token (it neither
+            attends nor is attended, and logical positions skip it). Padding queries get 0.
         cu_seqlens: int32 ``(documents + 1,)`` cumulative lengths of documents packed into one row (B = 1).
         dropout_p: probability of dropping an entry of the mixed softmax (use 0 in evaluation).
         backend: ``"auto"`` (Triton on CUDA where it applies, else torch), ``"torch"``, ``"triton"``, ``"flash"``.
@@ -242,11 +243,17 @@ def dilated_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
     run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
+    compaction = token_layout.compaction
+    if compaction is not None:  # a mask with holes: the backends see each row's real tokens together, at its end
+        q = compaction.gather(q, compaction.query_order)
+        k, v = (compaction.gather(t, compaction.key_order) for t in (k, v))
     # The backends choose their own precision (float32 accumulation for 16-bit inputs): autocast must not recast it.
     with torch.autocast(q.device.type, enabled=False):
         out, lse = run(
             q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
         )
+    if compaction is not None:
+        out, lse = compaction.scatter_back(out), compaction.scatter_back(lse, float("-inf"))
     return (out, lse) if return_lse else out
 
 

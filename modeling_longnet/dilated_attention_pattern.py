@@ -352,6 +352,10 @@ class TokenLayout:
 
     Build it with :meth:`build`; a model builds it once per forward pass and hands it to every layer. Backends
     may cache their own tables derived from it in ``cache``.
+
+    A mask with holes (0s between 1s) has ``compaction`` set: the documents then describe each row with its real
+    tokens moved, in order, to its end (:class:`Compaction`); ``dilated_attention`` moves q, k, v there, runs the
+    backend and moves the output back, so that backends only ever see contiguous documents.
     """
 
     batch_size: int
@@ -362,6 +366,7 @@ class TokenLayout:
     doc_length: torch.Tensor
     doc_first_position: torch.Tensor
     cache: dict = field(default_factory=dict, repr=False)
+    compaction: "Compaction | None" = None
 
     @property
     def query_begin(self) -> int:
@@ -389,6 +394,7 @@ class TokenLayout:
         sizes, so that the tables backends derive from it (``cache``) are built once, not at every call.
         """
         num_queries = num_keys if num_queries is None else num_queries
+        compaction = None
         if attention_mask is None and cu_seqlens is None and num_keys > 0 and _is_shared_offset(position_offset):
             return _whole_rows_layout(batch_size, num_keys, num_queries, int(position_offset or 0))
         if attention_mask is not None and cu_seqlens is not None:
@@ -407,7 +413,7 @@ class TokenLayout:
         else:
             rows = torch.arange(batch_size)
             if attention_mask is not None:
-                starts, lengths = _documents_from_mask(attention_mask, batch_size, num_keys, device)
+                starts, lengths, compaction = _documents_from_mask(attention_mask, batch_size, num_keys, num_queries, device)
             else:
                 starts = torch.zeros(batch_size, dtype=torch.long)
                 lengths = torch.full((batch_size,), num_keys, dtype=torch.long)
@@ -416,7 +422,7 @@ class TokenLayout:
             rows, starts, lengths, first = rows[keep], starts[keep], lengths[keep], first[keep]
             if num_keys > 0 and len(rows) == batch_size and bool((lengths == num_keys).all()) and bool((first == first[0]).all()):
                 return _whole_rows_layout(batch_size, num_keys, num_queries, int(first[0]))
-        return cls(batch_size, num_keys, num_queries, rows, starts, lengths, first)
+        return cls(batch_size, num_keys, num_queries, rows, starts, lengths, first, compaction=compaction)
 
     def logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(document id, logical position)`` of every key, shape (B, N_k) each; document id -1 is padding."""
@@ -426,7 +432,58 @@ class TokenLayout:
             b, s, n, p = (int(x[d]) for x in (self.doc_row, self.doc_start, self.doc_length, self.doc_first_position))
             doc[b, s : s + n] = d
             pos[b, s : s + n] = torch.arange(p, p + n)
+        if self.compaction is not None:  # back from the compacted rows to where the tokens are
+            order = self.compaction.key_order.cpu()
+            real = order >= 0
+            rows = torch.arange(self.batch_size)[:, None].expand_as(order)
+            doc_back = torch.full_like(doc, -1)
+            pos_back = torch.zeros_like(pos)
+            doc_back[rows[real], order[real]] = doc[real]
+            pos_back[rows[real], order[real]] = pos[real]
+            doc, pos = doc_back, pos_back
         return doc, pos
+
+
+@dataclass(eq=False)
+class Compaction:
+    """How a batch whose mask has holes maps onto rows of contiguous real tokens: each row's real keys, in order,
+    at its end. ``key_order[b, j]``: the key index that compacted key j of row b comes from, -1 for padding;
+    ``query_order[b, i]``: the query index that compacted query i (key ``num_keys - num_queries + i``) comes
+    from, -1 where it is no query of the batch (padding, or an earlier real key moved there: its output is
+    computed and dropped); ``query_slot[b, i]``: where query i went, -1 for a hole."""
+
+    key_order: torch.Tensor
+    query_order: torch.Tensor
+    query_slot: torch.Tensor
+
+    @classmethod
+    def from_real(cls, real: torch.Tensor, num_queries: int, device) -> "Compaction":
+        batch_size, num_keys = real.shape
+        query_begin = num_keys - num_queries
+        counts = real.sum(-1, keepdim=True)
+        # rank of each real key among its row's real keys, and the compacted slot it goes to
+        slot = torch.where(real, num_keys - counts + real.long().cumsum(-1) - 1, -1)
+        rows = torch.arange(batch_size)[:, None].expand_as(real)
+        key_order = torch.full((batch_size, num_keys), -1, dtype=torch.long)
+        key_order[rows[real], slot[real]] = torch.arange(num_keys).expand_as(real)[real]
+        query_order = key_order[:, query_begin:] - query_begin
+        query_order = torch.where(query_order >= 0, query_order, -1)
+        query_slot = torch.where(slot[:, query_begin:] >= 0, slot[:, query_begin:] - query_begin, -1)
+        return cls(*(t.to(device) for t in (key_order, query_order, query_slot)))
+
+    def gather(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` (B, L, ...) in compacted order, zeros where ``order`` is -1; differentiable."""
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        picked = x[rows, order.clamp(min=0)]
+        keep = (order >= 0).view(*order.shape, *([1] * (x.dim() - 2)))
+        return torch.where(keep, picked, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def scatter_back(self, out: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """The compacted queries' rows ``out`` (B, N_q, ...) back where the queries are, ``fill`` at the holes."""
+        rows = torch.arange(out.shape[0], device=out.device)[:, None]
+        picked = out[rows, self.query_slot.clamp(min=0)]
+        keep = (self.query_slot >= 0).view(*self.query_slot.shape, *([1] * (out.dim() - 2)))
+        return torch.where(keep, picked, torch.full((), fill, dtype=out.dtype, device=out.device))
 
 
 def _is_shared_offset(position_offset) -> bool:
@@ -448,7 +505,9 @@ def _whole_rows_layout(batch_size: int, num_keys: int, num_queries: int, first_p
     )
 
 
-def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, device) -> tuple[torch.Tensor, ...]:
+def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, num_queries: int, device):
+    """``(starts, lengths, compaction)`` of the one document per row; a row with holes is compacted (its real
+    tokens moved to its end), and then every row is."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"`attention_mask` must be a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != (batch_size, num_keys):
@@ -457,10 +516,7 @@ def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, dev
         )
     if device is not None and mask.device != device:
         raise ValueError(f"`attention_mask` is on {mask.device} but the queries are on {device}")
-    if mask.is_floating_point() or mask.is_complex():
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("`attention_mask` must hold 1 for real tokens and 0 for padding, got other values")
-    elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("`attention_mask` must hold 1 for real tokens and 0 for padding, got other values")
     real = (mask != 0).cpu()
     lengths = real.sum(dim=1)
@@ -469,13 +525,10 @@ def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, dev
     ends = torch.where(real, index + 1, 0).amax(dim=1)
     holes = ((ends - starts) != lengths) & (lengths > 0)
     if bool(holes.any()):
-        bad = int(holes.nonzero()[0])
-        raise ValueError(
-            f"`attention_mask` row {bad} has padding between real tokens; only left or right padding (one run of "
-            "1s per row) is supported. Packed documents go in `cu_seqlens`."
-        )
+        # 0s between 1s: those tokens simply are not there (SPEC.md); every row becomes left-padded
+        return (num_keys - lengths).long(), lengths.long(), Compaction.from_real(real, num_queries, device)
     starts = torch.where(lengths > 0, starts, 0)
-    return starts.long(), lengths.long()
+    return starts.long(), lengths.long(), None
 
 
 def _documents_from_cu_seqlens(cu_seqlens, batch_size: int, num_keys: int, device) -> tuple[torch.Tensor, ...]:

@@ -383,7 +383,7 @@ class DilatedAttention(nn.Module):
         attn_implementation: an ``ALL_DILATED_ATTENTION_FUNCTIONS`` name (default: the best that runs here).
 
     ``forward(x, attention_mask=None)``: ``attention_mask`` ``(batch, seq)`` holds 1 for tokens and 0 for
-    padding (left or right); padding attends nothing and is attended by nothing.
+    padding, anywhere in the row; padding attends nothing and is attended by nothing, and positions skip it.
 
     Example::
 
@@ -723,8 +723,8 @@ class LongNetModel(LongNetPreTrainedModel):
         r"""
         Args:
             input_ids / inputs_embeds: exactly one of them, ``(batch, seq)`` / ``(batch, seq, hidden)``.
-            attention_mask: ``(batch, past + seq)``: 1 for real tokens (the cached ones included), 0 for left or right
-                padding.
+            attention_mask: ``(batch, past + seq)``: 1 for real tokens (the cached ones included), 0 for padding
+                anywhere (a 0 is no token: positions skip it, it neither attends nor is attended).
             position_ids: ``(batch, seq)``; without a mask, positions restarting at 0 inside a row mark packed
                 documents (batch size 1), which then see only themselves.
             cache: a ``DynamicCache`` or a :class:`~modeling_longnet.cache_longnet.LongNetBoundedCache`
@@ -864,6 +864,12 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # Logical positions count a row's real tokens (SPEC.md), and the model derives them from the mask at each
+        # step. generate's own ids are computed once and then incremented: a right-padded row's new tokens would
+        # get the positions after its padding, not after its last real token.
+        return None
 
     @can_return_tuple
     def forward(

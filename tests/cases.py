@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-LAYOUTS = ("none", "left", "right", "padded_rows", "packed", "decode")
+LAYOUTS = ("none", "left", "right", "padded_rows", "packed", "decode", "holes", "holes_decode")
 
 
 @st.composite
@@ -23,7 +23,8 @@ def attention_cases(
 ):
     """A problem: shapes, branches (segments up to ``short_segments`` or longer than the sequence), causal or not,
     an offset mode, and where the tokens are: no mask, left or right padding, a row of nothing but padding, packed
-    documents (``cu_seqlens``), or KV-cache queries (the last ``num_queries`` positions, with ``position_offset``)."""
+    documents (``cu_seqlens``), KV-cache queries (the last ``num_queries`` positions, with ``position_offset``), or
+    a mask with holes (0s anywhere), alone or with KV-cache queries."""
     num_keys = draw(st.integers(1, max_len))
     layout = draw(st.sampled_from(LAYOUTS))
     batch = 1 if layout == "packed" else draw(st.integers(1, max_batch))
@@ -58,10 +59,14 @@ def attention_cases(
             else:
                 mask[b, :pad] = 0
         case["attention_mask"] = mask
+    if layout in ("holes", "holes_decode"):  # 0s anywhere: each real token kept with probability `density`
+        density = draw(st.sampled_from([0.3, 0.7, 0.9]))
+        keep = torch.rand(batch, num_keys, generator=torch.Generator().manual_seed(case["seed"] + 1)) < density
+        case["attention_mask"] = keep.long()
     if layout == "packed":
         cuts = sorted(draw(st.lists(st.integers(0, num_keys), max_size=max_documents)))
         case["cu_seqlens"] = torch.tensor([0, *cuts, num_keys], dtype=torch.int32)
-    if layout == "decode":
+    if layout in ("decode", "holes_decode"):
         case["num_queries"] = draw(st.integers(1, num_keys))
         case["position_offset"] = torch.tensor([draw(st.integers(0, max_position_offset)) for _ in range(batch)])
     return case

@@ -50,7 +50,7 @@ def rotary_reference(x, positions, theta):
 
 @st.composite
 def model_layouts(draw):
-    kind = draw(st.sampled_from(["none", "left", "right", "packed"]))
+    kind = draw(st.sampled_from(["none", "left", "right", "holes", "packed"]))
     batch = 1 if kind == "packed" else draw(st.integers(1, 3))
     seq_len = draw(st.integers(1, 40))
     mask = cu_seqlens = None
@@ -62,6 +62,9 @@ def model_layouts(draw):
             mask[b, :pad] = 0 if kind == "left" else 1
             if kind == "right" and pad:
                 mask[b, seq_len - pad :] = 0
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    if kind == "holes":  # 0s anywhere, as generate makes of right-padded prompts
+        mask = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=seq_len, max_size=seq_len), min_size=batch, max_size=batch))).long()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     if kind == "packed":
         lengths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=4))
@@ -121,6 +124,35 @@ def test_attention_layer_in_the_model_equals_out_projection_of_the_reference(
     expected = attention.o_proj(expected.reshape(batch, seq_len, -1))
     # rotations are computed in float32, as transformers' rotary embeddings
     torch.testing.assert_close(captured["output"], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_class", [LongNetModel, LongNetForCausalLM, LongNetForSequenceClassification])
+@pytest.mark.parametrize(
+    "implementation, overrides",
+    [("torch", {}), ("eager", {}), ("eager", {"use_relative_position_bias": True}), ("torch", {"causal": False})],
+)
+def test_a_mask_with_holes_gives_each_row_what_it_gives_without_those_tokens(model_class, implementation, overrides):
+    """mask 0 means "not a token", wherever it stands: every head class, every implementation."""
+    if model_class is LongNetForCausalLM and not overrides.get("causal", True):
+        pytest.skip("a causal LM is causal")
+    model = tiny_model(model_class, attn_implementation=implementation, pad_token_id=0, **overrides)
+    ids = random_ids(3, 19, seed=4)
+    mask = torch.ones_like(ids)
+    holes = {0: [2, 3, 9], 1: [0, 18], 2: [5]}
+    for row, positions in holes.items():
+        mask[row, positions] = 0
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        for row, positions in holes.items():
+            kept = [p for p in range(ids.shape[1]) if p not in positions]
+            alone = model(ids[row : row + 1, kept])
+            if model_class is LongNetModel:
+                got, want = batched.last_hidden_state[row, kept], alone.last_hidden_state[0]
+            elif model_class is LongNetForCausalLM:
+                got, want = batched.logits[row, kept], alone.logits[0]
+            else:  # the score of the last real token
+                got, want = batched.logits[row], alone.logits[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"row {row}")
 
 
 # ---------------------------------------------------------------------------------------------------------
