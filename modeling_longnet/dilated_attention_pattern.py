@@ -471,19 +471,17 @@ class Compaction:
         query_slot = torch.where(slot[:, query_begin:] >= 0, slot[:, query_begin:] - query_begin, -1)
         return cls(*(t.to(device) for t in (key_order, query_order, query_slot)))
 
-    def gather(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """Rows of ``x`` (B, L, ...) in compacted order, zeros where ``order`` is -1; differentiable."""
+    @staticmethod
+    def gather(x: torch.Tensor, order: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Row ``order[b, j]`` of ``x[b]`` (B, L, ...) at ``[b, j]``, ``fill`` where ``order`` is -1; differentiable."""
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         picked = x[rows, order.clamp(min=0)]
         keep = (order >= 0).view(*order.shape, *([1] * (x.dim() - 2)))
-        return torch.where(keep, picked, torch.zeros((), dtype=x.dtype, device=x.device))
+        return torch.where(keep, picked, torch.full((), fill, dtype=x.dtype, device=x.device))
 
     def scatter_back(self, out: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """The compacted queries' rows ``out`` (B, N_q, ...) back where the queries are, ``fill`` at the holes."""
-        rows = torch.arange(out.shape[0], device=out.device)[:, None]
-        picked = out[rows, self.query_slot.clamp(min=0)]
-        keep = (self.query_slot >= 0).view(*self.query_slot.shape, *([1] * (out.dim() - 2)))
-        return torch.where(keep, picked, torch.full((), fill, dtype=out.dtype, device=out.device))
+        return self.gather(out, self.query_slot, fill)
 
 
 def _is_shared_offset(position_offset) -> bool:

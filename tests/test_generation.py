@@ -47,6 +47,17 @@ def prompt(batch=1, length=PROMPT, seed=0):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def padded_batch(rows, side):
+    """``(ids, mask)`` of one-row prompts of different lengths, padded with 0 on the ``side`` given."""
+    width = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        where = slice(width - row.shape[1], width) if side == "left" else slice(0, row.shape[1])
+        ids[b, where], mask[b, where] = row[0], 1
+    return ids, mask
+
+
 @pytest.mark.transformers_versions
 @pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
@@ -66,11 +77,8 @@ def test_cached_generation_equals_uncached(position_encoding, cache_kind):
 def test_left_padded_batch_generates_what_each_row_generates_alone(cache_kind):
     model = tiny_model()
     rows = [prompt(length=n, seed=n) for n in (13, 5, 21)]
-    width = max(r.shape[1] for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - row.shape[1] :], mask[b, width - row.shape[1] :] = row[0], 1
+    ids, mask = padded_batch(rows, "left")
+    width = ids.shape[1]
     make_cache = (lambda: LongNetBoundedCache(model.config)) if cache_kind == "bounded" else (lambda: None)
     batched = generate(model, ids, attention_mask=mask, cache=make_cache())
     for b, row in enumerate(rows):
@@ -89,11 +97,8 @@ def test_right_padded_batch_generates_what_each_row_generates_alone(cache_kind):
     generate what that row, with that first token, generates alone."""
     model = tiny_model()
     rows = [prompt(length=n, seed=n) for n in (13, 5, 21)]
-    width = max(r.shape[1] for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, : row.shape[1]], mask[b, : row.shape[1]] = row[0], 1
+    ids, mask = padded_batch(rows, "right")
+    width = ids.shape[1]
     make_cache = (lambda: LongNetBoundedCache(model.config)) if cache_kind == "bounded" else (lambda: None)
     batched = generate(model, ids, attention_mask=mask, cache=make_cache())
     uncached = generate(model, ids, attention_mask=mask, use_cache=False)
@@ -104,22 +109,6 @@ def test_right_padded_batch_generates_what_each_row_generates_alone(cache_kind):
         assert torch.equal(batched.sequences[b, width + 1 :], alone.sequences[0, row.shape[1] + 1 :]), f"row {b}"
         for a, c in zip(batched.logits[1:], alone.logits):
             torch.testing.assert_close(a[b], c[0], rtol=1e-5, atol=1e-5)
-
-
-def test_a_mask_with_holes_is_the_batch_without_those_tokens():
-    """A 0 anywhere in the mask removes that token: the other tokens' logits are those of the row without it, for
-    every head class (packed positions restart nothing here)."""
-    torch.manual_seed(0)
-    model = tiny_model()
-    ids = prompt(batch=1, length=20)
-    mask = torch.ones_like(ids)
-    holes = [0, 3, 4, 11, 19]
-    mask[0, holes] = 0
-    kept = [p for p in range(ids.shape[1]) if p not in holes]
-    with torch.no_grad():
-        with_holes = model(ids, attention_mask=mask).logits[0, kept]
-        without = model(ids[:, kept]).logits[0]
-    torch.testing.assert_close(with_holes, without, rtol=1e-5, atol=1e-5)
 
 
 def decode(model, ids, cache, steps, attention_mask=None):
