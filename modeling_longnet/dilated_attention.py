@@ -25,6 +25,7 @@ checked here, so that they cannot disagree on logical positions. The layers, fro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from numbers import Real
 from typing import Sequence
@@ -35,9 +36,12 @@ from .dilated_attention_pattern import (
     MAX_BRANCH_VALUE,
     OFFSET_MODES,
     DilatedPattern,
+    LayoutInputs,
     PatternCoverage,
     TokenLayout,
     head_offsets,
+    is_tracing,
+    packed_documents,
     pattern_coverage,
 )
 from .dilated_attention_torch import dilated_attention_torch
@@ -226,6 +230,15 @@ def dilated_attention(
         )
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
+    if is_tracing():  # torch.compile / torch.export: one custom op, which reads the layout when the graph runs
+        if token_layout is None:
+            token_layout = LayoutInputs(batch, num_keys, num_queries, attention_mask, cu_seqlens, position_offset)
+        out, lse = _traced_call(q, k, v, pattern, token_layout, causal, float(softmax_scale), float(dropout_p), backend)
+        return (out, lse) if return_lse else out
+    if isinstance(token_layout, LayoutInputs):
+        token_layout = _layout_from_inputs(token_layout, q.device)
     if token_layout is None:
         token_layout = TokenLayout.build(
             batch, num_keys, num_queries,
@@ -240,8 +253,6 @@ def dilated_attention(
                 f"{(token_layout.batch_size, token_layout.num_keys, token_layout.num_queries)}, the tensors have "
                 f"{(batch, num_keys, num_queries)}"
             )
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
     run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
     compaction = token_layout.compaction
     if compaction is not None:  # a mask with holes: the backends see each row's real tokens together, at its end
@@ -266,3 +277,124 @@ def _autocast_inputs(q, k, v):
             dtype = torch.get_autocast_dtype(q.device.type)
             return tuple(t.to(dtype) for t in tensors)
     return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One graph: the attention as a custom op for torch.compile and torch.export
+# ----------------------------------------------------------------------------------------------------------
+#
+# A traced graph cannot read tensor values, and building a layout does (where the mask's 1s are). So inside
+# torch.compile / torch.export the whole call is one opaque op, ``modeling_longnet::dilated_attention``: it takes
+# the layout's inputs as tensors, builds and checks the layout when the graph runs, and calls the eager function
+# above. Its gradient is a second op that recomputes the forward under autograd (exact, like every backend: the
+# same function; dropout redraws the same mask from the seed the forward got). Eager calls never come here.
+
+_OP_SCHEMA_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? attention_mask, Tensor? cu_seqlens, Tensor? position_offset, "
+    "Tensor? packing_position_ids, Tensor? documents, int[] segment_lengths, int[] dilation_rates, str offsets, "
+    "bool causal, float softmax_scale, float dropout_p, str backend, Tensor? seed"
+)
+
+
+def _layout_from_inputs(inputs: LayoutInputs, device, documents: torch.Tensor | None = None) -> TokenLayout:
+    if documents is not None:  # a TokenLayout prepared outside the graph: its documents, one int64 row each
+        row, start, length, first = documents.cpu()
+        return TokenLayout(inputs.batch_size, inputs.num_keys, inputs.num_queries, row, start, length, first)
+    cu_seqlens = inputs.cu_seqlens
+    if inputs.packing_position_ids is not None:
+        cu_seqlens = packed_documents(inputs.packing_position_ids, inputs.batch_size)
+    return TokenLayout.build(
+        inputs.batch_size, inputs.num_keys, inputs.num_queries, attention_mask=inputs.attention_mask,
+        cu_seqlens=cu_seqlens, position_offset=inputs.position_offset, device=device,
+    )
+
+
+def _seeded(seed: torch.Tensor | None):
+    """The backends draw their dropout seed from torch's default generator: set it from ``seed``, so that the
+    recomputing backward draws the forward's mask, and leave the generator as it was."""
+    if seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(int(seed))
+    return stack
+
+
+def _eager_from_op(q, k, v, attention_mask, cu_seqlens, position_offset, packing_position_ids, documents,
+                   segment_lengths, dilation_rates, offsets, causal, softmax_scale, dropout_p, backend, seed):
+    batch, num_queries = q.shape[:2]
+    inputs = LayoutInputs(batch, k.shape[1], num_queries, attention_mask, cu_seqlens, position_offset, packing_position_ids)
+    layout = _layout_from_inputs(inputs, q.device, documents)
+    with _seeded(seed):
+        return dilated_attention(
+            q, k, v, list(segment_lengths), list(dilation_rates), causal=causal, softmax_scale=softmax_scale,
+            offsets=offsets, dropout_p=dropout_p, backend=backend, token_layout=layout, return_lse=True,
+        )
+
+
+@torch.library.custom_op("modeling_longnet::dilated_attention", mutates_args=(), schema=f"({_OP_SCHEMA_ARGS}) -> (Tensor, Tensor)")
+def _attention_op(*args):
+    with torch.no_grad():  # the gradient is the backward op's; no graph to keep here
+        out, lse = _eager_from_op(*args)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, *args):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op(
+    "modeling_longnet::dilated_attention_backward", mutates_args=(),
+    schema=f"(Tensor grad_out, Tensor grad_lse, {_OP_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward_op(grad_out, grad_lse, q, k, v, *rest):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = _eager_from_op(*leaves, *rest)
+        dq, dk, dv = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip((dq, dk, dv), (q, k, v)))
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs[3:]  # everything after q, k, v (tensors among them are not differentiated)
+    ctx.save_for_backward(*inputs[:3])
+
+
+def _attention_op_backward(ctx, grad_out, grad_lse):
+    q, k, v = ctx.saved_tensors
+    grad_out = torch.zeros_like(q) if grad_out is None else grad_out
+    if grad_lse is None:
+        grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, *ctx.inputs)
+    return (dq, dk, dv) + (None,) * len(ctx.inputs)
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
+
+
+def _traced_call(q, k, v, pattern: DilatedPattern, layout, causal, softmax_scale, dropout_p, backend):
+    documents = None
+    if isinstance(layout, TokenLayout):  # prepared outside the graph
+        if layout.compaction is not None:
+            raise ValueError(
+                "a `token_layout` built from a mask with holes cannot enter a compiled or exported graph: pass "
+                "the `attention_mask` itself instead"
+            )
+        documents = torch.stack([layout.doc_row, layout.doc_start, layout.doc_length, layout.doc_first_position]).long()
+        layout = LayoutInputs(layout.batch_size, layout.num_keys, layout.num_queries)
+    position_offset = layout.position_offset
+    if position_offset is not None and not isinstance(position_offset, torch.Tensor):
+        position_offset = torch.tensor(int(position_offset))
+    seed = torch.randint(0, 1 << 62, (1,)) if dropout_p > 0 else None
+    return _attention_op(
+        q, k, v, layout.attention_mask, layout.cu_seqlens, position_offset, layout.packing_position_ids, documents,
+        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.offsets, causal, softmax_scale,
+        dropout_p, backend, seed,
+    )

@@ -342,6 +342,27 @@ def pattern_coverage(segment_lengths, dilation_rates, num_heads: int, offsets: s
 # ----------------------------------------------------------------------------------------------------------
 
 
+def is_tracing() -> bool:
+    """Inside torch.compile or torch.export: tensor values cannot be read, so layouts are built at run time,
+    inside the attention's custom op (see ``LayoutInputs``)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+@dataclass(eq=False)
+class LayoutInputs:
+    """What :meth:`TokenLayout.build` reads, kept as tensors for a traced graph: the attention's custom op
+    builds (and checks) the layout when the graph runs. ``packing_position_ids`` are a model's position ids,
+    from which packed documents are read (positions restarting at 0)."""
+
+    batch_size: int
+    num_keys: int
+    num_queries: int
+    attention_mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    position_offset: torch.Tensor | int | None = None
+    packing_position_ids: torch.Tensor | None = None
+
+
 @dataclass(eq=False)
 class TokenLayout:
     """Where the real tokens of a batch lie, and their logical positions.
@@ -392,8 +413,12 @@ class TokenLayout:
 
         A batch of whole rows (no mask, or a mask of 1s; one shared int offset) gets the one layout kept for its
         sizes, so that the tables backends derive from it (``cache``) are built once, not at every call.
+        Inside torch.compile / torch.export it returns the inputs themselves (``LayoutInputs``): the attention's
+        custom op builds the layout when the graph runs.
         """
         num_queries = num_keys if num_queries is None else num_queries
+        if is_tracing():
+            return LayoutInputs(batch_size, num_keys, num_queries, attention_mask, cu_seqlens, position_offset)
         compaction = None
         if attention_mask is None and cu_seqlens is None and num_keys > 0 and _is_shared_offset(position_offset):
             return _whole_rows_layout(batch_size, num_keys, num_queries, int(position_offset or 0))
@@ -474,14 +499,58 @@ class Compaction:
     @staticmethod
     def gather(x: torch.Tensor, order: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Row ``order[b, j]`` of ``x[b]`` (B, L, ...) at ``[b, j]``, ``fill`` where ``order`` is -1; differentiable."""
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        picked = x[rows, order.clamp(min=0)]
-        keep = (order >= 0).view(*order.shape, *([1] * (x.dim() - 2)))
-        return torch.where(keep, picked, torch.full((), fill, dtype=x.dtype, device=x.device))
+        return _CompactionGather.apply(x, order, fill)
 
     def scatter_back(self, out: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """The compacted queries' rows ``out`` (B, N_q, ...) back where the queries are, ``fill`` at the holes."""
         return self.gather(out, self.query_slot, fill)
+
+
+def _gather_rows(x: torch.Tensor, order: torch.Tensor, fill: float) -> torch.Tensor:
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    picked = x[rows, order.clamp(min=0)]
+    keep = (order >= 0).view(*order.shape, *([1] * (x.dim() - 2)))
+    return torch.where(keep, picked, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+class _CompactionGather(torch.autograd.Function):
+    """An autograd Function rather than indexing ops, so that it is differentiable also where autograd's dispatch
+    is off: the compiled graph's backward op recomputes the attention under ``torch.autograd.grad`` inside a
+    custom op (see ``dilated_attention._attention_backward_op``), where only Functions record a graph, as the
+    backends' do."""
+
+    @staticmethod
+    def forward(ctx, x, order, fill):
+        ctx.save_for_backward(order)
+        ctx.source_shape = x.shape
+        return _gather_rows(x, order, fill)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.source_shape)
+        keep = order >= 0
+        rows = torch.arange(order.shape[0], device=order.device)[:, None].expand_as(order)
+        # the taken rows receive their gradient; each source row is taken at most once (orders are injective)
+        grad_x[rows[keep], order[keep]] = grad[keep]
+        return grad_x, None, None
+
+
+def packed_documents(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``cu_seqlens`` of the documents packed in one row, marked by ``position_ids`` restarting at 0 (as
+    ``DataCollatorWithFlattening`` makes them), or None if nothing restarts."""
+    restarts = position_ids[..., 1:] == 0
+    if not bool(restarts.any()):
+        return None
+    if batch != 1 or position_ids.dim() != 2:
+        raise ValueError(
+            "`position_ids` restart at 0 inside a row, which marks packed sequences; packing needs batch size 1 (as "
+            "DataCollatorWithFlattening makes). For padded batches pass an `attention_mask` instead"
+        )
+    starts = torch.nonzero(restarts[0]).flatten() + 1
+    length = torch.tensor([position_ids.shape[-1]], device=starts.device)
+    return torch.cat([torch.zeros(1, dtype=starts.dtype, device=starts.device), starts, length]).to(torch.int32)
 
 
 def _is_shared_offset(position_offset) -> bool:

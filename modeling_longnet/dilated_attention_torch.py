@@ -122,7 +122,7 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 chunk_sum = probs.sum(-1)
                 if dropout_p > 0:
                     keep = _dropout_keep(probs.shape, seed, branch, chunk, dropout_p, q.device)
-                    probs = probs * keep / (1.0 - dropout_p)
+                    probs = probs * (keep.to(compute) / (1.0 - dropout_p))  # the backward's factor, to the last bit
                 # divided by the sum after the product: a row's scale commutes with it and costs lq x D, not lq x Lk
                 chunk_out = torch.matmul(probs, v_rows) / torch.where(chunk_sum > 0, chunk_sum, 1.0).unsqueeze(-1)
                 target = torch.where(tables.q_valid[segs, :, rows], tables.q_index[segs, :, rows], rows_total)
@@ -184,7 +184,7 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 row_scale = (1.0 / safe_sum[q_idx]).unsqueeze(-1)
                 d_probs = torch.matmul(do_rows, v_rows.transpose(-1, -2))
                 if dropout_p > 0:
-                    keep = _dropout_keep(probs.shape, ctx.seed, branch, chunk, dropout_p, q.device) / (1.0 - dropout_p)
+                    keep = _dropout_keep(probs.shape, ctx.seed, branch, chunk, dropout_p, q.device).to(compute) / (1.0 - dropout_p)
                     dv_rows = torch.matmul((probs * keep).transpose(-1, -2), do_rows * row_scale)
                     d_probs = d_probs * keep
                 else:

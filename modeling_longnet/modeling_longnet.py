@@ -67,6 +67,7 @@ from .configuration_longnet import (
     is_finite_positive,
 )
 from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
+from .dilated_attention_pattern import LayoutInputs, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
 
@@ -678,22 +679,6 @@ def _shape_or_type(value) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _packed_documents(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """``cu_seqlens`` of the documents packed in one row, marked by ``position_ids`` restarting at 0 (as
-    ``DataCollatorWithFlattening`` makes them), or None if nothing restarts."""
-    restarts = position_ids[..., 1:] == 0
-    if not bool(restarts.any()):
-        return None
-    if batch != 1 or position_ids.dim() != 2:
-        raise ValueError(
-            "`position_ids` restart at 0 inside a row, which marks packed sequences; packing needs batch size 1 (as "
-            "DataCollatorWithFlattening makes). For padded batches pass an `attention_mask` instead"
-        )
-    starts = torch.nonzero(restarts[0]).flatten() + 1
-    length = torch.tensor([position_ids.shape[-1]], device=starts.device)
-    return torch.cat([torch.zeros(1, dtype=starts.dtype, device=starts.device), starts, length]).to(torch.int32)
-
-
 class LongNetModel(LongNetPreTrainedModel):
     def __init__(self, config: LongNetConfig):
         super().__init__(config)
@@ -814,7 +799,9 @@ class LongNetModel(LongNetPreTrainedModel):
                 position_offset=position_offset,
                 device=device,
             )
-        cu_seqlens = _packed_documents(position_ids, batch) if position_ids is not None and past_length == 0 else None
+        if position_ids is not None and past_length == 0 and is_tracing():  # read when the graph runs
+            return LayoutInputs(batch, num_keys, num_queries, position_offset=dropped or None, packing_position_ids=position_ids)
+        cu_seqlens = packed_documents(position_ids, batch) if position_ids is not None and past_length == 0 else None
         return TokenLayout.build(
             batch, num_keys, num_queries, cu_seqlens=cu_seqlens, position_offset=dropped or None, device=device
         )

@@ -1,0 +1,133 @@
+"""One graph (issue 14 point 2, issue 10 point 4): inside torch.compile and torch.export the attention is one custom
+op, ``modeling_longnet::dilated_attention``, which reads the layout when the graph runs; its gradient recomputes
+the forward under autograd. ``fullgraph=True`` fails on any graph break, so these tests also assert there is none."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import relative_error
+from reference import reference_dilated_attention
+
+from modeling_longnet import LongNetConfig, LongNetForCausalLM, TokenLayout, dilated_attention
+
+SEGMENTS, RATES = [4, 8, 16], [1, 2, 4]
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return LongNetForCausalLM(LongNetConfig.from_preset("tiny", attn_implementation="torch", **overrides))
+
+
+def holes_mask(batch, length, seed):
+    mask = (torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.8).long()
+    mask[:, -1] = 1
+    return mask
+
+
+LAYOUTS = {
+    "whole rows": lambda b, n: {},
+    "holes": lambda b, n: {"attention_mask": holes_mask(b, n, 1)},
+    "kv-cache queries": lambda b, n: {"position_offset": torch.tensor([3, 9][:b])},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_compiled_function_equals_the_reference_forward_and_gradient(layout):
+    batch, num_keys = 2, 29
+    num_queries = 7 if layout == "kv-cache queries" else num_keys
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, num_queries, 4, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, num_keys, 2, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    kwargs = LAYOUTS[layout](batch, num_keys)
+
+    def attention(q, k, v):
+        return dilated_attention(q, k, v, SEGMENTS, RATES, causal=True, backend="torch", **kwargs)
+
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    ref = reference_dilated_attention(q, k, v, SEGMENTS, RATES, causal=True, **kwargs)
+    assert relative_error(out, ref) <= 1e-12
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    for name, got, want in zip("qkv", torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert relative_error(got, want) <= 1e-12, name
+
+
+def test_a_prepared_layout_enters_the_graph_and_one_with_holes_is_refused_plainly():
+    q, k, v = (torch.randn(1, 20, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[0, :4] = 0
+    layout = TokenLayout.build(1, 20, attention_mask=mask)
+    compiled = torch.compile(
+        lambda q, k, v, layout: dilated_attention(q, k, v, SEGMENTS, RATES, causal=True, token_layout=layout),
+        backend="eager", fullgraph=True,
+    )
+    torch.testing.assert_close(compiled(q, k, v, layout), dilated_attention(q, k, v, SEGMENTS, RATES, causal=True, attention_mask=mask))
+    mask[0, 10] = 0
+    with pytest.raises(Exception, match="holes cannot enter a compiled"):
+        compiled(q, k, v, TokenLayout.build(1, 20, attention_mask=mask))
+
+
+def test_compiled_dropout_reuses_its_mask_in_the_backward():
+    """O = P_dropped V is linear in V, so <dO, O> = <dV, V> exactly when the backward drops what the forward did."""
+    q, k, v = (torch.randn(1, 32, 2, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64, requires_grad=True) for i in range(3))
+    compiled = torch.compile(
+        lambda q, k, v: dilated_attention(q, k, v, SEGMENTS, RATES, causal=True, dropout_p=0.3), backend="aot_eager", fullgraph=True
+    )
+    torch.manual_seed(5)
+    out = compiled(q, k, v)
+    torch.manual_seed(5)
+    assert torch.equal(out, compiled(q, k, v))
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (grad_v,) = torch.autograd.grad(out, (v,), grad_out)
+    assert float((grad_out * out).sum()) == pytest.approx(float((grad_v * v).sum()), rel=1e-12)
+    assert not torch.equal(out, compiled(q, k, v))  # another draw, another mask
+
+
+def test_the_custom_op_passes_torch_library_opcheck():
+    q = torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 12, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = holes_mask(2, 12, 3)
+    args = (q, k, v, mask, None, None, None, None, [4, 8], [1, 2], "interleaved", True, 8**-0.5, 0.0, "torch", None)
+    torch.library.opcheck(torch.ops.modeling_longnet.dilated_attention.default, args)
+
+
+def test_compiled_training_with_fullgraph_has_the_losses_of_eager_training():
+    eager = tiny_model().train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled_model)]
+    for step in range(3):
+        ids = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(step))
+        mask = holes_mask(2, 32, step) if step == 2 else None
+        losses = []
+        for model, optimizer in zip((eager, compiled), optimizers):
+            loss = model(ids, attention_mask=mask, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static shapes", "dynamic shapes"])
+def test_torch_export_of_the_causal_lm_equals_eager(dynamic):
+    model = tiny_model().eval()
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = holes_mask(2, 24, 0)
+    dynamic_shapes = None
+    if dynamic:
+        batch, length = torch.export.Dim("batch", max=8), torch.export.Dim("length", min=2, max=512)
+        dynamic_shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None}
+    program = torch.export.export(
+        model, (ids,), kwargs={"attention_mask": mask, "use_cache": False}, dynamic_shapes=dynamic_shapes, strict=False
+    )
+    for shape in [(2, 24)] + ([(3, 41), (1, 5)] if dynamic else []):
+        ids = torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(shape[1]))
+        mask = holes_mask(*shape, shape[0])
+        with torch.no_grad():
+            exported = program.module()(ids, attention_mask=mask, use_cache=False).logits
+            eager = model(ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(exported, eager, rtol=1e-6, atol=1e-6)
