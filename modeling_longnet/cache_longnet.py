@@ -8,17 +8,21 @@ any row still needs, so left padding adds the difference in padding), and each d
 bounded number of keys. The model tells the attention where the kept keys start logically through
 ``position_offset`` (see ``dilated_attention``), so the result is exactly the full cache's.
 
-A plain ``transformers.DynamicCache`` works too, and keeps everything.
+A plain ``transformers.DynamicCache`` works too, and keeps everything. So does transformers' ``StaticCache``
+(``generate(..., cache_implementation="static")``): fixed shapes, for compiled decoding. Its buffers hold the
+tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by :func:`static_key_order`, the
+unwritten slots first, which makes them left padding and the new tokens the last keys, the layout every backend
+takes, with no value of a tensor read on the host.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
 from .dilated_attention_pattern import TokenLayout
 
-__all__ = ["LongNetBoundedCache", "SegmentBoundedLayer", "cached_lengths", "check_cache"]
+__all__ = ["LongNetBoundedCache", "SegmentBoundedLayer", "cached_lengths", "check_cache", "static_key_order"]
 
 
 class SegmentBoundedLayer(DynamicLayer):
@@ -111,12 +115,32 @@ class LongNetBoundedCache(Cache):
 
 
 def check_cache(cache) -> None:
-    """Only caches whose layers append keys and at most drop the oldest ones fit the model's bookkeeping."""
+    """Caches whose layers append keys and at most drop the oldest ones, or transformers' StaticCache."""
+    if isinstance(cache, StaticCache):
+        if not all(hasattr(layer, "cumulative_length") and hasattr(layer, "max_cache_len") for layer in cache.layers):
+            raise TypeError(
+                "this transformers version's StaticCache does not count its tokens itself (`cumulative_length`, "
+                "transformers >= 5.24): use a DynamicCache or a LongNetBoundedCache, or upgrade transformers"
+            )
+        if len({layer.max_cache_len for layer in cache.layers}) != 1:
+            raise TypeError("LongNet takes a StaticCache whose layers all hold the same number of tokens")
+        return
     if not isinstance(cache, (DynamicCache, LongNetBoundedCache)):
         raise TypeError(
-            f"LongNet models take a transformers DynamicCache or a LongNetBoundedCache as `cache`, got "
-            f"{type(cache).__name__} (static and quantized caches are not supported)"
+            f"LongNet models take a transformers DynamicCache, StaticCache or a LongNetBoundedCache as `cache`, got "
+            f"{type(cache).__name__} (quantized and other caches are not supported)"
         )
+
+
+def static_key_order(cache: StaticCache, num_queries: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(seen, order, slots)`` of a StaticCache before this step writes its ``num_queries`` tokens: ``seen`` tokens
+    (a 0-dim tensor, never read on the host), and the slot order that puts the ``slots - seen - num_queries``
+    unwritten slots first and this step's tokens last (``buffer.index_select(seq_dim, order)``)."""
+    layer = cache.layers[0]
+    seen = layer.cumulative_length.to(device) if layer.is_initialized else torch.zeros((), dtype=torch.long, device=device)
+    slots = layer.max_cache_len
+    order = (torch.arange(slots, device=device) + seen + num_queries) % slots
+    return seen, order, slots
 
 
 def cached_lengths(cache: Cache | None) -> tuple[int, int]:

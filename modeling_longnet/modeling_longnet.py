@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -59,7 +59,7 @@ from transformers.utils import logging
 from transformers.utils.generic import GeneralInterface, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_longnet import cached_lengths, check_cache
+from .cache_longnet import cached_lengths, check_cache, static_key_order
 from .configuration_longnet import (
     LongNetConfig,
     check_pattern_coverage,
@@ -253,14 +253,18 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float):
     earlier = torch.arange(num_keys - num_queries, 0, -1, device=query.device, dtype=torch.float)
     key_positions = torch.cat([query_positions[:, :1] - earlier, query_positions], dim=1).clamp(min=0)
     low, high = key_positions.amin(1, keepdim=True), key_positions.amax(1, keepdim=True)
-    largest_exponent = float(((high - low) / 2).max()) * float(-rates.min())
+    # the largest rate in closed form (zeta is smallest at dimension 0), so that no tensor value is read on the host
+    steepest = -math.log(0.4 / 1.4) / scale_base
+    # A traced graph cannot read the span: it takes the keys' count, a bound for the contiguous positions of a call
+    span = num_keys - 1 if is_tracing() else int(float((high - low).max()))
+    largest_exponent = span / 2 * steepest
     dtype_info = torch.finfo(query.dtype)
     limit = min(math.log(dtype_info.max), -math.log(dtype_info.tiny)) - math.log(100.0)
     if largest_exponent > limit:
-        max_span = int(2 * limit / float(-rates.min()))
+        max_span = int(2 * limit / steepest)
         raise ValueError(
             f"xPos scales queries and keys by up to e^{largest_exponent:.0f} over the "
-            f"{int(float((high - low).max())) + 1} positions of this call, beyond what {query.dtype} holds "
+            f"{span + 1} positions of this call, beyond what {query.dtype} holds "
             f"(e^{limit:.0f}): process at most {max_span} positions per call (prefill in chunks with a "
             "LongNetBoundedCache), raise `xpos_scale_base`, or use `position_encoding='rope'`"
         )
@@ -505,8 +509,13 @@ class DilatedAttention(nn.Module):
             position_embeddings = _rotary_cos_sin(inv_freq, position_ids, 1.0, x.dtype)
         return self.attend(x, token_layout, position_embeddings, position_ids)[0]
 
-    def attend(self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None, **kwargs):
-        """Projections, positions, KV cache, the attention function, output projection: ``(output, weights)``."""
+    def attend(
+        self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None,
+        static_key_order=None, **kwargs,
+    ):
+        """Projections, positions, KV cache, the attention function, output projection: ``(output, weights)``.
+        ``static_key_order``: the slot order in which a StaticCache's buffers are read (see
+        :func:`~modeling_longnet.cache_longnet.static_key_order`)."""
         batch, seq_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim)
         key = self.k_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim)
@@ -517,6 +526,8 @@ class DilatedAttention(nn.Module):
             key, value = cache.update(
                 key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, token_layout=token_layout
             )
+            if static_key_order is not None:
+                key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
             key, value = key.transpose(1, 2), value.transpose(1, 2)
         if self.use_xpos:  # after the cache, which keeps keys without their decay
             query, key = apply_xpos_decay(query, key, position_ids, self.xpos_scale_base)
@@ -647,6 +658,9 @@ class LongNetPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongNetDecoderLayer"]
     _can_record_outputs = {"hidden_states": LongNetDecoderLayer, "attentions": LongNetAttention}
+    # torch.compile(fullgraph=True) traces forward and backward (the attention is one custom op, see
+    # dilated_attention.py) and a StaticCache decodes with fixed shapes (tests/test_compile.py)
+    _can_compile_fullgraph = True
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
         # transformers checks names against its dense attentions; LongNet has its own (ALL_DILATED_ATTENTION_FUNCTIONS)
@@ -749,10 +763,16 @@ class LongNetModel(LongNetPreTrainedModel):
             check_cache(cache)
 
         batch, num_queries = inputs_embeds.shape[:2]
-        past_length, kept_length = cached_lengths(cache)
-        token_layout = self._token_layout(
-            attention_mask, position_ids, batch, num_queries, past_length, kept_length, inputs_embeds.device
-        )
+        layer_kwargs = {}
+        if isinstance(cache, StaticCache):
+            token_layout, position_ids, layer_kwargs["static_key_order"] = self._static_cache_layout(
+                cache, attention_mask, position_ids, batch, num_queries, inputs_embeds.device
+            )
+        else:
+            past_length, kept_length = cached_lengths(cache)
+            token_layout = self._token_layout(
+                attention_mask, position_ids, batch, num_queries, past_length, kept_length, inputs_embeds.device
+            )
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = _positions_from_mask(attention_mask)[:, -num_queries:]
@@ -768,10 +788,42 @@ class LongNetModel(LongNetPreTrainedModel):
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
+                **layer_kwargs,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
+
+    @staticmethod
+    def _static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, device):
+        """``(layout, position_ids, slot order)`` of a step with a StaticCache, whose slots the layers read in the
+        rotated order of :func:`~modeling_longnet.cache_longnet.static_key_order`: its unwritten slots first (left
+        padding), then the tokens so far, ending with this step's. Only tensor operations, so that a compiled decode
+        step has fixed shapes; the mask may be ``(batch, seen + new)`` or padded to the cache's slots (``generate``
+        pads it, see ``create_masks_for_generate``)."""
+        seen, order, slots = static_key_order(cache, num_queries, device)
+        if not is_tracing() and int(seen) + num_queries > slots:
+            raise ValueError(
+                f"the StaticCache holds {slots} tokens per row and this step would make it {int(seen) + num_queries}: "
+                "create it with a larger `max_cache_len` (generate: a larger `max_length`)"
+            )
+        written = torch.arange(slots, device=device) < seen + num_queries
+        if attention_mask is None:
+            full = written.expand(batch, slots)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != batch or not (
+                num_queries <= attention_mask.shape[1] <= slots
+            ):
+                raise ValueError(
+                    f"with a StaticCache of {slots} slots `attention_mask` must have shape (batch, cached + new tokens) "
+                    f"or (batch, {slots}) with batch = {batch}, 1 for every real token so far; got {_shape_or_type(attention_mask)}"
+                )
+            full = F.pad(attention_mask != 0, (0, slots - attention_mask.shape[1])) & written
+        rotated = full.long().index_select(1, order)
+        if position_ids is None:
+            position_ids = _positions_from_mask(rotated)[:, -num_queries:]
+        layout = TokenLayout.build(batch, slots, num_queries, attention_mask=rotated, device=device)
+        return layout, position_ids, order
 
     @staticmethod
     def _token_layout(
@@ -857,6 +909,15 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         # step. generate's own ids are computed once and then incremented: a right-padded row's new tokens would
         # get the positions after its padding, not after its last real token.
         return None
+
+    @staticmethod
+    def create_masks_for_generate(attention_mask=None, cache=None, **kwargs):
+        # generate calls this for compileable caches (a StaticCache) instead of making 4D masks, which LongNet does
+        # not read: the 2D mask, padded with 0s to the cache's slots, so that every decode step has one shape.
+        if attention_mask is None or not isinstance(cache, StaticCache) or attention_mask.dim() != 2:
+            return attention_mask
+        slots = cache.layers[0].max_cache_len
+        return F.pad(attention_mask, (0, max(slots - attention_mask.shape[1], 0)))
 
     @can_return_tuple
     def forward(

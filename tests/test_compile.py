@@ -131,3 +131,23 @@ def test_torch_export_of_the_causal_lm_equals_eager(dynamic):
             exported = program.module()(ids, attention_mask=mask, use_cache=False).logits
             eager = model(ids, attention_mask=mask, use_cache=False).logits
         torch.testing.assert_close(exported, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
+def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_greedy_generation(position_encoding):
+    """generate compiles its decoding steps (fullgraph, fixed shapes: the static cache's slots and a mask padded to
+    them) and must pick what generation without a cache picks, for a left- and a right-padded row."""
+    from transformers import CompileConfig
+
+    model = tiny_model(position_encoding=position_encoding).eval()
+    ids = torch.randint(3, 100, (2, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, 15:] = 0  # right padding: generate continues after it, a mask with holes
+    options = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, use_cache=False, **options)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told
+    got = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+    assert hasattr(model, "_compiled_call"), "generate did not compile"
+    assert torch.equal(got, expected)

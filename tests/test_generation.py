@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modeling_longnet import ALL_DILATED_ATTENTION_FUNCTIONS, LongNetBoundedCache, LongNetConfig, LongNetForCausalLM
@@ -43,6 +44,27 @@ def generate(model, ids, attention_mask=None, cache=None, use_cache=True, new_to
     )
 
 
+def _static_cache_counts_its_tokens() -> bool:
+    """StaticLayer counts its own tokens (which LongNet reads) from transformers 5.24."""
+    try:
+        return hasattr(StaticLayer(1), "cumulative_length")
+    except Exception:  # another constructor in older versions
+        return False
+
+
+NEEDS_STATIC_CACHE = pytest.mark.skipif(not _static_cache_counts_its_tokens(), reason="transformers < 5.24")
+STATIC_CACHE = pytest.param("static", marks=NEEDS_STATIC_CACHE)
+CACHE_KINDS = ["dynamic", "bounded", STATIC_CACHE]
+
+
+def cache_options(model, kind) -> dict:
+    """generate's keyword arguments for a kind of cache: a fresh bounded cache, transformers' static cache, or
+    nothing (a DynamicCache)."""
+    if kind == "bounded":
+        return {CACHE_KWARG: LongNetBoundedCache(model.config)}
+    return {"cache_implementation": "static"} if kind == "static" else {}
+
+
 def prompt(batch=1, length=PROMPT, seed=0):
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -60,36 +82,36 @@ def padded_batch(rows, side):
 
 @pytest.mark.transformers_versions
 @pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
-@pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
+@pytest.mark.parametrize("cache_kind", CACHE_KINDS)
 def test_cached_generation_equals_uncached(position_encoding, cache_kind):
     model = tiny_model(position_encoding=position_encoding, dilation_offsets="grouped")
     ids = prompt(batch=2)
     expected = generate(model, ids, use_cache=False)
-    cache = LongNetBoundedCache(model.config) if cache_kind == "bounded" else None
-    got = generate(model, ids, cache=cache)
+    got = generate(model, ids, **cache_options(model, cache_kind))
+    if cache_kind == "static":
+        assert isinstance(getattr(got, CACHE_KWARG), StaticCache)
     assert torch.equal(got.sequences, expected.sequences)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
 
 
 @pytest.mark.transformers_versions
-@pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
+@pytest.mark.parametrize("cache_kind", CACHE_KINDS)
 def test_left_padded_batch_generates_what_each_row_generates_alone(cache_kind):
     model = tiny_model()
     rows = [prompt(length=n, seed=n) for n in (13, 5, 21)]
     ids, mask = padded_batch(rows, "left")
     width = ids.shape[1]
-    make_cache = (lambda: LongNetBoundedCache(model.config)) if cache_kind == "bounded" else (lambda: None)
-    batched = generate(model, ids, attention_mask=mask, cache=make_cache())
+    batched = generate(model, ids, attention_mask=mask, **cache_options(model, cache_kind))
     for b, row in enumerate(rows):
-        alone = generate(model, row, cache=make_cache())
+        alone = generate(model, row, **cache_options(model, cache_kind))
         assert torch.equal(batched.sequences[b, width:], alone.sequences[0, row.shape[1] :]), f"row {b}"
         for a, c in zip(batched.logits, alone.logits):
             torch.testing.assert_close(a[b], c[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.transformers_versions
-@pytest.mark.parametrize("cache_kind", ["dynamic", "bounded"])
+@pytest.mark.parametrize("cache_kind", CACHE_KINDS)
 def test_right_padded_batch_generates_what_each_row_generates_alone(cache_kind):
     """``generate`` extends a right-padded prompt after its padding (mask ``[1, .., 1, 0, .., 0, 1, 1, ..]``): the
     0s are no tokens, so each row continues exactly as alone. The first new token is read at the last position of
@@ -99,13 +121,12 @@ def test_right_padded_batch_generates_what_each_row_generates_alone(cache_kind):
     rows = [prompt(length=n, seed=n) for n in (13, 5, 21)]
     ids, mask = padded_batch(rows, "right")
     width = ids.shape[1]
-    make_cache = (lambda: LongNetBoundedCache(model.config)) if cache_kind == "bounded" else (lambda: None)
-    batched = generate(model, ids, attention_mask=mask, cache=make_cache())
+    batched = generate(model, ids, attention_mask=mask, **cache_options(model, cache_kind))
     uncached = generate(model, ids, attention_mask=mask, use_cache=False)
     assert torch.equal(batched.sequences, uncached.sequences)
     for b, row in enumerate(rows):
         first = batched.sequences[b : b + 1, width : width + 1]
-        alone = generate(model, torch.cat([row, first], dim=1), cache=make_cache(), new_tokens=NEW - 1)
+        alone = generate(model, torch.cat([row, first], dim=1), new_tokens=NEW - 1, **cache_options(model, cache_kind))
         assert torch.equal(batched.sequences[b, width + 1 :], alone.sequences[0, row.shape[1] + 1 :]), f"row {b}"
         for a, c in zip(batched.logits[1:], alone.logits):
             torch.testing.assert_close(a[b], c[0], rtol=1e-5, atol=1e-5)
@@ -181,6 +202,31 @@ def test_prefill_in_chunks_with_the_bounded_cache_equals_one_forward():
         pieces.append(model(chunk, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-5, atol=1e-5)
     assert max(kept_tokens(cache)) < max(model.config.segment_lengths)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask of the tokens so far"])
+@NEEDS_STATIC_CACHE
+def test_prefill_in_chunks_with_a_static_cache_equals_one_forward(masked):
+    model = tiny_model(position_encoding="xpos")
+    ids = prompt(length=70)
+    expected = model(ids).logits
+    cache = StaticCache(config=model.config, max_cache_len=75)
+    pieces = []
+    for start in range(0, 70, 11):
+        chunk = ids[:, start : start + 11]
+        mask = {"attention_mask": torch.ones(1, start + chunk.shape[1], dtype=torch.long)} if masked else {}
+        pieces.append(model(chunk, **mask, **{CACHE_KWARG: cache}, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-5, atol=1e-5)
+    assert int(cache.get_seq_length()) == 70
+
+
+@NEEDS_STATIC_CACHE
+def test_static_cache_errors_name_the_fix():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="holds 10 tokens per row and this step would make it 12: .*max_cache_len"):
+        model(prompt(length=12), **{CACHE_KWARG: StaticCache(config=model.config, max_cache_len=10)})
+    with pytest.raises(ValueError, match=r"StaticCache of 20 slots `attention_mask` must have shape"):
+        model(prompt(length=5), attention_mask=torch.ones(1, 21), **{CACHE_KWARG: StaticCache(config=model.config, max_cache_len=20)})
 
 
 def test_beam_search_with_the_bounded_cache_equals_beam_search_without_cache():

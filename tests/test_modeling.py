@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from memory_probe import LargestTensor
 from reference import reference_dilated_attention
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM, DynamicCache, EncoderDecoderCache
 
 from modeling_longnet import (
     LongNetConfig,
@@ -476,8 +476,8 @@ def test_bad_inputs_are_named():
         model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2))
     with pytest.raises(ValueError, match=re.escape("give the KV cache as `cache` or as `past_key_values`")):
         model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
-    with pytest.raises(TypeError, match="LongNet models take a transformers DynamicCache or a LongNetBoundedCache"):
-        model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+    with pytest.raises(TypeError, match="LongNet models take a transformers DynamicCache, StaticCache or a LongNetBoundedCache"):
+        model(ids, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
     with pytest.raises(ValueError, match=re.escape("LongNetForCausalLM needs `causal=True`")):
         tiny_model(causal=False)
     encoder = tiny_model(LongNetModel, causal=False)
