@@ -332,7 +332,14 @@ def _eager_from_op(q, k, v, attention_mask, cu_seqlens, position_offset, packing
         )
 
 
-@torch.library.custom_op("modeling_longnet::dilated_attention", mutates_args=(), schema=f"({_OP_SCHEMA_ARGS}) -> (Tensor, Tensor)")
+# The ops read the layout's inputs on the host (a synchronisation), which no CUDA graph may capture: the tag makes
+# inductor's graph partitioning leave them outside the captured parts (mode="reduce-overhead")
+_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op(
+    "modeling_longnet::dilated_attention", mutates_args=(), schema=f"({_OP_SCHEMA_ARGS}) -> (Tensor, Tensor)", tags=_OP_TAGS
+)
 def _attention_op(*args):
     with torch.no_grad():  # the gradient is the backward op's; no graph to keep here
         out, lse = _eager_from_op(*args)
@@ -347,7 +354,7 @@ def _(q, k, *args):
 
 @torch.library.custom_op(
     "modeling_longnet::dilated_attention_backward", mutates_args=(),
-    schema=f"(Tensor grad_out, Tensor grad_lse, {_OP_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor grad_out, Tensor grad_lse, {_OP_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor)", tags=_OP_TAGS,
 )
 def _attention_backward_op(grad_out, grad_lse, q, k, v, *rest):
     with torch.enable_grad():

@@ -689,7 +689,9 @@ def check_large_logits(device="cuda", problems: int = 4) -> tuple[bool, list[str
             convex_and_finite &= all(bool(g.isfinite().all()) for g in got)
         ours_errors = [error([r[i] for r in results["ours"]], [r[i] for r in results["truth"]]) for i in range(4)]
         dense_errors = [error([r[i] for r in results["dense"]], [r[i] for r in results["truth"]]) for i in range(4)]
-        ok = convex_and_finite and all(o <= 4 * max(d, floor) for o, d in zip(ours_errors, dense_errors))
+        # where the dense softmax itself breaks (NaN), it sets no bound: convex and finite is then the requirement,
+        # as in tests/test_stability.py
+        ok = convex_and_finite and all(o <= 4 * max(d if d == d else float("inf"), floor) for o, d in zip(ours_errors, dense_errors))
         all_ok &= ok
         cells = " | ".join(f"{e:.1e}" for e in (*ours_errors, *dense_errors))
         lines.append(f"| {scale:.0e} | {cells} | {convex_and_finite} | {'pass' if ok else 'FAIL'} |")

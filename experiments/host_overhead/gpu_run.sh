@@ -7,4 +7,3 @@ timeout 100 python3 experiments/host_overhead/probe.py --cprofile 20 --json $OUT
 timeout 150 python3 experiments/triton_fma/ab.py --skip-logits --rounds 2 --baseline experiments/triton_fma/baseline/before_delta.py --json $OUT/ab.json 2>&1 | grep -v Warning | tee $OUT/ab.log
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_stability.py 2>&1 | tail -5 | tee $OUT/pytest_stability.log
 timeout 240 python3 scripts/benchmark.py --check 2>&1 | tail -16 | tee $OUT/check.log
-timeout 200 python3 experiments/compile_op/gpu_check.py --json $OUT/compile.json 2>&1 | grep -v Warning | tail -8 | tee $OUT/compile.log
