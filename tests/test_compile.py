@@ -151,3 +151,27 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     got = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
     assert hasattr(model, "_compiled_call"), "generate did not compile"
     assert torch.equal(got, expected)
+
+
+def test_an_exported_static_cache_decode_step_generates_the_tokens_of_uncached_greedy_generation():
+    """transformers' ExecuTorch wrapper (a StaticCache held as buffers, one token per call at ``cache_position``),
+    exported once; fed the prompt and then its own greedy picks, at their positions."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model = tiny_model(position_encoding="xpos").eval()
+    model.generation_config.cache_implementation = "static"
+    module = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=40)
+    program = torch.export.export(
+        module, (), {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([0])}, strict=False
+    ).module()
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0
+    )
+    tokens = ids[0].tolist()
+    with torch.no_grad():
+        for position in range(expected.shape[1] - 1):
+            logits = program(input_ids=torch.tensor([[tokens[position]]]), cache_position=torch.tensor([position]))
+            if position >= ids.shape[1] - 1:
+                tokens.append(int(logits[0, -1].argmax()))
+    assert tokens == expected[0].tolist()
