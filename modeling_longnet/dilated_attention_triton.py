@@ -529,6 +529,27 @@ if triton is not None:
         tl.store(Delta + rows, tl.sum(o * do, 1), mask=valid)
 
     @triton.jit
+    def _forward_epilogue_kernel(
+        RowMax, RowSum, Lse, Running, Output, num_rows, lse_scale,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, CAST: tl.constexpr,
+    ):
+        """The forward's end in one launch instead of seven elementwise ops: LSE = (max * scale * log2 e + log2 sum)
+        * ln 2 over the (batch, query, head) rows, -inf where no branch saw the query; with CAST, the output rows
+        cast from the running rows, 0 where unseen (their running rows hold garbage). All four are contiguous."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = rows < num_rows
+        row_max = tl.load(RowMax + rows, mask=valid, other=0.0)
+        row_sum = tl.load(RowSum + rows, mask=valid, other=0.0)
+        seen = row_sum > 0
+        lse = (row_max * lse_scale + tl.log2(tl.where(seen, row_sum, 1.0))) * 0.6931471805599453
+        tl.store(Lse + rows, tl.where(seen, lse, float("-inf")), mask=valid)
+        if CAST:
+            offsets = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+            running = tl.load(Running + offsets, mask=valid[:, None], other=0.0)
+            running = tl.where(seen[:, None], running, 0.0)
+            tl.store(Output + offsets, running.to(Output.dtype.element_ty), mask=valid[:, None])
+
+    @triton.jit
     def _backward_kv_steps(
         dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
         query_stride, do_stride, dq_stride, row_stride, qk_scale, softmax_scale, seed, stream, item, dropout_p,
@@ -967,9 +988,6 @@ def _group_streams(device: torch.device, count: int):
             current.wait_stream(stream)
 
 
-_LN2 = 0.6931471805599453  # natural-log units of a log2 value
-
-
 def _every_query_is_real(layout) -> bool:
     key = ("triton", "every_query_is_real")
     if key not in layout.cache:
@@ -1019,13 +1037,13 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
                         DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
                         num_stages=config.num_stages,
                     )
-    seen = row_sum > 0
-    if not write_final and q.dtype != torch.float32:
-        # positions no branch wrote hold garbage in `running`; they have row_sum = 0 and get 0
-        out = running.masked_fill_(~seen.unsqueeze(-1), 0.0).to(q.dtype)
-    # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2
-    lse = torch.where(
-        seen, (row_max * (softmax_scale * _LOG2E) + torch.log2(torch.where(seen, row_sum, 1.0))) * _LN2, float("-inf")
+    # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
+    # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
+    cast = not write_final and q.dtype != torch.float32
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    rows = lse.numel()
+    _forward_epilogue_kernel[(triton.cdiv(rows, 64),)](
+        row_max, row_sum, lse, running, out, rows, softmax_scale * _LOG2E, BLOCK=64, HEAD_DIM=head_dim, CAST=cast,
     )
     return out, lse, row_max, row_sum
 
