@@ -104,6 +104,33 @@ class LongNetConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
     tie_word_embeddings: bool = False
 
+    # Tensor parallelism (``from_pretrained(..., tp_plan="auto")``), as Llama's: heads split across ranks by the
+    # q/k/v projections, joined by the output projection; each rank's heads keep the dilation offsets of their
+    # global index (DilatedAttention.head_range). Not for sub-LN, which normalises over all heads (and the MLP's
+    # whole width) at once, nor for the relative position bias, which holds a bias per global head.
+    _TENSOR_PARALLEL_PLAN = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    @property
+    def base_model_tp_plan(self):
+        if self.normalization == "sub_layernorm" or self.use_relative_position_bias:
+            return None
+        plan = dict(self._TENSOR_PARALLEL_PLAN)
+        if not self.gated_mlp:
+            del plan["layers.*.mlp.gate_proj"]
+        return plan
+
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, value):  # transformers assigns the class default; the plan follows the fields
+        pass
+
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads

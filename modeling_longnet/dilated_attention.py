@@ -181,6 +181,7 @@ def dilated_attention(
     position_offset: torch.Tensor | int | None = None,
     token_layout: TokenLayout | None = None,
     return_lse: bool = False,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of SPEC.md: a mixture of (segment length, dilation rate) branches.
 
@@ -206,13 +207,15 @@ def dilated_attention(
         return_lse: also return the log-sum-exp of the mixed softmax, ``(B, N_q, H)`` in float32 (float64 for
             float64 inputs), ``-inf`` where a query sees nothing. It is differentiable: partial results computed
             apart (for instance on different devices) mix exactly as ``sum_j exp(lse_j - logsumexp_j lse_j) O_j``.
+        heads: ``(first, total)`` when q holds only heads ``first .. first + H - 1`` of a layer of ``total`` heads
+            (tensor parallelism): each head takes the offsets of its global index. Default: q holds every head.
 
     Returns:
         ``(B, N_q, H, D)`` in the dtype of ``q``, and the LSE if ``return_lse``.
     """
     q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
-    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
+    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets, heads)
     if not isinstance(causal, bool):
         raise TypeError(f"`causal` must be a bool, got {causal!r}")
     batch, num_queries, num_heads, head_dim = q.shape
@@ -291,7 +294,7 @@ def _autocast_inputs(q, k, v):
 
 _OP_SCHEMA_ARGS = (
     "Tensor q, Tensor k, Tensor v, Tensor? attention_mask, Tensor? cu_seqlens, Tensor? position_offset, "
-    "Tensor? packing_position_ids, Tensor? documents, int[] segment_lengths, int[] dilation_rates, str offsets, "
+    "Tensor? packing_position_ids, Tensor? documents, int[] segment_lengths, int[] dilation_rates, str offsets, int[] heads, "
     "bool causal, float softmax_scale, float dropout_p, str backend, Tensor? seed"
 )
 
@@ -321,7 +324,7 @@ def _seeded(seed: torch.Tensor | None):
 
 
 def _eager_from_op(q, k, v, attention_mask, cu_seqlens, position_offset, packing_position_ids, documents,
-                   segment_lengths, dilation_rates, offsets, causal, softmax_scale, dropout_p, backend, seed):
+                   segment_lengths, dilation_rates, offsets, heads, causal, softmax_scale, dropout_p, backend, seed):
     batch, num_queries = q.shape[:2]
     inputs = LayoutInputs(batch, k.shape[1], num_queries, attention_mask, cu_seqlens, position_offset, packing_position_ids)
     layout = _layout_from_inputs(inputs, q.device, documents)
@@ -329,6 +332,7 @@ def _eager_from_op(q, k, v, attention_mask, cu_seqlens, position_offset, packing
         return dilated_attention(
             q, k, v, list(segment_lengths), list(dilation_rates), causal=causal, softmax_scale=softmax_scale,
             offsets=offsets, dropout_p=dropout_p, backend=backend, token_layout=layout, return_lse=True,
+            heads=tuple(heads) if heads else None,
         )
 
 
@@ -402,6 +406,7 @@ def _traced_call(q, k, v, pattern: DilatedPattern, layout, causal, softmax_scale
     seed = torch.randint(0, 1 << 62, (1,)) if dropout_p > 0 else None
     return _attention_op(
         q, k, v, layout.attention_mask, layout.cu_seqlens, position_offset, layout.packing_position_ids, documents,
-        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.offsets, causal, softmax_scale,
+        list(pattern.segment_lengths), list(pattern.dilation_rates), pattern.offsets, list(pattern.head_range or ()),
+        causal, softmax_scale,
         dropout_p, backend, seed,
     )

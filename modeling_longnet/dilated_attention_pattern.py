@@ -84,8 +84,11 @@ class DilatedPattern:
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     offsets: str = "interleaved"
+    # (first, total): the heads of a call are heads first .. of a layer of `total` heads (tensor parallelism);
+    # offsets follow the global index. None: the call holds every head.
+    head_range: tuple[int, int] | None = None
 
-    def __init__(self, segment_lengths, dilation_rates, offsets: str = "interleaved"):
+    def __init__(self, segment_lengths, dilation_rates, offsets: str = "interleaved", head_range=None):
         segment_lengths = _as_int_tuple(segment_lengths, "segment_lengths")
         dilation_rates = _as_int_tuple(dilation_rates, "dilation_rates")
         if len(segment_lengths) != len(dilation_rates):
@@ -99,13 +102,29 @@ class DilatedPattern:
         object.__setattr__(self, "segment_lengths", segment_lengths)
         object.__setattr__(self, "dilation_rates", dilation_rates)
         object.__setattr__(self, "offsets", offsets)
+        if head_range is not None:
+            if (
+                not isinstance(head_range, (tuple, list)) or len(head_range) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in head_range)
+                or not 0 <= head_range[0] < head_range[1]
+            ):
+                raise ValueError(
+                    f"`heads` must be (first head, heads of the layer) with 0 <= first < heads, got {head_range!r}"
+                )
+            head_range = (int(head_range[0]), int(head_range[1]))
+        object.__setattr__(self, "head_range", head_range)
 
     @property
     def branches(self) -> list[tuple[int, int]]:
         return list(zip(self.segment_lengths, self.dilation_rates))
 
     def head_offsets(self, branch: int, num_heads: int) -> list[int]:
-        return head_offsets(self.dilation_rates[branch], num_heads, self.offsets)
+        if self.head_range is None:
+            return head_offsets(self.dilation_rates[branch], num_heads, self.offsets)
+        first, total = self.head_range
+        if first + num_heads > total:
+            raise ValueError(f"`heads` = {self.head_range} leaves no room for the {num_heads} heads of q")
+        return head_offsets(self.dilation_rates[branch], total, self.offsets)[first : first + num_heads]
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields_
 
 
 def _core_attention_function(backend: str):
-    def attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, **kwargs):
+    def attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, heads=None, **kwargs):
         attn_output = dilated_attention(
             query,
             key,
@@ -95,6 +95,7 @@ def _core_attention_function(backend: str):
             dropout_p=dropout,
             backend=backend,
             token_layout=token_layout,
+            heads=heads,
         )
         return attn_output, None
 
@@ -102,7 +103,7 @@ def _core_attention_function(backend: str):
     return attention
 
 
-def eager_dilated_attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, **kwargs):
+def eager_dilated_attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, heads=None, **kwargs):
     """Dense attention weights ``(batch, heads, queries, keys)`` of the dilated pattern, then ``weights @ value``.
 
     The weights come from the core itself: attending to one-hot values (query and key zero-padded to the same
@@ -125,6 +126,7 @@ def eager_dilated_attention(module, query, key, value, token_layout, *, scaling,
         offsets=module.offsets,
         backend="torch",
         token_layout=token_layout,
+        heads=heads,
     )
     weights = weights[..., :num_keys].transpose(1, 2)
     if module.relative_position_bias is not None:
@@ -517,9 +519,12 @@ class DilatedAttention(nn.Module):
         ``static_key_order``: the slot order in which a StaticCache's buffers are read (see
         :func:`~modeling_longnet.cache_longnet.static_key_order`)."""
         batch, seq_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim)
-        value = self.v_proj(hidden_states).view(batch, seq_len, self.num_key_value_heads, self.head_dim)
+        # -1 heads: under tensor parallelism the projections give this rank's share of the heads
+        query = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
+        value = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
+        if query.shape[2] != self.num_heads:
+            kwargs["heads"] = self.head_range(query.shape[2])
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:  # transformers' caches hold (batch, heads, seq, head_dim)
@@ -584,6 +589,22 @@ class LongNetAttention(DilatedAttention):
     @property
     def attn_implementation(self) -> str:
         return self.config._attn_implementation
+
+    def head_range(self, local_heads: int) -> tuple[int, int]:
+        """``(first, total)`` of the heads this rank holds when tensor parallelism has split the q projection
+        (its weight a DTensor sharded by output rows): their dilation offsets are those of their global index."""
+        mesh = getattr(self.q_proj.weight, "device_mesh", None)
+        if mesh is None or mesh.ndim != 1:
+            raise ValueError(
+                f"q_proj gives {local_heads} heads where the layer has {self.num_heads}: only tensor parallelism "
+                "(from_pretrained(..., tp_plan='auto')) may split the heads"
+            )
+        if self.num_heads % mesh.size() or self.num_key_value_heads % mesh.size():
+            raise ValueError(
+                f"tensor parallelism over {mesh.size()} ranks needs num_attention_heads ({self.num_heads}) and "
+                f"num_key_value_heads ({self.num_key_value_heads}) divisible by it"
+            )
+        return mesh.get_local_rank() * local_heads, self.num_heads
 
     def forward(self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None, **kwargs):
         return self.attend(hidden_states, token_layout, position_embeddings, position_ids, cache, **kwargs)
@@ -890,6 +911,7 @@ def chunked_causal_lm_loss(
 
 
 class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LongNetConfig):

@@ -90,7 +90,7 @@ def test_the_custom_op_passes_torch_library_opcheck():
     q = torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 12, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = holes_mask(2, 12, 3)
-    args = (q, k, v, mask, None, None, None, None, [4, 8], [1, 2], "interleaved", True, 8**-0.5, 0.0, "torch", None)
+    args = (q, k, v, mask, None, None, None, None, [4, 8], [1, 2], "interleaved", [], True, 8**-0.5, 0.0, "torch", None)
     torch.library.opcheck(torch.ops.modeling_longnet.dilated_attention.default, args)
 
 

@@ -13,7 +13,7 @@ from cases import attention_cases, call_kwargs, make_inputs, relative_error
 from memory_probe import LargestTensor
 from reference import head_offset, reference_dilated_attention
 
-from modeling_longnet import DilatedPattern, TokenLayout, dilated_attention, pattern_coverage
+from modeling_longnet import DilatedPattern, TokenLayout, available_backends, dilated_attention, pattern_coverage
 
 # the package exports the function under the module's name, so reach the module through importlib
 torch_backend_module = importlib.import_module("modeling_longnet.dilated_attention_torch")
@@ -462,3 +462,33 @@ def test_pattern_is_validated_once_and_reports_offsets():
     assert pattern.branches == [(4, 2), (8, 3)]
     assert pattern.head_offsets(1, 5) == [0, 0, 1, 1, 2]
     assert DilatedPattern([4, 8], [2, 3]).head_offsets(1, 5) == [0, 1, 2, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a share of the heads (tensor parallelism)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offsets", ["interleaved", "grouped"])
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton") if b in available_backends()])
+def test_a_share_of_the_heads_computes_those_heads_of_the_whole_layer(offsets, backend):
+    """``heads=(first, total)``: q holds heads first.. of a layer of `total` heads, each with its global offsets
+    (SPEC.md), so every share of a tensor-parallel split equals its slice of the whole call."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 29, 6, 16, generator=generator)  # head_dim 16: the smallest the Triton kernels take
+    k, v = (torch.randn(2, 29, 3, 16, generator=generator) for _ in range(2))
+    args = dict(segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 3], causal=True, offsets=offsets, backend=backend)
+    whole = dilated_attention(q, k, v, **args)
+    for first, count in [(0, 2), (2, 2), (4, 2), (2, 4)]:  # whole groups: q head h reads key/value head h // 2
+        kv = slice(first // 2, (first + count) // 2)
+        share = dilated_attention(q[:, :, first : first + count], k[:, :, kv], v[:, :, kv], heads=(first, 6), **args)
+        torch.testing.assert_close(share, whole[:, :, first : first + count], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_head_shares_are_named():
+    q = k = v = torch.zeros(1, 8, 2, 4)
+    for heads in [(2, 2), (-1, 4), (0,), "0,4", (0.0, 4)]:
+        with pytest.raises(ValueError, match="`heads` must be"):
+            dilated_attention(q, k, v, [4], [1], heads=heads)
+    with pytest.raises(ValueError, match="leaves no room"):
+        dilated_attention(q, k, v, [4], [1], heads=(3, 4))
