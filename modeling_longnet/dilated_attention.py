@@ -312,15 +312,16 @@ def _layout_from_inputs(inputs: LayoutInputs, device, documents: torch.Tensor | 
     )
 
 
+@contextlib.contextmanager
 def _seeded(seed: torch.Tensor | None):
-    """The backends draw their dropout seed from torch's default generator: set it from ``seed``, so that the
+    """The backends draw their dropout seed from torch's (CPU) default generator: set it from ``seed``, so that the
     recomputing backward draws the forward's mask, and leave the generator as it was."""
     if seed is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[]))
-    torch.manual_seed(int(seed))
-    return stack
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def _eager_from_op(q, k, v, attention_mask, cu_seqlens, position_offset, packing_position_ids, documents,
