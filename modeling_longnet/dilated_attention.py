@@ -240,7 +240,7 @@ def dilated_attention(
             token_layout = LayoutInputs(batch, num_keys, num_queries, attention_mask, cu_seqlens, position_offset)
         out, lse = _traced_call(q, k, v, pattern, token_layout, causal, float(softmax_scale), float(dropout_p), backend)
         return (out, lse) if return_lse else out
-    if isinstance(token_layout, LayoutInputs):
+    if isinstance(token_layout, LayoutInputs):  # built in a traced region that a graph break left before this call
         token_layout = _layout_from_inputs(token_layout, q.device)
     if token_layout is None:
         token_layout = TokenLayout.build(
