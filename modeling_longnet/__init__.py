@@ -13,12 +13,13 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .cache_longnet import LongNetBoundedCache
+from .cache_longnet import LongNetBoundedCache, LongNetStaticCache
 from .configuration_longnet import LongNetConfig
 from .conversion import convert_llama_to_longnet
 from .dilated_attention import (
     DilatedPattern,
     PatternCoverage,
+    PositionLayout,
     TokenLayout,
     available_backends,
     dilated_attention,
@@ -51,12 +52,14 @@ __all__ = [
     "DilatedAttention",
     "DilatedPattern",
     "LongNetBoundedCache",
+    "LongNetStaticCache",
     "LongNetConfig",
     "LongNetForCausalLM",
     "LongNetForSequenceClassification",
     "LongNetModel",
     "LongNetPreTrainedModel",
     "PatternCoverage",
+    "PositionLayout",
     "TokenLayout",
     "available_backends",
     "convert_llama_to_longnet",

@@ -8,21 +8,36 @@ any row still needs, so left padding adds the difference in padding), and each d
 bounded number of keys. The model tells the attention where the kept keys start logically through
 ``position_offset`` (see ``dilated_attention``), so the result is exactly the full cache's.
 
+:class:`LongNetStaticCache` is the same bound with fixed shapes, for compiled decoding (CUDA graphs, export): per
+layer a ring of ``max(segment_lengths)`` slots, the real token of logical position ``p`` in slot ``p % slots``.
+``generate(..., cache_implementation="static")`` makes one whenever ``max_length`` exceeds the largest segment.
+
 A plain ``transformers.DynamicCache`` works too, and keeps everything. So does transformers' ``StaticCache``
-(``generate(..., cache_implementation="static")``): fixed shapes, for compiled decoding. Its buffers hold the
-tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by :func:`static_key_order`, the
-unwritten slots first, which makes them left padding and the new tokens the last keys, the layout every backend
-takes, with no value of a tensor read on the host.
+(``generate(..., cache_implementation="static")`` up to the largest segment): fixed shapes, ``max_cache_len``
+slots. Its buffers hold the tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by
+:func:`static_key_order`, the unwritten slots first, which makes them left padding and the new tokens the last keys,
+the layout every backend takes, with no value of a tensor read on the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticCache
 
-from .dilated_attention_pattern import TokenLayout
+from .dilated_attention_pattern import PositionLayout, TokenLayout, is_tracing
 
-__all__ = ["LongNetBoundedCache", "SegmentBoundedLayer", "cached_lengths", "check_cache", "static_key_order"]
+__all__ = [
+    "LongNetBoundedCache",
+    "LongNetStaticCache",
+    "RingStep",
+    "SegmentBoundedLayer",
+    "SegmentRingLayer",
+    "cached_lengths",
+    "check_cache",
+    "static_key_order",
+]
 
 
 class SegmentBoundedLayer(DynamicLayer):
@@ -114,6 +129,224 @@ class LongNetBoundedCache(Cache):
         super().__init__(layers=layers, offloading=offloading)
 
 
+@dataclass(eq=False)
+class RingStep:
+    """What one forward step with a :class:`LongNetStaticCache` reads and writes, planned once for every layer
+    (:meth:`LongNetStaticCache.plan_step`).
+
+    For the kernels (``positions`` None) the step attends ``slots + new`` keys in position order: the ring read
+    oldest first (``read_slots``), then the new tokens; ``key_mask`` and ``position_offset`` make their
+    TokenLayout. For the dense path (``positions``, a :class:`PositionLayout`) the keys stay in slot order: one
+    new token is written first and the ring is attended as it lies (``in_place``, no copy); more are attended
+    after the ring, before they are written."""
+
+    write_slots: torch.Tensor  # (batch, new): where each new token goes; the spare slot `slots` for padding
+    key_positions: torch.Tensor  # (batch, keys): the step's keys' logical positions (any value for padding)
+    query_positions: torch.Tensor  # (batch, new): the new tokens' logical positions
+    read_slots: torch.Tensor | None = None  # (batch, slots): the slot of each ring key, oldest first
+    key_mask: torch.Tensor | None = None  # (batch, slots + new): which of the step's keys are real tokens
+    position_offset: torch.Tensor | None = None  # (batch,): the logical position of each row's first real key
+    positions: PositionLayout | None = None
+    in_place: bool = False
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_positions.shape[1]
+
+
+class SegmentRingLayer(CacheLayerMixin):
+    """One layer of :class:`LongNetStaticCache`: fixed buffers ``(batch, kv_heads, slots + 1, head_dim)``; the
+    real token of logical position ``p`` lies in slot ``p % slots``, the last slot takes what is not kept."""
+
+    is_compileable = True
+    is_sliding = True
+    is_croppable = False
+
+    def __init__(self, slots: int):
+        super().__init__()
+        self.slots = slots
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)  # tokens seen, padding included
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states.new_zeros(batch, heads, self.slots + 1, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.slots + 1, value_states.shape[-1])
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not is_tracing():  # fixed addresses: compiled steps update them in place (and CUDA graphs may replay)
+            for tensor in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, ring_step: RingStep | None = None, **kwargs):
+        """Returns the ring's keys and values, oldest first, followed by the new ones (``ring_step.num_keys``),
+        then writes the new ones into their slots. It reads before it writes: a new token may take the slot of a
+        key that this step's first queries still see."""
+        if ring_step is None:
+            raise ValueError(
+                "a LongNetStaticCache is updated by the LongNet model's forward, which plans each step for all "
+                "layers (LongNetStaticCache.plan_step): pass the cache to the model as `cache`"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+
+        def per_token(index, states):  # (batch, n) slots -> an index over (batch, heads, n, head_dim)
+            return index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+
+        def write():
+            self.keys.scatter_(2, per_token(ring_step.write_slots, key_states), key_states)
+            self.values.scatter_(2, per_token(ring_step.write_slots, value_states), value_states)
+            self.cumulative_length.add_(key_states.shape[-2])
+
+        if ring_step.in_place:
+            write()
+            return self.keys, self.values
+        if ring_step.read_slots is None:  # the dense path: the ring as it lies, then the new tokens
+            keys, values = torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
+        else:
+            keys = torch.cat([self.keys.gather(2, per_token(ring_step.read_slots, key_states)), key_states], dim=2)
+            values = torch.cat([self.values.gather(2, per_token(ring_step.read_slots, value_states)), value_states], dim=2)
+        write()
+        return keys, values
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # a ring: generation may go on as long as it likes
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "LongNetStaticCache cannot be rolled back (its ring has overwritten keys that earlier positions would "
+            "need again); use a DynamicCache for assisted or speculative decoding"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:  # in place, keeping the buffers' addresses
+            self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.device)))
+            self.values.copy_(self.values.index_select(0, beam_idx.to(self.device)))
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+        self.cumulative_length.zero_()
+
+
+class LongNetStaticCache(Cache):
+    """The bounded cache with fixed shapes: per layer a ring of ``max(config.segment_lengths)`` slots, exact like
+    :class:`LongNetBoundedCache` however long the generation, for compiled decoding and export.
+
+    ``generate(..., cache_implementation="static")`` makes one when ``max_length`` exceeds the largest segment (below
+    that, transformers' ``StaticCache`` of ``max_length`` slots is smaller); or pass one::
+
+        cache = LongNetStaticCache(model.config)
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=100_000)
+
+    Each row's tokens are counted on the device (``real_tokens``), so a step needs only the mask of its own tokens:
+    the model reads the last ``num_queries`` columns of ``attention_mask``.
+    """
+
+    def __init__(self, config, max_cache_len: int | None = None, **kwargs):
+        if not getattr(config, "causal", False):
+            raise ValueError(
+                "LongNetStaticCache needs a causal model (`config.causal=True`): a bidirectional model has no KV cache"
+            )
+        self.slots = max(int(w) for w in config.segment_lengths)
+        super().__init__(layers=[SegmentRingLayer(self.slots) for _ in range(config.num_hidden_layers)])
+        self.real_tokens: torch.Tensor | None = None  # (batch,): each row's real tokens so far
+
+    def plan_step(
+        self, new_tokens_mask: torch.Tensor | None, batch: int, num_queries: int, device, dense: bool = False
+    ) -> RingStep:
+        """Plans a step of ``num_queries`` new tokens per row (``new_tokens_mask``: which are real; None: all) and
+        counts them; ``dense``: for the dense path (a :class:`PositionLayout`), else for the kernels. Only tensor
+        operations, so that a compiled step has fixed shapes and reads nothing on the host."""
+        slots = self.slots
+        if self.real_tokens is None:
+            self._start(batch, device)
+        elif not is_tracing() and self.real_tokens.shape[0] != batch:
+            raise ValueError(
+                f"this LongNetStaticCache holds {self.real_tokens.shape[0]} rows and the step has {batch}: use one "
+                "cache per batch (or cache.reset() between batches of the same size)"
+            )
+        if new_tokens_mask is None:
+            new = torch.ones(batch, num_queries, dtype=torch.bool, device=device)
+        else:
+            new = new_tokens_mask.to(device) != 0
+        before = self.real_tokens
+        rank = new.long().cumsum(-1)  # real tokens of the step up to each one
+        positions = before[:, None] + rank - 1  # a padding token gets its predecessor's (generate's convention)
+        total = before + rank[:, -1]
+        kept = new & (positions >= total[:, None] - slots)  # of a long step only the last `slots` real tokens
+        write_slots = torch.where(kept, positions % slots, slots)
+        query_positions = positions.clamp(min=0)
+        if dense:
+            in_place = num_queries == 1
+            # slot s holds the latest position p = s (mod slots) below `upto`; the spare slot holds nothing
+            upto = (total if in_place else before)[:, None]
+            slot = torch.arange(slots, device=device)
+            slot_positions = upto - 1 - (upto - 1 - slot) % slots
+            key_positions = torch.cat([slot_positions, torch.zeros_like(upto)], dim=1)
+            key_real = torch.cat([slot_positions >= 0, torch.zeros_like(upto, dtype=torch.bool)], dim=1)
+            if not in_place:
+                key_positions, key_real = torch.cat([key_positions, positions], dim=1), torch.cat([key_real, new], dim=1)
+            key_positions = key_positions.clamp(min=0)
+            step = RingStep(
+                write_slots=write_slots,
+                key_positions=key_positions,
+                query_positions=query_positions,
+                positions=PositionLayout(key_positions, key_real, query_positions, new),
+                in_place=in_place,
+            )
+        else:
+            ring_positions = before[:, None] - slots + torch.arange(slots, device=device)
+            step = RingStep(
+                write_slots=write_slots,
+                key_positions=torch.cat([ring_positions, positions], dim=1).clamp(min=0),
+                query_positions=query_positions,
+                read_slots=ring_positions % slots,
+                key_mask=torch.cat([ring_positions >= 0, new], dim=1),
+                position_offset=(before - slots).clamp(min=0),
+            )
+        self.real_tokens.copy_(total)  # in place: a fixed address
+        return step
+
+    def _start(self, batch: int, device) -> None:
+        self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        if not is_tracing():
+            torch._dynamo.mark_static_address(self.real_tokens)
+
+    def early_initialization(self, batch_size, num_heads, head_dim, dtype, device):
+        """Allocates every buffer before the first step (``torch.export`` needs them in advance)."""
+        super().early_initialization(batch_size, num_heads, head_dim, dtype, device)
+        if self.real_tokens is None:
+            self._start(batch_size, device)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.real_tokens is not None:
+            self.real_tokens.copy_(self.real_tokens.index_select(0, beam_idx.to(self.real_tokens.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.real_tokens is not None:
+            self.real_tokens = self.real_tokens.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.real_tokens is not None:
+            self.real_tokens = self.real_tokens[indices]
+
+    def reset(self) -> None:
+        super().reset()
+        if self.real_tokens is not None:
+            self.real_tokens.zero_()
+
+
 def check_cache(cache) -> None:
     """Caches whose layers append keys and at most drop the oldest ones, or transformers' StaticCache."""
     if isinstance(cache, StaticCache):
@@ -125,9 +358,10 @@ def check_cache(cache) -> None:
         if len({layer.max_cache_len for layer in cache.layers}) != 1:
             raise TypeError("LongNet takes a StaticCache whose layers all hold the same number of tokens")
         return
-    if not isinstance(cache, (DynamicCache, LongNetBoundedCache)):
+    if not isinstance(cache, (DynamicCache, LongNetBoundedCache, LongNetStaticCache)):
         raise TypeError(
-            f"LongNet models take a transformers DynamicCache, StaticCache or a LongNetBoundedCache as `cache`, got "
+            "LongNet models take a transformers DynamicCache or StaticCache, a LongNetBoundedCache or a "
+            f"LongNetStaticCache as `cache`, got "
             f"{type(cache).__name__} (quantized and other caches are not supported)"
         )
 

@@ -19,7 +19,8 @@ checked here, so that they cannot disagree on logical positions. The layers, fro
 * ``dilated_attention_pattern``: the pattern, the layout, branch tables and the exact merge (imports nothing of
   the package);
 * the backends, each importing only that floor: ``dilated_attention_torch`` (readable, any device),
-  ``dilated_attention_triton`` (fused kernels), ``dilated_attention_flash`` (flash-attn, optional);
+  ``dilated_attention_triton`` (fused kernels), ``dilated_attention_flash`` (flash-attn, optional),
+  ``dilated_attention_dense`` (dense masks from a :class:`PositionLayout`: decoding steps, no host work);
 * this module, which imports them; the model and sequence parallelism import this module.
 """
 
@@ -38,18 +39,21 @@ from .dilated_attention_pattern import (
     DilatedPattern,
     LayoutInputs,
     PatternCoverage,
+    PositionLayout,
     TokenLayout,
     head_offsets,
     is_tracing,
     packed_documents,
     pattern_coverage,
 )
+from .dilated_attention_dense import dilated_attention_dense
 from .dilated_attention_torch import dilated_attention_torch
 
 BACKENDS = ("auto", "torch", "triton", "flash")
 
 __all__ = [
     "DilatedPattern",
+    "PositionLayout",
     "TokenLayout",
     "dilated_attention",
     "head_offsets",
@@ -203,7 +207,8 @@ def dilated_attention(
         position_offset: int or ``(B,)``: logical position of each row's first real key (a KV cache that has
             dropped the tokens no query can see again passes how many it dropped).
         token_layout: a :class:`TokenLayout` built once and reused across layers, instead of ``attention_mask`` /
-            ``cu_seqlens`` / ``position_offset``.
+            ``cu_seqlens`` / ``position_offset``; or a :class:`PositionLayout` (every key's and query's position on
+            the device, keys in any order), which every backend computes densely, for calls of few queries.
         return_lse: also return the log-sum-exp of the mixed softmax, ``(B, N_q, H)`` in float32 (float64 for
             float64 inputs), ``-inf`` where a query sees nothing. It is differentiable: partial results computed
             apart (for instance on different devices) mix exactly as ``sum_j exp(lse_j - logsumexp_j lse_j) O_j``.
@@ -235,6 +240,13 @@ def dilated_attention(
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
+    if isinstance(token_layout, PositionLayout):  # traced or not: plain tensor operations, no table, no host read
+        _check_position_layout(token_layout, attention_mask, cu_seqlens, position_offset, batch, num_keys, num_queries)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = dilated_attention_dense(
+                q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
+            )
+        return (out, lse) if return_lse else out
     if is_tracing():  # torch.compile / torch.export: one custom op, which reads the layout when the graph runs
         if token_layout is None:
             token_layout = LayoutInputs(batch, num_keys, num_queries, attention_mask, cu_seqlens, position_offset)
@@ -269,6 +281,20 @@ def dilated_attention(
     if compaction is not None:
         out, lse = compaction.scatter_back(out), compaction.scatter_back(lse, float("-inf"))
     return (out, lse) if return_lse else out
+
+
+def _check_position_layout(layout, attention_mask, cu_seqlens, position_offset, batch, num_keys, num_queries):
+    if attention_mask is not None or cu_seqlens is not None or position_offset is not None:
+        raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
+    shapes = {
+        "key_positions": (layout.key_positions, (batch, num_keys)),
+        "key_real": (layout.key_real, (batch, num_keys)),
+        "query_positions": (layout.query_positions, (batch, num_queries)),
+        "query_real": (layout.query_real, (batch, num_queries)),
+    }
+    for name, (tensor, shape) in shapes.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"PositionLayout.{name} must have shape {shape} for these q, k, v; got {tuple(tensor.shape)}")
 
 
 def _autocast_inputs(q, k, v):

@@ -368,6 +368,28 @@ def is_tracing() -> bool:
 
 
 @dataclass(eq=False)
+class PositionLayout:
+    """Each key's and query's logical position and whether it is a real token, as tensors on the device: the
+    layout of a few queries against keys in any order, one document per row (a decoding step that reads a static
+    cache's ring as it lies in memory). Nothing of it is read on the host, so a step with it is one graph that
+    CUDA graphs can capture; ``dilated_attention`` computes it densely (``dilated_attention_dense``)."""
+
+    key_positions: torch.Tensor  # (B, N_k) long; any value where the key is padding
+    key_real: torch.Tensor  # (B, N_k) bool
+    query_positions: torch.Tensor  # (B, N_q) long
+    query_real: torch.Tensor  # (B, N_q) bool
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, num_queries: int, position_offset: torch.Tensor | int = 0) -> "PositionLayout":
+        """Keys in row order (1 = real), the queries the last ``num_queries`` of them, positions counted over the
+        real keys from ``position_offset``."""
+        real = mask != 0
+        offset = torch.as_tensor(position_offset, device=mask.device).reshape(-1, 1)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0) + offset
+        return cls(positions, real, positions[:, -num_queries:], real[:, -num_queries:])
+
+
+@dataclass(eq=False)
 class LayoutInputs:
     """What :meth:`TokenLayout.build` reads, kept as tensors for a traced graph: the attention's custom op
     builds (and checks) the layout when the graph runs. ``packing_position_ids`` are a model's position ids,

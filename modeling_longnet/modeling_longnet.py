@@ -59,7 +59,7 @@ from transformers.utils import logging
 from transformers.utils.generic import GeneralInterface, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_longnet import cached_lengths, check_cache, static_key_order
+from .cache_longnet import LongNetStaticCache, cached_lengths, check_cache, static_key_order
 from .configuration_longnet import (
     LongNetConfig,
     check_pattern_coverage,
@@ -70,6 +70,10 @@ from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, di
 from .dilated_attention_pattern import LayoutInputs, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
+
+# Steps of at most this many queries per row with a LongNetStaticCache (decoding) attend densely
+# (dilated_attention_dense): their work grows as queries * keys, and they need no layout built on the host.
+DENSE_MAX_QUERIES = 16
 
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, in forward arguments and output fields;
 # the models accept both names and fill the output field this version has.
@@ -239,36 +243,45 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 2):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-def apply_xpos_decay(query, key, position_ids, scale_base: float):
+def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_ids=None):
     """xPos (Sun et al. 2022): scales rotated queries by ``zeta ** (n / scale_base)`` and keys by
     ``zeta ** (-m / scale_base)``, so that each score decays as ``zeta ** ((n - m) / scale_base)``.
 
     Only the difference matters, so the exponents are taken from the middle of this call's key positions (the
-    keys of a cache were stored unscaled). ``position_ids`` are the queries' positions; the keys are the
-    contiguous positions that end with them (a cache holds the tokens just before the queries). The factors still
-    reach ``zeta ** (+-span / 2 / scale_base)``, so one call may span only as many positions as the dtype holds.
+    keys of a cache were stored unscaled). ``position_ids`` are the queries' positions, ``key_position_ids`` the
+    keys' (a mask with holes among cached keys needs them); without them the keys are the contiguous positions
+    that end with the queries (a cache holds the tokens just before the queries). The factors still reach
+    ``zeta ** (+-span / 2 / scale_base)``, so one call may span only as many positions as the dtype holds.
     """
     num_queries, num_keys, head_dim = query.shape[1], key.shape[1], query.shape[-1]
     zeta = (torch.arange(0, head_dim, 2, device=query.device, dtype=torch.float) + 0.4 * head_dim) / (1.4 * head_dim)
     rates = torch.cat([zeta.log(), zeta.log()]) / scale_base  # negative, per dimension in rotate_half order
     query_positions = position_ids.to(device=query.device, dtype=torch.float)
-    earlier = torch.arange(num_keys - num_queries, 0, -1, device=query.device, dtype=torch.float)
-    key_positions = torch.cat([query_positions[:, :1] - earlier, query_positions], dim=1).clamp(min=0)
+    if key_position_ids is not None:
+        key_positions = key_position_ids.to(device=query.device, dtype=torch.float)
+    else:
+        earlier = torch.arange(num_keys - num_queries, 0, -1, device=query.device, dtype=torch.float)
+        key_positions = torch.cat([query_positions[:, :1] - earlier, query_positions], dim=1).clamp(min=0)
     low, high = key_positions.amin(1, keepdim=True), key_positions.amax(1, keepdim=True)
     # the largest rate in closed form (zeta is smallest at dimension 0), so that no tensor value is read on the host
     steepest = -math.log(0.4 / 1.4) / scale_base
-    # A traced graph cannot read the span: it takes the keys' count, a bound for the contiguous positions of a call
-    span = num_keys - 1 if is_tracing() else int(float((high - low).max()))
-    largest_exponent = span / 2 * steepest
+    # The keys' count bounds the span of a call's positions (each real key has its own; padding takes a
+    # neighbour's): checked without reading a tensor on the host, which would synchronise every layer. Only where
+    # the bound is too wide is the span itself read (outside a traced graph: a static cache of many empty slots).
+    span = num_keys - 1
     dtype_info = torch.finfo(query.dtype)
     limit = min(math.log(dtype_info.max), -math.log(dtype_info.tiny)) - math.log(100.0)
+    if span / 2 * steepest > limit and not is_tracing():
+        span = int(float((high - low).max()))
+    largest_exponent = span / 2 * steepest
     if largest_exponent > limit:
         max_span = int(2 * limit / steepest)
         raise ValueError(
             f"xPos scales queries and keys by up to e^{largest_exponent:.0f} over the "
             f"{span + 1} positions of this call, beyond what {query.dtype} holds "
             f"(e^{limit:.0f}): process at most {max_span} positions per call (prefill in chunks with a "
-            "LongNetBoundedCache), raise `xpos_scale_base`, or use `position_encoding='rope'`"
+            f"LongNetBoundedCache or LongNetStaticCache: generate(..., prefill_chunk_size={min(max_span // 2, 32768)})), "
+            "raise `xpos_scale_base`, or use `position_encoding='rope'`"
         )
     center = (low + high) / 2
     query_scale = torch.exp((query_positions - center)[..., None] * rates)[:, :, None, :]
@@ -513,11 +526,12 @@ class DilatedAttention(nn.Module):
 
     def attend(
         self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None,
-        static_key_order=None, **kwargs,
+        static_key_order=None, ring_step=None, key_position_ids=None, **kwargs,
     ):
         """Projections, positions, KV cache, the attention function, output projection: ``(output, weights)``.
         ``static_key_order``: the slot order in which a StaticCache's buffers are read (see
-        :func:`~modeling_longnet.cache_longnet.static_key_order`)."""
+        :func:`~modeling_longnet.cache_longnet.static_key_order`); ``ring_step``: a LongNetStaticCache's plan of
+        the step; ``key_position_ids``: the keys' logical positions where a mask leaves holes among them (xPos)."""
         batch, seq_len, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections give this rank's share of the heads
         query = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
@@ -528,14 +542,13 @@ class DilatedAttention(nn.Module):
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:  # transformers' caches hold (batch, heads, seq, head_dim)
-            key, value = cache.update(
-                key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, token_layout=token_layout
-            )
+            step = {"ring_step": ring_step} if ring_step is not None else {"token_layout": token_layout}
+            key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, **step)
             if static_key_order is not None:
                 key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
             key, value = key.transpose(1, 2), value.transpose(1, 2)
         if self.use_xpos:  # after the cache, which keeps keys without their decay
-            query, key = apply_xpos_decay(query, key, position_ids, self.xpos_scale_base)
+            query, key = apply_xpos_decay(query, key, position_ids, self.xpos_scale_base, key_position_ids)
         attention_function = ALL_DILATED_ATTENTION_FUNCTIONS[self.attn_implementation]
         attn_output, attn_weights = attention_function(
             self,
@@ -551,6 +564,21 @@ class DilatedAttention(nn.Module):
         if self.sub_norm is not None:
             attn_output = self.sub_norm(attn_output)
         return self.o_proj(attn_output), attn_weights
+
+
+def _new_tokens_mask(attention_mask, batch: int, num_queries: int):
+    """The mask of a step's own tokens, its last ``num_queries`` columns (a LongNetStaticCache counts the rest)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != batch or (
+        attention_mask.shape[1] < num_queries
+    ):
+        raise ValueError(
+            f"with a LongNetStaticCache `attention_mask` must have shape (batch, cached + new tokens) or (batch, new "
+            f"tokens) with batch = {batch} and {num_queries} new tokens, 1 for real tokens; got "
+            f"{_shape_or_type(attention_mask)}"
+        )
+    return attention_mask[:, -num_queries:]
 
 
 def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -747,8 +775,10 @@ class LongNetModel(LongNetPreTrainedModel):
                 anywhere (a 0 is no token: positions skip it, it neither attends nor is attended).
             position_ids: ``(batch, seq)``; without a mask, positions restarting at 0 inside a row mark packed
                 documents (batch size 1), which then see only themselves.
-            cache: a ``DynamicCache`` or a :class:`~modeling_longnet.cache_longnet.LongNetBoundedCache`
-                (``past_key_values``, its name before transformers 5.24, is accepted too).
+            cache: a ``DynamicCache``, a ``StaticCache``, a :class:`~modeling_longnet.cache_longnet.LongNetBoundedCache`
+                or a :class:`~modeling_longnet.cache_longnet.LongNetStaticCache` (``past_key_values``, its name before
+                transformers 5.24, is accepted too). A LongNetStaticCache counts the tokens so far itself: it reads
+                only the last ``seq`` columns of ``attention_mask``.
         """
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -785,15 +815,32 @@ class LongNetModel(LongNetPreTrainedModel):
 
         batch, num_queries = inputs_embeds.shape[:2]
         layer_kwargs = {}
-        if isinstance(cache, StaticCache):
-            token_layout, position_ids, layer_kwargs["static_key_order"] = self._static_cache_layout(
-                cache, attention_mask, position_ids, batch, num_queries, inputs_embeds.device
+        if isinstance(cache, LongNetStaticCache):
+            # A few queries (decoding) take the dense path: no table and no host read, one capturable graph
+            dense = num_queries <= DENSE_MAX_QUERIES and not self.config.use_relative_position_bias
+            step = cache.plan_step(
+                _new_tokens_mask(attention_mask, batch, num_queries), batch, num_queries, inputs_embeds.device, dense
+            )
+            if dense:
+                token_layout = step.positions
+            else:
+                token_layout = TokenLayout.build(
+                    batch, step.num_keys, num_queries, attention_mask=step.key_mask,
+                    position_offset=step.position_offset, device=inputs_embeds.device,
+                )
+            position_ids = step.query_positions if position_ids is None else position_ids
+            layer_kwargs.update(ring_step=step, key_position_ids=step.key_positions)
+        elif isinstance(cache, StaticCache):
+            token_layout, position_ids, layer_kwargs["static_key_order"], layer_kwargs["key_position_ids"] = (
+                self._static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, inputs_embeds.device)
             )
         else:
             past_length, kept_length = cached_lengths(cache)
             token_layout = self._token_layout(
                 attention_mask, position_ids, batch, num_queries, past_length, kept_length, inputs_embeds.device
             )
+            if attention_mask is not None and cache is not None and past_length:  # holes among cached keys: xPos
+                layer_kwargs["key_position_ids"] = _positions_from_mask(attention_mask)[:, past_length - kept_length :]
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = _positions_from_mask(attention_mask)[:, -num_queries:]
@@ -841,10 +888,11 @@ class LongNetModel(LongNetPreTrainedModel):
                 )
             full = F.pad(attention_mask != 0, (0, slots - attention_mask.shape[1])) & written
         rotated = full.long().index_select(1, order)
+        key_positions = _positions_from_mask(rotated)
         if position_ids is None:
-            position_ids = _positions_from_mask(rotated)[:, -num_queries:]
+            position_ids = key_positions[:, -num_queries:]
         layout = TokenLayout.build(batch, slots, num_queries, attention_mask=rotated, device=device)
-        return layout, position_ids, order
+        return layout, position_ids, order, key_positions
 
     @staticmethod
     def _token_layout(
@@ -926,6 +974,13 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        # cache_implementation="static": past the largest segment, the ring of LongNetStaticCache holds fewer keys
+        # than a StaticCache of max_length slots (and never needs a larger one); up to it a StaticCache is smaller.
+        if cache_implementation == "static" and max_cache_len > max(self.config.segment_lengths):
+            return LongNetStaticCache(self.config)
+        return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Logical positions count a row's real tokens (SPEC.md), and the model derives them from the mask at each
         # step. generate's own ids are computed once and then incremented: a right-padded row's new tokens would
@@ -934,9 +989,15 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def create_masks_for_generate(attention_mask=None, cache=None, **kwargs):
-        # generate calls this for compileable caches (a StaticCache) instead of making 4D masks, which LongNet does
-        # not read: the 2D mask, padded with 0s to the cache's slots, so that every decode step has one shape.
-        if attention_mask is None or not isinstance(cache, StaticCache) or attention_mask.dim() != 2:
+        # generate calls this for compileable caches instead of making 4D masks, which LongNet does not read: the 2D
+        # mask in one shape at every decode step, padded with 0s to a StaticCache's slots, or for a
+        # LongNetStaticCache (which counts the earlier tokens) only the step's own columns.
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if attention_mask is None or attention_mask.dim() != 2:
+            return attention_mask
+        if isinstance(cache, LongNetStaticCache):
+            return attention_mask[:, -kwargs["inputs_embeds"].shape[1] :]
+        if not isinstance(cache, StaticCache):
             return attention_mask
         slots = cache.layers[0].max_cache_len
         return F.pad(attention_mask, (0, max(slots - attention_mask.shape[1], 0)))
@@ -1013,19 +1074,21 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         r"""
         Arguments as :meth:`LongNetModel.forward`, and ``labels`` ``(batch,)`` (class ids, or values for regression).
         The pooled token is the last one with ``attention_mask`` 1, else the last one not equal to
-        ``config.pad_token_id``, else the last position.
+        ``config.pad_token_id``, else the last position. ``use_cache`` defaults to False (a classifier rarely
+        continues a sequence); a cache given is filled and returned, as by Llama's classifier.
         """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=False,
+            use_cache=bool(use_cache),
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
@@ -1042,7 +1105,11 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
         return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss,
+            logits=pooled_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
 

@@ -4,8 +4,11 @@ machines without flash-attn. Same signatures and semantics as `flash_attn.flash_
 bottom right, LSE shaped (heads, total_q), the backward working from the O and LSE it is handed, and dropout
 replayed from the rng state that the forward returned."""
 
+import contextlib
+import importlib
 import types
 
+import pytest
 import torch
 
 
@@ -67,3 +70,14 @@ def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_
 flash_attn_interface = types.SimpleNamespace(
     _flash_attn_varlen_forward=_flash_attn_varlen_forward, _flash_attn_varlen_backward=_flash_attn_varlen_backward
 )
+
+
+@contextlib.contextmanager
+def installed():
+    """The package's flash backend runs on this stand-in (any device and dtype) while the context is open."""
+    flash_backend = importlib.import_module("modeling_longnet.dilated_attention_flash")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flash_backend, "_flash_attn_interface", flash_attn_interface)
+        patch.setattr(flash_backend, "is_available", lambda: True)
+        patch.setattr(flash_backend, "_unsupported_reason", lambda q, dropout_p: None)  # CPU, float64
+        yield

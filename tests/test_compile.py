@@ -11,7 +11,12 @@ import torch
 from cases import relative_error
 from reference import reference_dilated_attention
 
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
 from modeling_longnet import LongNetConfig, LongNetForCausalLM, TokenLayout, dilated_attention
+
+# transformers 5.24 renamed `past_key_values` to `cache`
+CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 SEGMENTS, RATES = [4, 8, 16], [1, 2, 4]
 
@@ -112,32 +117,13 @@ def test_compiled_training_with_fullgraph_has_the_losses_of_eager_training():
         assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6), f"step {step}"
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static shapes", "dynamic shapes"])
-def test_torch_export_of_the_causal_lm_equals_eager(dynamic):
-    model = tiny_model().eval()
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
-    mask = holes_mask(2, 24, 0)
-    dynamic_shapes = None
-    if dynamic:
-        batch, length = torch.export.Dim("batch", max=8), torch.export.Dim("length", min=2, max=512)
-        dynamic_shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None}
-    program = torch.export.export(
-        model, (ids,), kwargs={"attention_mask": mask, "use_cache": False}, dynamic_shapes=dynamic_shapes, strict=False
-    )
-    for shape in [(2, 24)] + ([(3, 41), (1, 5)] if dynamic else []):
-        ids = torch.randint(3, 100, shape, generator=torch.Generator().manual_seed(shape[1]))
-        mask = holes_mask(*shape, shape[0])
-        with torch.no_grad():
-            exported = program.module()(ids, attention_mask=mask, use_cache=False).logits
-            eager = model(ids, attention_mask=mask, use_cache=False).logits
-        torch.testing.assert_close(exported, eager, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
-def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_greedy_generation(position_encoding):
-    """generate compiles its decoding steps (fullgraph, fixed shapes: the static cache's slots and a mask padded to
-    them) and must pick what generation without a cache picks, for a left- and a right-padded row."""
-    from transformers import CompileConfig
+@pytest.mark.parametrize("cache", ["LongNetStaticCache", "StaticCache"])
+def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_greedy_generation(cache, position_encoding):
+    """generate compiles its decoding steps (fullgraph, fixed shapes: the ring of the static bounded cache and the
+    step's own mask, or a StaticCache's slots and a mask padded to them) and must pick what generation without a
+    cache picks, for a left- and a right-padded row, in one graph for every step."""
+    from transformers import CompileConfig, StaticCache
 
     model = tiny_model(position_encoding=position_encoding).eval()
     ids = torch.randint(3, 100, (2, 21), generator=torch.Generator().manual_seed(0))
@@ -148,9 +134,55 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     expected = model.generate(ids, use_cache=False, **options)
     compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
     compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told
-    got = model.generate(ids, cache_implementation="static", compile_config=compile_config, **options)
+    # 21 + 12 tokens: cache_implementation="static" makes a LongNetStaticCache (past the largest segment, 16)
+    chosen = {"cache_implementation": "static"} if cache == "LongNetStaticCache" else {CACHE_KWARG: StaticCache(model.config, max_cache_len=40)}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = model.generate(ids, compile_config=compile_config, return_dict_in_generate=True, **chosen, **options)
     assert hasattr(model, "_compiled_call"), "generate did not compile"
-    assert torch.equal(got, expected)
+    assert type(getattr(got, CACHE_KWARG)).__name__ == cache
+    assert torch.equal(got.sequences, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a decoding step recompiled"
+
+
+class RingDecodeStep(torch.nn.Module):
+    """One decoding step with a LongNetStaticCache, its ring held as buffers (as transformers' ExecuTorch wrapper
+    holds a StaticCache), so that torch.export records the in-place updates."""
+
+    def __init__(self, model, batch_size=1):
+        super().__init__()
+        from modeling_longnet import LongNetStaticCache
+
+        config = model.config
+        self.model, self.cache = model, LongNetStaticCache(config)
+        self.cache.early_initialization(batch_size, config.num_key_value_heads, config.head_dim, model.dtype, model.device)
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"keys_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"values_{i}", layer.values, persistent=False)
+            self.register_buffer(f"seen_{i}", layer.cumulative_length, persistent=False)
+        self.register_buffer("real_tokens", self.cache.real_tokens, persistent=False)
+
+    def forward(self, input_ids):
+        return self.model(input_ids, use_cache=True, **{CACHE_KWARG: self.cache}).logits
+
+
+def test_an_exported_static_bounded_cache_decode_step_generates_the_tokens_of_uncached_greedy_generation():
+    """Exported once, fed the prompt and then its own greedy picks one token per call, well past its ring."""
+    model = tiny_model(position_encoding="xpos").eval()
+    with torch.no_grad():
+        program = torch.export.export(RingDecodeStep(model), (torch.tensor([[5]]),), strict=False).module()
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False, use_cache=False, pad_token_id=0
+    )
+    tokens = ids[0].tolist()
+    with torch.no_grad():
+        for position in range(expected.shape[1] - 1):
+            logits = program(torch.tensor([[tokens[position]]]))
+            if position >= ids.shape[1] - 1:
+                tokens.append(int(logits[0, -1].argmax()))
+    assert len(tokens) > 2 * max(model.config.segment_lengths)
+    assert tokens == expected[0].tolist()
 
 
 def test_an_exported_static_cache_decode_step_generates_the_tokens_of_uncached_greedy_generation():

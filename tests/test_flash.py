@@ -1,7 +1,6 @@
 """The flash-attn backend's gathering, mixing and exact backward, run on a pure-PyTorch stand-in for flash-attn's
 varlen kernels (flash-attn cannot be built here); on a GPU with flash-attn installed, the real thing."""
 
-import contextlib
 import importlib
 
 import fake_flash_attn
@@ -16,13 +15,7 @@ from modeling_longnet import dilated_attention
 flash_backend = importlib.import_module("modeling_longnet.dilated_attention_flash")
 
 
-@contextlib.contextmanager
-def stand_in_for_flash_attn():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(flash_backend, "_flash_attn_interface", fake_flash_attn.flash_attn_interface)
-        patch.setattr(flash_backend, "is_available", lambda: True)
-        patch.setattr(flash_backend, "_unsupported_reason", lambda q, dropout_p: None)  # CPU, float64
-        yield
+stand_in_for_flash_attn = fake_flash_attn.installed
 
 
 @pytest.fixture

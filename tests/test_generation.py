@@ -7,11 +7,19 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from modeling_longnet import ALL_DILATED_ATTENTION_FUNCTIONS, LongNetBoundedCache, LongNetConfig, LongNetForCausalLM
+from modeling_longnet import (
+    ALL_DILATED_ATTENTION_FUNCTIONS,
+    LongNetBoundedCache,
+    LongNetConfig,
+    LongNetForCausalLM,
+    LongNetStaticCache,
+)
 
 # transformers 5.24 renamed `past_key_values` to `cache`; generate takes the name of the installed version
 CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -53,15 +61,19 @@ def _static_cache_counts_its_tokens() -> bool:
 
 
 NEEDS_STATIC_CACHE = pytest.mark.skipif(not _static_cache_counts_its_tokens(), reason="transformers < 5.24")
-STATIC_CACHE = pytest.param("static", marks=NEEDS_STATIC_CACHE)
-CACHE_KINDS = ["dynamic", "bounded", STATIC_CACHE]
+STATIC_CACHE = pytest.param("StaticCache", marks=NEEDS_STATIC_CACHE)
+# "static": generate's cache_implementation="static", which past the largest segment makes a LongNetStaticCache
+CACHE_KINDS = ["dynamic", "bounded", "static", STATIC_CACHE]
+CACHE_TYPES = {"dynamic": DynamicCache, "bounded": LongNetBoundedCache, "static": LongNetStaticCache, "StaticCache": StaticCache}
 
 
 def cache_options(model, kind) -> dict:
-    """generate's keyword arguments for a kind of cache: a fresh bounded cache, transformers' static cache, or
-    nothing (a DynamicCache)."""
+    """generate's keyword arguments for a kind of cache: a fresh bounded cache, the static bounded cache through
+    ``cache_implementation``, transformers' StaticCache (slots for every test's tokens), or nothing (a DynamicCache)."""
     if kind == "bounded":
         return {CACHE_KWARG: LongNetBoundedCache(model.config)}
+    if kind == "StaticCache":
+        return {CACHE_KWARG: StaticCache(config=model.config, max_cache_len=128)}
     return {"cache_implementation": "static"} if kind == "static" else {}
 
 
@@ -88,8 +100,7 @@ def test_cached_generation_equals_uncached(position_encoding, cache_kind):
     ids = prompt(batch=2)
     expected = generate(model, ids, use_cache=False)
     got = generate(model, ids, **cache_options(model, cache_kind))
-    if cache_kind == "static":
-        assert isinstance(getattr(got, CACHE_KWARG), StaticCache)
+    assert type(getattr(got, CACHE_KWARG)) is CACHE_TYPES[cache_kind]
     assert torch.equal(got.sequences, expected.sequences)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
@@ -227,6 +238,89 @@ def test_static_cache_errors_name_the_fix():
         model(prompt(length=12), **{CACHE_KWARG: StaticCache(config=model.config, max_cache_len=10)})
     with pytest.raises(ValueError, match=r"StaticCache of 20 slots `attention_mask` must have shape"):
         model(prompt(length=5), attention_mask=torch.ones(1, 21), **{CACHE_KWARG: StaticCache(config=model.config, max_cache_len=20)})
+
+
+def test_the_static_bounded_cache_holds_one_ring_of_the_largest_segment_however_long_the_generation():
+    model = tiny_model()
+    ids = prompt(batch=2)
+    got = generate(model, ids, cache_implementation="static", new_tokens=100)
+    cache = getattr(got, CACHE_KWARG)
+    slots = max(model.config.segment_lengths)
+    assert type(cache) is LongNetStaticCache
+    # one spare slot takes what a step does not keep (padding)
+    assert {tuple(layer.keys.shape) for layer in cache.layers} == {(2, model.config.num_key_value_heads, slots + 1, model.config.head_dim)}
+    assert int(cache.get_seq_length()) == PROMPT + 100 - 1  # the last token is never fed back
+    assert cache.real_tokens.tolist() == [PROMPT + 100 - 1] * 2
+
+
+@NEEDS_STATIC_CACHE
+def test_cache_implementation_static_up_to_the_largest_segment_is_transformers_static_cache():
+    model = tiny_model()
+    largest = max(model.config.segment_lengths)
+    got = generate(model, prompt(length=5), cache_implementation="static", new_tokens=largest - 5)
+    assert type(getattr(got, CACHE_KWARG)) is StaticCache
+    assert getattr(got, CACHE_KWARG).layers[0].max_cache_len == largest - 1
+
+
+def new_cache(model, kind):
+    """A fresh cache of each kind that a test feeds by hand (at most 128 tokens)."""
+    if kind == "static":
+        return LongNetStaticCache(model.config)
+    if kind == "StaticCache":
+        return StaticCache(config=model.config, max_cache_len=128)
+    return CACHE_TYPES[kind](config=model.config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mask=st.lists(st.booleans(), min_size=30, max_size=70).map(lambda bits: [True, *bits]),
+    chunk=st.integers(1, 40),
+    cache_kind=st.sampled_from(["dynamic", "bounded", "static"] + (["StaticCache"] if _static_cache_counts_its_tokens() else [])),
+    own_columns_only=st.booleans(),
+    position_encoding=st.sampled_from(["rope", "xpos"]),
+)
+def test_every_cache_fed_in_chunks_equals_one_forward_over_any_mask(mask, chunk, cache_kind, own_columns_only, position_encoding):
+    """Holes anywhere (a LongNetStaticCache counts real tokens, so a row's needed keys may lie farther back than its
+    slots), steps longer than its ring, and for it either mask convention: the logits of every real token equal one
+    uncached forward pass. A small xPos scale base makes a key's misplaced position visible at this tolerance."""
+    model = tiny_model(position_encoding=position_encoding, xpos_scale_base=8.0)
+    length = len(mask)
+    ids = prompt(length=length, seed=length)
+    mask = torch.tensor([mask]).long()
+    own_columns_only = own_columns_only and cache_kind == "static"  # the other caches take the mask so far
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        cache, pieces = new_cache(model, cache_kind), []
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            step_mask = mask[:, start:end] if own_columns_only else mask[:, :end]
+            pieces.append(model(ids[:, start:end], attention_mask=step_mask, **{CACHE_KWARG: cache}, use_cache=True).logits)
+    real = mask[0].bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[:, real], expected[:, real], rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_with_the_static_bounded_cache_equals_beam_search_without_cache():
+    model = tiny_model()
+    ids = prompt(batch=2)
+    kwargs = dict(num_beams=3, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    expected = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(model.generate(ids, **{CACHE_KWARG: LongNetStaticCache(model.config)}, **kwargs), expected)
+
+
+def test_static_bounded_cache_errors_name_the_fix():
+    with pytest.raises(ValueError, match=re.escape("LongNetStaticCache needs a causal model (`config.causal=True`)")):
+        LongNetStaticCache(LongNetConfig.from_preset("tiny", causal=False))
+    model = tiny_model()
+    cache = LongNetStaticCache(model.config)
+    with pytest.raises(ValueError, match="LongNetStaticCache cannot be rolled back"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="updated by the LongNet model's forward, which plans each step"):
+        cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
+    with pytest.raises(ValueError, match=r"with a LongNetStaticCache `attention_mask` must have shape .* got \(1, 3\)"):
+        model(prompt(length=5), attention_mask=torch.ones(1, 3), **{CACHE_KWARG: cache})
+    model(prompt(length=5), **{CACHE_KWARG: cache})
+    with pytest.raises(ValueError, match="holds 1 rows and the step has 2: use one cache per batch"):
+        model(prompt(batch=2, length=1), **{CACHE_KWARG: cache})
 
 
 def test_beam_search_with_the_bounded_cache_equals_beam_search_without_cache():

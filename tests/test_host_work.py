@@ -41,3 +41,48 @@ def test_the_public_function_builds_branch_tables_once_per_shape(monkeypatch):
     assert tables_after_first_call == 2
     assert len(built) == 2, "the second call rebuilt its tables"
     assert torch.equal(first, second)
+
+
+class _HostReads:
+    """Makes every read of a tensor's value on the host (``bool``, ``int``, ``float``, ``item``, ``tolist``) raise:
+    on a GPU each would wait for the device, and none could be captured in a CUDA graph."""
+
+    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def refuse(name):
+            def read(tensor, *args, **kwargs):
+                raise AssertionError(f"Tensor.{name} read a value on the host")
+
+            return read
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, refuse(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_a_decoding_step_with_the_static_bounded_cache_reads_nothing_on_the_host():
+    """The model's forward for one new token per row (xPos, a left-padded row, the ring already wrapped): its
+    layout is a PositionLayout of device tensors, so no value is read on the host, whatever the length."""
+    from modeling_longnet import LongNetConfig, LongNetForCausalLM, LongNetStaticCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    cache_kwarg = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    torch.manual_seed(0)
+    model = LongNetForCausalLM(LongNetConfig.from_preset("tiny", position_encoding="xpos", attn_implementation="torch")).eval()
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    cache = LongNetStaticCache(model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=True, **{cache_kwarg: cache})
+        step = dict(attention_mask=torch.ones(2, 1, dtype=torch.long), use_cache=True, **{cache_kwarg: cache})
+        with _HostReads():
+            logits = model(ids[:, -1:], **step).logits
+    assert logits.shape == (2, 1, model.config.vocab_size)

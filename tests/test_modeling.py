@@ -126,35 +126,6 @@ def test_attention_layer_in_the_model_equals_out_projection_of_the_reference(
     torch.testing.assert_close(captured["output"], expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_class", [LongNetModel, LongNetForCausalLM, LongNetForSequenceClassification])
-@pytest.mark.parametrize(
-    "implementation, overrides",
-    [("torch", {}), ("eager", {}), ("eager", {"use_relative_position_bias": True}), ("torch", {"causal": False})],
-)
-def test_a_mask_with_holes_gives_each_row_what_it_gives_without_those_tokens(model_class, implementation, overrides):
-    """mask 0 means "not a token", wherever it stands: every head class, every implementation."""
-    if model_class is LongNetForCausalLM and not overrides.get("causal", True):
-        pytest.skip("a causal LM is causal")
-    model = tiny_model(model_class, attn_implementation=implementation, pad_token_id=0, **overrides)
-    ids = random_ids(3, 19, seed=4)
-    mask = torch.ones_like(ids)
-    holes = {0: [2, 3, 9], 1: [0, 18], 2: [5]}
-    for row, positions in holes.items():
-        mask[row, positions] = 0
-    with torch.no_grad():
-        batched = model(ids, attention_mask=mask)
-        for row, positions in holes.items():
-            kept = [p for p in range(ids.shape[1]) if p not in positions]
-            alone = model(ids[row : row + 1, kept])
-            if model_class is LongNetModel:
-                got, want = batched.last_hidden_state[row, kept], alone.last_hidden_state[0]
-            elif model_class is LongNetForCausalLM:
-                got, want = batched.logits[row, kept], alone.logits[0]
-            else:  # the score of the last real token
-                got, want = batched.logits[row], alone.logits[0]
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"row {row}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # transformers' common model checks
 # ---------------------------------------------------------------------------------------------------------
@@ -238,55 +209,6 @@ def test_eager_attentions_are_the_dense_weights_of_the_same_attention(tmp_path):
     torch.testing.assert_close(weights[0].sum(-1), torch.ones(4, 21))  # every real query's row is a distribution
     assert bool((weights.triu(1) == 0).all())  # causal
     assert bool((weights[1, :, :, :5] == 0).all()) and bool((weights[1, :, :5] == 0).all())  # padding
-
-
-@pytest.fixture
-def transformers_warnings(caplog):
-    """The warnings transformers' loggers emit during the test, each `warning_once` message fresh (its cache is
-    per process, and another test of this worker may have spent it)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.warning_once.cache_clear()
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level("WARNING"):
-            yield lambda fragment: [r.getMessage() for r in caplog.records if fragment in r.getMessage()]
-    finally:
-        hf_logging.disable_propagation()
-
-
-@pytest.mark.transformers_versions
-def test_output_attentions_without_eager_warns_once_and_returns_no_weights(transformers_warnings):
-    """As transformers' SDPA integration does: the call runs, a warning names the fix, and no weights come back;
-    the eager implementation returns the dense weights."""
-    model = tiny_model()
-    ids = random_ids(1, 5)
-    out = model(ids, output_attentions=True)
-    again = model(ids, output_attentions=True)
-    warnings = transformers_warnings("returns no attention weights")
-    assert len(warnings) == 1 and "attn_implementation='eager'" in warnings[0]
-    assert not [w for w in (out.attentions or ()) + (again.attentions or ()) if w is not None]
-    assert torch.equal(out.logits, model(ids).logits)
-    model.set_attn_implementation("eager")
-    assert model(ids, output_attentions=True).attentions[0].shape == (1, 4, 5, 5)
-
-
-@pytest.mark.transformers_versions
-def test_the_old_cache_name_warns_where_transformers_renamed_it(transformers_warnings):
-    """transformers 5.24 renamed `past_key_values` to `cache` and its models warn on the old name; LongNet accepts
-    both and warns the same way there, and says nothing under older versions, where the old name is the only one.
-    generate passes the cache under the name of its own version: no warning."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    renamed = "cache" in BaseModelOutputWithPast.__dataclass_fields__
-    model = tiny_model()
-    ids = random_ids(1, 6)
-    model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert transformers_warnings("deprecated") == []
-    old = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-    assert len(transformers_warnings("Use `cache` instead")) == (1 if renamed else 0)
-    new_name = {"cache" if renamed else "past_key_values": DynamicCache(config=model.config)}
-    assert torch.equal(old.logits, model(ids, use_cache=True, **new_name).logits)
 
 
 @pytest.mark.transformers_versions
@@ -476,7 +398,7 @@ def test_bad_inputs_are_named():
         model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2))
     with pytest.raises(ValueError, match=re.escape("give the KV cache as `cache` or as `past_key_values`")):
         model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
-    with pytest.raises(TypeError, match="LongNet models take a transformers DynamicCache, StaticCache or a LongNetBoundedCache"):
+    with pytest.raises(TypeError, match="LongNet models take a transformers DynamicCache or StaticCache, a LongNetBoundedCache or a LongNetStaticCache"):
         model(ids, past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
     with pytest.raises(ValueError, match=re.escape("LongNetForCausalLM needs `causal=True`")):
         tiny_model(causal=False)

@@ -558,3 +558,20 @@ def test_report_round_trip_and_plot(tmp_path):
     assert "| 16-63 | 3 | 33.3% | 50.0% |" in report.to_markdown()
     png = plot_report(report, tmp_path / "report.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_the_decoding_benchmark_times_each_cache_and_its_variants_agree(tmp_path):
+    """scripts/benchmark_decode.py on the CPU (tiny model, float32): a row per variant, the same tokens from each
+    cache, eager and compiled, past the static cache's ring (16 slots)."""
+    out = tmp_path / "decode.json"
+    argv = ["--preset", "tiny", "--attn", "torch", "--dtype", "float32", "--contexts", "40", "--new-tokens", "4",
+            "--compile-backend", "aot_eager", "--llama-max-context", "0", "--json", str(out)]
+    run = run_script("benchmark_decode", *argv, timeout=600)  # a process of its own: it sets compiler options
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    variants = {row["variant"]: row for row in result["rows"]}
+    assert set(variants) == {
+        "LongNet, bounded cache, eager", "LongNet, static bounded cache, eager", "LongNet, static bounded cache, compiled"
+    }
+    assert all(row["ms_per_token"] > 0 for row in variants.values()), variants
+    assert result["agreement"] == [{"context": 40, "reference": "LongNet, bounded cache, eager", "differences": {}}]

@@ -1,5 +1,6 @@
 """Tensor parallelism (issue 10 point 6): ``from_pretrained(..., tp_plan="auto")`` over 2 gloo ranks on CPU splits the
-heads, and each rank's heads keep the dilation offsets of their global index, so the logits are one process's."""
+heads, and each rank's heads keep the dilation offsets of their global index, so the logits are one process's, for
+every head class."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_longnet import LongNetConfig, LongNetForCausalLM
+from modeling_longnet import LongNetConfig, LongNetForCausalLM, LongNetForSequenceClassification, LongNetModel
 
 CONFIGS = {
     # 4 heads over 2 ranks: with interleaved offsets rank 1's heads 2, 3 must take offsets 2 % r, 3 % r, not 0, 1
@@ -20,6 +21,11 @@ CONFIGS = {
     "grouped": dict(dilation_offsets="grouped", num_key_value_heads=4),
     "grouped-query attention": dict(dilation_offsets="interleaved", num_key_value_heads=2),
     "plain MLP, xPos": dict(gated_mlp=False, position_encoding="xpos", num_key_value_heads=2),
+    # the other head classes: the plan is the base model's, a classifier's score stays whole on every rank
+    "LongNetModel": dict(dilation_offsets="interleaved", num_key_value_heads=2, model_class=LongNetModel),
+    "LongNetForSequenceClassification": dict(
+        dilation_offsets="interleaved", num_key_value_heads=4, pad_token_id=0, model_class=LongNetForSequenceClassification
+    ),
 }
 
 
@@ -37,12 +43,15 @@ def tensor_parallel_logits(tmp_path_factory):
     expected, model_dirs = {}, []
     for name, overrides in CONFIGS.items():
         torch.manual_seed(0)
+        overrides = dict(overrides)
+        model_class = overrides.pop("model_class", LongNetForCausalLM)
         config = LongNetConfig.from_preset("tiny", segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4], **overrides)
-        model = LongNetForCausalLM(config).eval()
+        model = model_class(config).eval()
         directory = root / name.replace(" ", "_").replace(",", "")
         model.save_pretrained(directory)
         with torch.no_grad():
-            expected[name] = model(ids).logits
+            out = model(ids)
+            expected[name] = out.last_hidden_state if model_class is LongNetModel else out.logits
         model_dirs.append(str(directory))
     worker = Path(__file__).with_name("tensor_parallel_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Decoding speed: ms per generated token of a LongNet (the paper's 12 x 768 by default) with each cache, eager and
+compiled, against a Llama of the same size with transformers' static cache, at several context lengths, in one run.
+
+Each figure is what a user's ``generate`` costs per token: (time of generate with 1 + T new tokens - time with 1) / T,
+synchronised, greedy, after a warm-up generate of the same length (a static cache then has the timed call's shape,
+so nothing recompiles inside it). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
+in chunks (``generate(prefill_chunk_size=...)``: one xPos call spans at most about 64K positions in bf16).
+
+The LongNet variants must generate the same tokens; where they do not, the row says at which step, and by how much
+the logits of the two differ there against the margin between the reference's two best tokens (a near tie in 16-bit
+arithmetic flips on rounding; a real difference does not look like one).
+
+    python scripts/benchmark_decode.py                                    # 4K .. 1M, bf16, on the GPU
+    python scripts/benchmark_decode.py --contexts 40000 --dtype float32 --llama-max-context 0 --new-tokens 16
+    python scripts/benchmark_decode.py --preset tiny --attn torch --contexts 40 --new-tokens 4 --compile-backend aot_eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import torch
+import torch._dynamo.config
+import torch._inductor.config
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="4K,64K,256K,1M", help="prompt lengths, comma-separated (K = 1024)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="T: tokens timed per variant and context")
+    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
+    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--prefill-chunk", type=parse_size, default=32768, help="prefill longer prompts in chunks of this")
+    parser.add_argument("--llama-max-context", type=parse_size, default=262144,
+                        help="the Llama twin only up to this context (its prefill grows as the square); 0: never")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
+    parser.add_argument("--variants", default=None, help="semicolon-separated subset of the variant names (as in the table)")
+    parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
+    parser.add_argument("--markdown", default=None, help="write the table to this file")
+    return parser.parse_args(argv)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+    )
+
+
+def variants(args, model, llama, context: int) -> dict:
+    """name -> (model, generate options, the options' factory builds a fresh cache per call)."""
+    compiled = CompileConfig(fullgraph=True, backend=args.compile_backend)
+    compiled._compile_all_devices = True  # generate compiles on CUDA only, unless told
+    largest = max(model.config.segment_lengths)
+    table = {
+        "LongNet, bounded cache, eager": (model, lambda: {"cache": LongNetBoundedCache(model.config)}),
+        "LongNet, static bounded cache, eager": (model, lambda: {"cache": LongNetStaticCache(model.config), "disable_compile": True}),
+        "LongNet, static bounded cache, compiled": (model, lambda: {"cache": LongNetStaticCache(model.config), "compile_config": compiled}),
+    }
+    if context + 1 + args.new_tokens <= largest:  # where generate's "static" gives transformers' StaticCache
+        table["LongNet, StaticCache, compiled"] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})
+    if llama is not None and context <= args.llama_max_context:
+        table["Llama, StaticCache, compiled"] = (llama, lambda: {"cache_implementation": "static", "compile_config": compiled})
+        table["Llama, StaticCache, eager"] = (llama, lambda: {"cache_implementation": "static", "disable_compile": True})
+    if args.variants:
+        wanted = {name.strip() for name in args.variants.split(";")}
+        table = {name: value for name, value in table.items() if name in wanted}
+    return table
+
+
+def timed_generate(model, ids, new_tokens, prefill_chunk, **options):
+    chunk = {"prefill_chunk_size": prefill_chunk} if ids.shape[1] > prefill_chunk else {}
+    sync()
+    start = time.perf_counter()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=0, output_logits=True, return_dict_in_generate=True, **chunk, **options,
+    )
+    sync()
+    return out, time.perf_counter() - start
+
+
+def compare(reference, other) -> dict | None:
+    """Where two LongNet variants' greedy tokens part, and whether it looks like a near tie."""
+    tokens_a, tokens_b = reference["tokens"], other["tokens"]
+    step = next((i for i, (a, b) in enumerate(zip(tokens_a, tokens_b)) if a != b), None)
+    if step is None:
+        return None
+    logits_a, logits_b = reference["logits"][step], other["logits"][step]
+    top = logits_a.topk(2).values
+    return {
+        "first_differing_step": step,
+        "max_logit_difference": float((logits_a - logits_b).abs().max()),
+        "reference_top2_margin": float(top[0] - top[1]),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    # The attention op of a prefill chunk stays out of CUDA graphs (it reads the mask on the host): partition there.
+    torch._inductor.config.graph_partition = True
+    torch._dynamo.config.cache_size_limit = 64  # several caches and contexts share each model's compiled forward
+    contexts = [parse_size(c) for c in args.contexts.split(",")]
+    torch.manual_seed(0)
+    config = LongNetConfig.from_preset(args.preset, attn_implementation=args.attn)
+    model = LongNetForCausalLM(config).to(device=device, dtype=dtype).eval()
+    llama = None
+    if args.llama_max_context and min(contexts) <= args.llama_max_context:
+        llama = LlamaForCausalLM(llama_twin(config, max(contexts) + args.new_tokens + 64)).to(device=device, dtype=dtype).eval()
+    env = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "dtype": args.dtype, "preset": args.preset,
+        "attn": args.attn, "new_tokens": args.new_tokens, "date": datetime.date.today().isoformat(),
+    }
+    rows, agreement = [], []
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "rows": rows, "agreement": agreement}, f, indent=1)
+
+    for context in contexts:
+        ids = torch.randint(3, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
+        outputs = {}
+        for name, (net, options) in variants(args, model, llama, context).items():
+            try:
+                timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())  # warm-up, compiles
+                _, one = timed_generate(net, ids, 1, args.prefill_chunk, **options())
+                out, many = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
+            except Exception as error:  # report, and go on with the other variants
+                rows.append({"context": context, "variant": name, "error": repr(error)[:600]})
+                print(rows[-1], file=sys.stderr, flush=True)
+                save()
+                continue
+            rows.append({"context": context, "variant": name, "ms_per_token": 1e3 * (many - one) / args.new_tokens, "prefill_s": one})
+            print(rows[-1], file=sys.stderr, flush=True)
+            if net is model:
+                outputs[name] = {"tokens": out.sequences[0, context:].tolist(), "logits": [s[0].float().cpu() for s in out.logits]}
+            del out
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            save()
+        names = list(outputs)
+        differences = {name: compare(outputs[names[0]], outputs[name]) for name in names[1:]}
+        agreement.append({"context": context, "reference": names[0] if names else None,
+                          "differences": {name: d for name, d in differences.items() if d is not None}})
+        print(agreement[-1], file=sys.stderr, flush=True)
+        save()
+    table = markdown(rows, agreement, env)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+def markdown(rows, agreement, env) -> str:
+    contexts = sorted({row["context"] for row in rows})
+    names = list(dict.fromkeys(row["variant"] for row in rows))
+    cell = {(row["context"], row["variant"]): row for row in rows}
+    lines = [
+        f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, preset "
+        f"{env['preset']}, attn {env['attn']}, T = {env['new_tokens']}, {env['date']}. ms per generated token.",
+        "",
+        "| variant | " + " | ".join(f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts) + " |",
+        "|---|" + "---|" * len(contexts),
+    ]
+    for name in names:
+        values = []
+        for context in contexts:
+            row = cell.get((context, name))
+            values.append("-" if row is None else ("error" if "error" in row else f"{row['ms_per_token']:.2f}"))
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    for entry in agreement:
+        for name, d in entry["differences"].items():
+            lines.append(
+                f"\nAt {entry['context']}: {name} parts from {entry['reference']} at step {d['first_differing_step']} "
+                f"(logits differ by up to {d['max_logit_difference']:.3g}; the reference's two best differ by "
+                f"{d['reference_top2_margin']:.3g})."
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
