@@ -10,23 +10,23 @@ bounded number of keys. The model tells the attention where the kept keys start 
 
 :class:`LongNetStaticCache` is the same bound with fixed shapes, for compiled decoding (CUDA graphs, export): per
 layer a ring of ``max(segment_lengths)`` slots, the real token of logical position ``p`` in slot ``p % slots``.
-``generate(..., cache_implementation="static")`` makes one whenever ``max_length`` exceeds the largest segment.
+Pass it to ``generate`` as the bounded cache is passed.
 
 A plain ``transformers.DynamicCache`` works too, and keeps everything. So does transformers' ``StaticCache``
-(``generate(..., cache_implementation="static")`` up to the largest segment): fixed shapes, ``max_cache_len``
-slots. Its buffers hold the tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by
+(``generate(..., cache_implementation="static")``, which transformers' tools and tests expect to give exactly that):
+fixed shapes, ``max_cache_len`` slots. Its buffers hold the tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by
 :func:`static_key_order`, the unwritten slots first, which makes them left padding and the new tokens the last keys,
 the layout every backend takes, with no value of a tensor read on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticCache
 
-from .dilated_attention_pattern import PositionLayout, TokenLayout, is_tracing
+from .dilated_attention_pattern import PositionLayout, SelectedKeys, TokenLayout, head_offsets, is_tracing
 
 __all__ = [
     "LongNetBoundedCache",
@@ -36,6 +36,7 @@ __all__ = [
     "SegmentRingLayer",
     "cached_lengths",
     "check_cache",
+    "ring_candidates",
     "static_key_order",
 ]
 
@@ -137,8 +138,9 @@ class RingStep:
     For the kernels (``positions`` None) the step attends ``slots + new`` keys in position order: the ring read
     oldest first (``read_slots``), then the new tokens; ``key_mask`` and ``position_offset`` make their
     TokenLayout. For the dense path (``positions``, a :class:`PositionLayout`) the keys stay in slot order: one
-    new token is written first and the ring is attended as it lies (``in_place``, no copy); more are attended
-    after the ring, before they are written."""
+    new token is written first and the ring is attended as it lies (``in_place``, no copy; the layers of most
+    implementations then read only each head's candidates, :func:`ring_candidates`); more are attended after the
+    ring, before they are written."""
 
     write_slots: torch.Tensor  # (batch, new): where each new token goes; the spare slot `slots` for padding
     key_positions: torch.Tensor  # (batch, keys): the step's keys' logical positions (any value for padding)
@@ -148,6 +150,8 @@ class RingStep:
     position_offset: torch.Tensor | None = None  # (batch,): the logical position of each row's first real key
     positions: PositionLayout | None = None
     in_place: bool = False
+    # what the layers derive from the step, computed by the first and reused by the others (ring_candidates)
+    derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_keys(self) -> int:
@@ -240,11 +244,14 @@ class LongNetStaticCache(Cache):
     """The bounded cache with fixed shapes: per layer a ring of ``max(config.segment_lengths)`` slots, exact like
     :class:`LongNetBoundedCache` however long the generation, for compiled decoding and export.
 
-    ``generate(..., cache_implementation="static")`` makes one when ``max_length`` exceeds the largest segment (below
-    that, transformers' ``StaticCache`` of ``max_length`` slots is smaller); or pass one::
+    Pass one to ``generate`` (``cache=`` from transformers 5.24, ``past_key_values=`` before); generate compiles its
+    decoding steps on its own where it compiles for a static cache::
 
         cache = LongNetStaticCache(model.config)
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=100_000)
+        model.generate(**inputs, cache=cache, max_new_tokens=100_000)
+
+    A prefill in chunks (``prefill_chunk_size``) runs the compiled forward, which must find the buffers allocated:
+    call ``cache.early_initialization(batch, num_key_value_heads, head_dim, dtype, device)`` first.
 
     Each row's tokens are counted on the device (``real_tokens``), so a step needs only the mask of its own tokens:
     the model reads the last ``num_queries`` columns of ``attention_mask``.
@@ -345,6 +352,58 @@ class LongNetStaticCache(Cache):
         super().reset()
         if self.real_tokens is not None:
             self.real_tokens.zero_()
+
+
+@dataclass(eq=False)
+class RingCandidates:
+    """The keys one decoding query may see, per query head and branch, as slots of a :class:`LongNetStaticCache`
+    ring: ``slots``, ``positions`` and ``valid`` are ``(batch, heads, candidates)``."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    def gather(self, ring: torch.Tensor) -> torch.Tensor:
+        """``(batch, candidates, heads, head_dim)`` from a layer's ring ``(batch, kv_heads, slots + 1, head_dim)``
+        (query head h reads key/value head h // (heads // kv_heads))."""
+        batch, heads = self.slots.shape[:2]
+        rows = torch.arange(batch, device=ring.device)[:, None, None]
+        kv_head = (torch.arange(heads, device=ring.device) // (heads // ring.shape[1]))[None, :, None]
+        return ring[rows, kv_head, self.slots].transpose(1, 2)
+
+    @property
+    def layout(self) -> SelectedKeys:
+        return SelectedKeys(self.valid)
+
+
+def ring_candidates(step: RingStep, segment_lengths, dilation_rates, offsets: str, num_heads: int, slots: int) -> RingCandidates:
+    """For a step of one new token per row, written in place (``step.in_place``): in branch (w, r) head h's query
+    at position t sees the positions ``t // w * w + o_h + r * j <= t`` of its segment (if it participates itself),
+    at most ``ceil(w / r)`` of them, all among the ring's last ``slots`` positions (w <= slots). Computed from
+    positions alone: ``sum(ceil(w / r))`` candidates instead of the ring's ``slots + 1``. Every layer of a model
+    asks the same: computed once per step."""
+    key = ("ring_candidates", tuple(segment_lengths), tuple(dilation_rates), offsets, num_heads, slots)
+    if key not in step.derived:
+        step.derived[key] = _ring_candidates(step, segment_lengths, dilation_rates, offsets, num_heads, slots)
+    return step.derived[key]
+
+
+def _ring_candidates(step, segment_lengths, dilation_rates, offsets, num_heads, slots) -> RingCandidates:
+    query = step.query_positions[:, 0]  # (batch,)
+    real = step.positions.query_real[:, 0]
+    device = query.device
+    parts = []
+    for w, r in zip(segment_lengths, dilation_rates):
+        offset = torch.tensor(head_offsets(r, num_heads, offsets), device=device)[None, :, None]  # (1, H, 1)
+        j = torch.arange(-(-w // r), device=device)[None, None, :]
+        start = (query // w * w)[:, None, None]
+        position = start + offset + r * j  # (batch, H, ceil(w / r))
+        participates = (((query % w) % r)[:, None, None] == offset) & real[:, None, None]
+        valid = participates & (position <= query[:, None, None])  # (t itself lies in the segment: so do they)
+        parts.append((position, valid))
+    positions = torch.cat([p for p, _ in parts], dim=-1)
+    valid = torch.cat([v for _, v in parts], dim=-1)
+    return RingCandidates(positions % slots, positions.clamp(min=0), valid)
 
 
 def check_cache(cache) -> None:

@@ -40,13 +40,14 @@ from .dilated_attention_pattern import (
     LayoutInputs,
     PatternCoverage,
     PositionLayout,
+    SelectedKeys,
     TokenLayout,
     head_offsets,
     is_tracing,
     packed_documents,
     pattern_coverage,
 )
-from .dilated_attention_dense import dilated_attention_dense
+from .dilated_attention_dense import dilated_attention_dense, selected_keys_attention
 from .dilated_attention_torch import dilated_attention_torch
 
 BACKENDS = ("auto", "torch", "triton", "flash")
@@ -240,6 +241,16 @@ def dilated_attention(
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
+    if isinstance(token_layout, SelectedKeys):  # candidates already chosen per head: one masked softmax
+        if tuple(token_layout.valid.shape) != (batch, num_heads, num_keys) or num_queries != 1 or k.shape[2] != num_heads:
+            raise ValueError(
+                f"SelectedKeys are the candidate keys of one query per row, per query head: q (B, 1, H, D), k and v "
+                f"(B, N_k, H, D), valid (B, H, N_k); got q {tuple(q.shape)}, k {tuple(k.shape)}, valid "
+                f"{tuple(token_layout.valid.shape)}"
+            )
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = selected_keys_attention(q, k, v, token_layout, softmax_scale=float(softmax_scale))
+        return (out, lse) if return_lse else out
     if isinstance(token_layout, PositionLayout):  # traced or not: plain tensor operations, no table, no host read
         _check_position_layout(token_layout, attention_mask, cu_seqlens, position_offset, batch, num_keys, num_queries)
         with torch.autocast(q.device.type, enabled=False):

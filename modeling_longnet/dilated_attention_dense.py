@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dilated_attention_pattern import DilatedPattern, PositionLayout
+from .dilated_attention_pattern import DilatedPattern, PositionLayout, SelectedKeys
 
-__all__ = ["dilated_attention_dense", "visible_counts"]
+__all__ = ["dilated_attention_dense", "selected_keys_attention", "visible_counts"]
 
 
 def visible_counts(pattern: DilatedPattern, layout: PositionLayout, num_heads: int, causal: bool, dtype) -> torch.Tensor:
@@ -63,3 +63,20 @@ def dilated_attention_dense(
     out = probs.view(batch, num_kv_heads, group * num_queries, num_keys) @ v.to(compute).transpose(1, 2)
     out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, num_queries, num_heads, head_dim).to(q.dtype), lse.squeeze(-1).transpose(1, 2)
+
+
+def selected_keys_attention(q, k, v, layout: SelectedKeys, *, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row against candidate keys the pattern chose already (:class:`SelectedKeys`): a softmax over
+    the valid ones, 0 where there is none. ``(out (B, 1, H, D), lse (B, 1, H))``."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * softmax_scale  # (B, H, 1, N_k)
+    valid = layout.valid[:, :, None, :]
+    masked = torch.where(valid, scores, float("-inf"))
+    row_max = masked.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = torch.exp(masked - row_max)
+    row_sum = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, 1.0)
+    lse = torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
+    return out.to(q.dtype), lse.squeeze(-1).transpose(1, 2)

@@ -390,6 +390,17 @@ class PositionLayout:
 
 
 @dataclass(eq=False)
+class SelectedKeys:
+    """Keys already chosen by the pattern for each query head: ``k`` and ``v`` hold, per query head (``H_kv = H``),
+    the candidate keys of a single query per row, one copy for each branch that may show the key to it (so the
+    softmax over them is the one over the multiset union), and ``valid`` ``(B, H, N_k)`` says which candidates the
+    query does see. Made by a static cache's ring for a decoding step, from positions alone (see
+    ``cache_longnet.ring_candidates``): the step then reads only those keys, not the whole ring."""
+
+    valid: torch.Tensor  # (B, H, N_k) bool
+
+
+@dataclass(eq=False)
 class LayoutInputs:
     """What :meth:`TokenLayout.build` reads, kept as tensors for a traced graph: the attention's custom op
     builds (and checks) the layout when the graph runs. ``packing_position_ids`` are a model's position ids,

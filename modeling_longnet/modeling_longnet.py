@@ -59,7 +59,7 @@ from transformers.utils import logging
 from transformers.utils.generic import GeneralInterface, can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_longnet import LongNetStaticCache, cached_lengths, check_cache, static_key_order
+from .cache_longnet import LongNetStaticCache, cached_lengths, check_cache, ring_candidates, static_key_order
 from .configuration_longnet import (
     LongNetConfig,
     check_pattern_coverage,
@@ -67,7 +67,7 @@ from .configuration_longnet import (
     is_finite_positive,
 )
 from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
-from .dilated_attention_pattern import LayoutInputs, is_tracing, packed_documents
+from .dilated_attention_pattern import LayoutInputs, PositionLayout, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
 
@@ -243,15 +243,17 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 2):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_ids=None):
+def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_ids=None, span_bound=None):
     """xPos (Sun et al. 2022): scales rotated queries by ``zeta ** (n / scale_base)`` and keys by
     ``zeta ** (-m / scale_base)``, so that each score decays as ``zeta ** ((n - m) / scale_base)``.
 
     Only the difference matters, so the exponents are taken from the middle of this call's key positions (the
     keys of a cache were stored unscaled). ``position_ids`` are the queries' positions, ``key_position_ids`` the
-    keys' (a mask with holes among cached keys needs them); without them the keys are the contiguous positions
+    keys' ((B, N_k), or (B, N_k, H) for keys chosen per head; a mask with holes among cached keys needs them);
+    without them the keys are the contiguous positions
     that end with the queries (a cache holds the tokens just before the queries). The factors still reach
     ``zeta ** (+-span / 2 / scale_base)``, so one call may span only as many positions as the dtype holds.
+    ``span_bound``: what bounds that span where the key count does not (keys chosen along dilated rows).
     """
     num_queries, num_keys, head_dim = query.shape[1], key.shape[1], query.shape[-1]
     zeta = (torch.arange(0, head_dim, 2, device=query.device, dtype=torch.float) + 0.4 * head_dim) / (1.4 * head_dim)
@@ -262,13 +264,14 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_i
     else:
         earlier = torch.arange(num_keys - num_queries, 0, -1, device=query.device, dtype=torch.float)
         key_positions = torch.cat([query_positions[:, :1] - earlier, query_positions], dim=1).clamp(min=0)
-    low, high = key_positions.amin(1, keepdim=True), key_positions.amax(1, keepdim=True)
+    low = key_positions.flatten(1).amin(1, keepdim=True)  # (B, 1)
+    high = key_positions.flatten(1).amax(1, keepdim=True)
     # the largest rate in closed form (zeta is smallest at dimension 0), so that no tensor value is read on the host
     steepest = -math.log(0.4 / 1.4) / scale_base
     # The keys' count bounds the span of a call's positions (each real key has its own; padding takes a
     # neighbour's): checked without reading a tensor on the host, which would synchronise every layer. Only where
     # the bound is too wide is the span itself read (outside a traced graph: a static cache of many empty slots).
-    span = num_keys - 1
+    span = num_keys - 1 if span_bound is None else span_bound
     dtype_info = torch.finfo(query.dtype)
     limit = min(math.log(dtype_info.max), -math.log(dtype_info.tiny)) - math.log(100.0)
     if span / 2 * steepest > limit and not is_tracing():
@@ -285,7 +288,10 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_i
         )
     center = (low + high) / 2
     query_scale = torch.exp((query_positions - center)[..., None] * rates)[:, :, None, :]
-    key_scale = torch.exp(-(key_positions - center)[..., None] * rates)[:, :, None, :]
+    if key_positions.dim() == 3:  # per head
+        key_scale = torch.exp(-(key_positions - center[:, :, None])[..., None] * rates)
+    else:
+        key_scale = torch.exp(-(key_positions - center)[..., None] * rates)[:, :, None, :]
     return (query.float() * query_scale).to(query.dtype), (key.float() * key_scale).to(key.dtype)
 
 
@@ -528,6 +534,7 @@ class DilatedAttention(nn.Module):
         self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None,
         static_key_order=None, ring_step=None, key_position_ids=None, **kwargs,
     ):
+        span_bound = None
         """Projections, positions, KV cache, the attention function, output projection: ``(output, weights)``.
         ``static_key_order``: the slot order in which a StaticCache's buffers are read (see
         :func:`~modeling_longnet.cache_longnet.static_key_order`); ``ring_step``: a LongNetStaticCache's plan of
@@ -546,9 +553,17 @@ class DilatedAttention(nn.Module):
             key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, **step)
             if static_key_order is not None:
                 key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
-            key, value = key.transpose(1, 2), value.transpose(1, 2)
+            if _reads_ring_candidates_of(self, ring_step, query):  # only the keys the pattern can show, per head
+                candidates = ring_candidates(
+                    ring_step, self.segment_lengths, self.dilation_rates, self.offsets, self.num_heads, cache.slots
+                )
+                key, value = candidates.gather(key), candidates.gather(value)
+                token_layout, key_position_ids = candidates.layout, candidates.positions.transpose(1, 2)
+                span_bound = max(self.segment_lengths) - 1  # one query's segment holds every candidate
+            else:
+                key, value = key.transpose(1, 2), value.transpose(1, 2)
         if self.use_xpos:  # after the cache, which keeps keys without their decay
-            query, key = apply_xpos_decay(query, key, position_ids, self.xpos_scale_base, key_position_ids)
+            query, key = apply_xpos_decay(query, key, position_ids, self.xpos_scale_base, key_position_ids, span_bound)
         attention_function = ALL_DILATED_ATTENTION_FUNCTIONS[self.attn_implementation]
         attn_output, attn_weights = attention_function(
             self,
@@ -564,6 +579,20 @@ class DilatedAttention(nn.Module):
         if self.sub_norm is not None:
             attn_output = self.sub_norm(attn_output)
         return self.o_proj(attn_output), attn_weights
+
+
+def _reads_ring_candidates_of(module, ring_step, query) -> bool:
+    """A step of one token per row with a LongNetStaticCache reads only its candidate keys from the ring: not for
+    the eager implementation (its weights cover the cache's keys), in training (dropout), or with the relative
+    bias (it needs the whole layout) or a share of the heads (tensor parallelism)."""
+    return (
+        ring_step is not None
+        and ring_step.in_place
+        and module.attn_implementation != "eager"
+        and not module.training
+        and module.relative_position_bias is None
+        and query.shape[2] == module.num_heads
+    )
 
 
 def _new_tokens_mask(attention_mask, batch: int, num_queries: int):
@@ -815,9 +844,12 @@ class LongNetModel(LongNetPreTrainedModel):
 
         batch, num_queries = inputs_embeds.shape[:2]
         layer_kwargs = {}
+        # With a static cache, a few queries (decoding) take the dense path: no table, no host read, one graph.
+        # (Asked only then: with a traced length the comparison would specialise the graph to one side.)
+        dense = isinstance(cache, StaticCache | LongNetStaticCache) and (
+            num_queries <= DENSE_MAX_QUERIES and not self.config.use_relative_position_bias
+        )
         if isinstance(cache, LongNetStaticCache):
-            # A few queries (decoding) take the dense path: no table and no host read, one capturable graph
-            dense = num_queries <= DENSE_MAX_QUERIES and not self.config.use_relative_position_bias
             step = cache.plan_step(
                 _new_tokens_mask(attention_mask, batch, num_queries), batch, num_queries, inputs_embeds.device, dense
             )
@@ -832,7 +864,7 @@ class LongNetModel(LongNetPreTrainedModel):
             layer_kwargs.update(ring_step=step, key_position_ids=step.key_positions)
         elif isinstance(cache, StaticCache):
             token_layout, position_ids, layer_kwargs["static_key_order"], layer_kwargs["key_position_ids"] = (
-                self._static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, inputs_embeds.device)
+                self._static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, inputs_embeds.device, dense)
             )
         else:
             past_length, kept_length = cached_lengths(cache)
@@ -863,12 +895,13 @@ class LongNetModel(LongNetPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
 
     @staticmethod
-    def _static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, device):
-        """``(layout, position_ids, slot order)`` of a step with a StaticCache, whose slots the layers read in the
-        rotated order of :func:`~modeling_longnet.cache_longnet.static_key_order`: its unwritten slots first (left
-        padding), then the tokens so far, ending with this step's. Only tensor operations, so that a compiled decode
-        step has fixed shapes; the mask may be ``(batch, seen + new)`` or padded to the cache's slots (``generate``
-        pads it, see ``create_masks_for_generate``)."""
+    def _static_cache_layout(cache, attention_mask, position_ids, batch, num_queries, device, dense=False):
+        """``(layout, position_ids, slot order, key positions)`` of a step with a StaticCache. For the kernels the
+        layers read its slots in the rotated order of :func:`~modeling_longnet.cache_longnet.static_key_order`: its
+        unwritten slots first (left padding), then the tokens so far, ending with this step's. ``dense``: a
+        :class:`PositionLayout` of the slots as they lie (no order, no copy). Only tensor operations, so that a
+        compiled decode step has fixed shapes; the mask may be ``(batch, seen + new)`` or padded to the cache's
+        slots (``generate`` pads it, see ``create_masks_for_generate``)."""
         seen, order, slots = static_key_order(cache, num_queries, device)
         if not is_tracing() and int(seen) + num_queries > slots:
             raise ValueError(
@@ -887,6 +920,12 @@ class LongNetModel(LongNetPreTrainedModel):
                     f"or (batch, {slots}) with batch = {batch}, 1 for every real token so far; got {_shape_or_type(attention_mask)}"
                 )
             full = F.pad(attention_mask != 0, (0, slots - attention_mask.shape[1])) & written
+        if dense:  # this step writes slots seen .. seen + num_queries - 1
+            key_positions = _positions_from_mask(full)
+            written_now = (seen + torch.arange(num_queries, device=device)).expand(batch, num_queries)
+            query_positions = key_positions.gather(1, written_now)
+            layout = PositionLayout(key_positions, full, query_positions, full.gather(1, written_now))
+            return layout, query_positions if position_ids is None else position_ids, None, key_positions
         rotated = full.long().index_select(1, order)
         key_positions = _positions_from_mask(rotated)
         if position_ids is None:
@@ -973,13 +1012,6 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
-        # cache_implementation="static": past the largest segment, the ring of LongNetStaticCache holds fewer keys
-        # than a StaticCache of max_length slots (and never needs a larger one); up to it a StaticCache is smaller.
-        if cache_implementation == "static" and max_cache_len > max(self.config.segment_lengths):
-            return LongNetStaticCache(self.config)
-        return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # Logical positions count a row's real tokens (SPEC.md), and the model derives them from the mask at each

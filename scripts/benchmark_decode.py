@@ -27,15 +27,12 @@ import time
 import torch
 import torch._dynamo.config
 import torch._inductor.config
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+from benchmark_support import llama_twin, parse_size, sync
+from transformers import CompileConfig, LlamaForCausalLM
 
 from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache
 
 
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def parse_args(argv=None):
@@ -47,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--prefill-chunk", type=parse_size, default=32768, help="prefill longer prompts in chunks of this")
     parser.add_argument("--llama-max-context", type=parse_size, default=262144,
-                        help="the Llama twin only up to this context (its prefill grows as the square); 0: never")
+                        help="the Llama twin and LongNet with a full StaticCache only up to this context; 0: never")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
     parser.add_argument("--variants", default=None, help="semicolon-separated subset of the variant names (as in the table)")
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
@@ -55,31 +52,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
-def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, max_position_embeddings=max_positions,
-        attn_implementation="sdpa",
-    )
 
 
 def variants(args, model, llama, context: int) -> dict:
     """name -> (model, generate options, the options' factory builds a fresh cache per call)."""
     compiled = CompileConfig(fullgraph=True, backend=args.compile_backend)
     compiled._compile_all_devices = True  # generate compiles on CUDA only, unless told
-    largest = max(model.config.segment_lengths)
+
+    def ring():  # allocated before generate: a chunked prefill runs the compiled forward, which must not allocate it
+        cache = LongNetStaticCache(model.config)
+        config = model.config
+        cache.early_initialization(1, config.num_key_value_heads, config.head_dim, dtype=model.dtype, device=model.device)
+        return cache
+
     table = {
         "LongNet, bounded cache, eager": (model, lambda: {"cache": LongNetBoundedCache(model.config)}),
-        "LongNet, static bounded cache, eager": (model, lambda: {"cache": LongNetStaticCache(model.config), "disable_compile": True}),
-        "LongNet, static bounded cache, compiled": (model, lambda: {"cache": LongNetStaticCache(model.config), "compile_config": compiled}),
+        "LongNet, static bounded cache, eager": (model, lambda: {"cache": ring(), "disable_compile": True}),
+        "LongNet, static bounded cache, compiled": (model, lambda: {"cache": ring(), "compile_config": compiled}),
     }
-    if context + 1 + args.new_tokens <= largest:  # where generate's "static" gives transformers' StaticCache
+    if context <= args.llama_max_context:  # transformers' StaticCache holds every token, as the Llama's does
         table["LongNet, StaticCache, compiled"] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})
     if llama is not None and context <= args.llama_max_context:
         table["Llama, StaticCache, compiled"] = (llama, lambda: {"cache_implementation": "static", "compile_config": compiled})

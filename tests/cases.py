@@ -1,4 +1,5 @@
-"""Random dilated-attention problems for hypothesis, shared by the tests of every backend."""
+"""Random dilated-attention problems for hypothesis, shared by the tests of every backend, and the small helpers
+that several test files share."""
 
 from __future__ import annotations
 
@@ -104,3 +105,25 @@ def relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
     gradient through a softmax over one key."""
     x, y = x.detach().double().cpu(), y.detach().double().cpu()
     return float((x - y).norm() / max(float(y.norm()), 1.0))
+
+
+def holes_mask(batch: int, length: int, seed: int, keep: float = 0.8) -> torch.Tensor:
+    """A ``(batch, length)`` mask of 0s anywhere (each token kept with probability ``keep``), ending in a real
+    token (a classifier pools the last one)."""
+    mask = (torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < keep).long()
+    mask[:, -1] = 1
+    return mask
+
+
+def static_cache_supported() -> bool:
+    """Whether LongNet takes this transformers version's StaticCache (its layers count their tokens from 5.24)."""
+    from transformers import StaticCache
+
+    from modeling_longnet import LongNetConfig
+    from modeling_longnet.cache_longnet import check_cache
+
+    try:
+        check_cache(StaticCache(config=LongNetConfig.from_preset("tiny"), max_cache_len=1))
+    except TypeError:
+        return False
+    return True

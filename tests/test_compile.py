@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from cases import relative_error
+from cases import holes_mask, relative_error
 from reference import reference_dilated_attention
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -24,12 +24,6 @@ SEGMENTS, RATES = [4, 8, 16], [1, 2, 4]
 def tiny_model(**overrides):
     torch.manual_seed(0)
     return LongNetForCausalLM(LongNetConfig.from_preset("tiny", attn_implementation="torch", **overrides))
-
-
-def holes_mask(batch, length, seed):
-    mask = (torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.8).long()
-    mask[:, -1] = 1
-    return mask
 
 
 LAYOUTS = {
@@ -123,7 +117,7 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     """generate compiles its decoding steps (fullgraph, fixed shapes: the ring of the static bounded cache and the
     step's own mask, or a StaticCache's slots and a mask padded to them) and must pick what generation without a
     cache picks, for a left- and a right-padded row, in one graph for every step."""
-    from transformers import CompileConfig, StaticCache
+    from transformers import CompileConfig
 
     model = tiny_model(position_encoding=position_encoding).eval()
     ids = torch.randint(3, 100, (2, 21), generator=torch.Generator().manual_seed(0))
@@ -134,8 +128,10 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     expected = model.generate(ids, use_cache=False, **options)
     compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
     compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told
-    # 21 + 12 tokens: cache_implementation="static" makes a LongNetStaticCache (past the largest segment, 16)
-    chosen = {"cache_implementation": "static"} if cache == "LongNetStaticCache" else {CACHE_KWARG: StaticCache(model.config, max_cache_len=40)}
+    from modeling_longnet import LongNetStaticCache
+
+    # 21 + 12 tokens: the ring (16 slots) wraps; the StaticCache is generate's cache_implementation="static"
+    chosen = {CACHE_KWARG: LongNetStaticCache(model.config)} if cache == "LongNetStaticCache" else {"cache_implementation": "static"}
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     got = model.generate(ids, compile_config=compile_config, return_dict_in_generate=True, **chosen, **options)
@@ -143,6 +139,31 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     assert type(getattr(got, CACHE_KWARG)).__name__ == cache
     assert torch.equal(got.sequences, expected)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a decoding step recompiled"
+
+
+@pytest.mark.parametrize("cache", ["LongNetStaticCache", "StaticCache"])
+def test_compiled_generation_with_a_chunked_prefill_gives_the_tokens_of_uncached_greedy_generation(cache):
+    """prefill_chunk_size runs the prefill through the compiled forward too, so the cache is allocated before it
+    (the ring by early_initialization, transformers' StaticCache by generate)."""
+    from transformers import CompileConfig
+
+    from modeling_longnet import LongNetStaticCache
+
+    model = tiny_model(position_encoding="xpos").eval()
+    ids = torch.randint(3, 100, (1, 50), generator=torch.Generator().manual_seed(2))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, use_cache=False, **options)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    compile_config._compile_all_devices = True
+    if cache == "LongNetStaticCache":
+        ring = LongNetStaticCache(model.config)
+        ring.early_initialization(1, model.config.num_key_value_heads, model.config.head_dim, torch.float32, "cpu")
+        chosen = {CACHE_KWARG: ring}
+    else:
+        chosen = {"cache_implementation": "static"}
+    got = model.generate(ids, prefill_chunk_size=11, compile_config=compile_config, return_dict_in_generate=True, **chosen, **options)
+    assert type(getattr(got, CACHE_KWARG)).__name__ == cache
+    assert torch.equal(got.sequences, expected)
 
 
 class RingDecodeStep(torch.nn.Module):

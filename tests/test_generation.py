@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
+from cases import static_cache_supported
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modeling_longnet import (
@@ -52,28 +52,19 @@ def generate(model, ids, attention_mask=None, cache=None, use_cache=True, new_to
     )
 
 
-def _static_cache_counts_its_tokens() -> bool:
-    """StaticLayer counts its own tokens (which LongNet reads) from transformers 5.24."""
-    try:
-        return hasattr(StaticLayer(1), "cumulative_length")
-    except Exception:  # another constructor in older versions
-        return False
-
-
-NEEDS_STATIC_CACHE = pytest.mark.skipif(not _static_cache_counts_its_tokens(), reason="transformers < 5.24")
-STATIC_CACHE = pytest.param("StaticCache", marks=NEEDS_STATIC_CACHE)
-# "static": generate's cache_implementation="static", which past the largest segment makes a LongNetStaticCache
-CACHE_KINDS = ["dynamic", "bounded", "static", STATIC_CACHE]
-CACHE_TYPES = {"dynamic": DynamicCache, "bounded": LongNetBoundedCache, "static": LongNetStaticCache, "StaticCache": StaticCache}
+NEEDS_STATIC_CACHE = pytest.mark.skipif(not static_cache_supported(), reason="transformers < 5.24")
+# "ring": a LongNetStaticCache; "static": generate's cache_implementation="static" (transformers' StaticCache)
+CACHE_KINDS = ["dynamic", "bounded", "ring", pytest.param("static", marks=NEEDS_STATIC_CACHE)]
+CACHE_TYPES = {"dynamic": DynamicCache, "bounded": LongNetBoundedCache, "ring": LongNetStaticCache, "static": StaticCache}
 
 
 def cache_options(model, kind) -> dict:
-    """generate's keyword arguments for a kind of cache: a fresh bounded cache, the static bounded cache through
-    ``cache_implementation``, transformers' StaticCache (slots for every test's tokens), or nothing (a DynamicCache)."""
+    """generate's keyword arguments for a kind of cache: a fresh bounded cache or static bounded cache, transformers'
+    StaticCache through ``cache_implementation``, or nothing (a DynamicCache)."""
     if kind == "bounded":
         return {CACHE_KWARG: LongNetBoundedCache(model.config)}
-    if kind == "StaticCache":
-        return {CACHE_KWARG: StaticCache(config=model.config, max_cache_len=128)}
+    if kind == "ring":
+        return {CACHE_KWARG: LongNetStaticCache(model.config)}
     return {"cache_implementation": "static"} if kind == "static" else {}
 
 
@@ -243,7 +234,7 @@ def test_static_cache_errors_name_the_fix():
 def test_the_static_bounded_cache_holds_one_ring_of_the_largest_segment_however_long_the_generation():
     model = tiny_model()
     ids = prompt(batch=2)
-    got = generate(model, ids, cache_implementation="static", new_tokens=100)
+    got = generate(model, ids, new_tokens=100, **cache_options(model, "ring"))
     cache = getattr(got, CACHE_KWARG)
     slots = max(model.config.segment_lengths)
     assert type(cache) is LongNetStaticCache
@@ -254,19 +245,20 @@ def test_the_static_bounded_cache_holds_one_ring_of_the_largest_segment_however_
 
 
 @NEEDS_STATIC_CACHE
-def test_cache_implementation_static_up_to_the_largest_segment_is_transformers_static_cache():
+def test_cache_implementation_static_is_transformers_static_cache_of_max_length_slots():
+    """What transformers' own static-cache tests and tools (export, ExecuTorch) expect of any model."""
     model = tiny_model()
-    largest = max(model.config.segment_lengths)
-    got = generate(model, prompt(length=5), cache_implementation="static", new_tokens=largest - 5)
-    assert type(getattr(got, CACHE_KWARG)) is StaticCache
-    assert getattr(got, CACHE_KWARG).layers[0].max_cache_len == largest - 1
+    got = generate(model, prompt(length=5), cache_implementation="static", new_tokens=40)
+    cache = getattr(got, CACHE_KWARG)
+    assert type(cache) is StaticCache
+    assert cache.layers[0].keys.shape == (1, model.config.num_key_value_heads, 5 + 40 - 1, model.config.head_dim)
 
 
 def new_cache(model, kind):
     """A fresh cache of each kind that a test feeds by hand (at most 128 tokens)."""
-    if kind == "static":
+    if kind == "ring":
         return LongNetStaticCache(model.config)
-    if kind == "StaticCache":
+    if kind == "static":
         return StaticCache(config=model.config, max_cache_len=128)
     return CACHE_TYPES[kind](config=model.config)
 
@@ -274,8 +266,8 @@ def new_cache(model, kind):
 @settings(max_examples=40, deadline=None)
 @given(
     mask=st.lists(st.booleans(), min_size=30, max_size=70).map(lambda bits: [True, *bits]),
-    chunk=st.integers(1, 40),
-    cache_kind=st.sampled_from(["dynamic", "bounded", "static"] + (["StaticCache"] if _static_cache_counts_its_tokens() else [])),
+    chunk=st.one_of(st.just(1), st.integers(1, 40)),  # 1: decoding steps, which read the ring's candidates
+    cache_kind=st.sampled_from(["dynamic", "bounded", "ring"] + (["static"] if static_cache_supported() else [])),
     own_columns_only=st.booleans(),
     position_encoding=st.sampled_from(["rope", "xpos"]),
 )
@@ -287,7 +279,7 @@ def test_every_cache_fed_in_chunks_equals_one_forward_over_any_mask(mask, chunk,
     length = len(mask)
     ids = prompt(length=length, seed=length)
     mask = torch.tensor([mask]).long()
-    own_columns_only = own_columns_only and cache_kind == "static"  # the other caches take the mask so far
+    own_columns_only = own_columns_only and cache_kind == "ring"  # the other caches take the mask so far
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
         cache, pieces = new_cache(model, cache_kind), []
@@ -297,6 +289,27 @@ def test_every_cache_fed_in_chunks_equals_one_forward_over_any_mask(mask, chunk,
             pieces.append(model(ids[:, start:end], attention_mask=step_mask, **{CACHE_KWARG: cache}, use_cache=True).logits)
     real = mask[0].bool()
     torch.testing.assert_close(torch.cat(pieces, dim=1)[:, real], expected[:, real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "segment_lengths, dilation_rates, offsets",
+    [([4, 8, 16], [1, 2, 4], "grouped"), ([6, 10, 15], [4, 3, 2], "grouped"), ([5, 12], [2, 5], "interleaved"),
+     ([16], [3], "interleaved")],
+    ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else v,
+)
+def test_decoding_steps_read_the_candidates_of_any_pattern(segment_lengths, dilation_rates, offsets):
+    """One token per step: the ring gives each head only the positions its pattern can show (segments that are
+    not multiples of their rate included); the logits equal one uncached forward pass, past several wraps."""
+    model = tiny_model(position_encoding="xpos", xpos_scale_base=8.0, segment_lengths=segment_lengths,
+                       dilation_rates=dilation_rates, dilation_offsets=offsets)
+    ids, mask = prompt(batch=2, length=45, seed=5), torch.ones(2, 45, dtype=torch.long)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        cache = LongNetStaticCache(model.config)
+        steps = [model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], **{CACHE_KWARG: cache}, use_cache=True).logits for i in range(45)]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
 def test_beam_search_with_the_static_bounded_cache_equals_beam_search_without_cache():

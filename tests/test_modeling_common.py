@@ -12,6 +12,7 @@ import contextlib
 
 import fake_flash_attn
 import pytest
+from cases import holes_mask, static_cache_supported
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -50,12 +51,6 @@ def random_ids(batch, seq_len, seed=0):
 def per_token_output(model_class, out):
     """The output that has one row per token (a classifier's has one per sequence)."""
     return out.last_hidden_state if model_class is LongNetModel else out.logits
-
-
-def holes_mask(batch, seq_len, seed):
-    mask = (torch.rand(batch, seq_len, generator=torch.Generator().manual_seed(seed)) < 0.7).long()
-    mask[:, -1] = 1  # a classifier scores the last real token; keep one where its row ends
-    return mask
 
 
 @pytest.fixture
@@ -199,15 +194,8 @@ def test_the_old_cache_name_warns_where_transformers_renamed_it(model_class, tra
     assert len(transformers_warnings("Use `cache` instead")) == (1 if RENAMED else 0)
 
 
-def _static_caches():
-    kinds = ["LongNetStaticCache"]
-    if hasattr(getattr(StaticCache(LongNetConfig.from_preset("tiny"), max_cache_len=4).layers[0], "cumulative_length", None), "add_"):
-        kinds.append("StaticCache")  # transformers >= 5.24 (its layers count their tokens)
-    return kinds
-
-
 @pytest.mark.transformers_versions
-@pytest.mark.parametrize("kind", _static_caches())
+@pytest.mark.parametrize("kind", ["LongNetStaticCache"] + (["StaticCache"] if static_cache_supported() else []))
 @pytest.mark.parametrize("model_class", [LongNetModel, LongNetForCausalLM], ids=lambda c: c.__name__)
 def test_a_static_cache_fed_token_by_token_equals_one_forward(model_class, kind):
     """Both static caches, from the base model too: the ring of LongNetStaticCache (16 slots here) wraps twice."""

@@ -575,3 +575,15 @@ def test_the_decoding_benchmark_times_each_cache_and_its_variants_agree(tmp_path
     }
     assert all(row["ms_per_token"] > 0 for row in variants.values()), variants
     assert result["agreement"] == [{"context": 40, "reference": "LongNet, bounded cache, eager", "differences": {}}]
+
+
+def test_the_training_benchmark_times_longnet_and_its_llama_twin(tmp_path):
+    """scripts/benchmark_training.py on the CPU (tiny model, float32): a step per model, finite, timed."""
+    out = tmp_path / "training.json"
+    argv = ["--preset", "tiny", "--attn", "torch", "--dtype", "float32", "--n", "128", "--steps", "1", "--json", str(out)]
+    run = run_script("benchmark_training", *argv, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["model"] for row in rows] == ["LongNet", "Llama (SDPA)"]
+    assert all(row["tokens_per_s"] > 0 for row in rows), rows
+    assert "| 128 | LongNet |" in run.stdout

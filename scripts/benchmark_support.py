@@ -1,0 +1,32 @@
+"""What the model-level benchmark scripts share: sizes on the command line, a synchronised clock, and the Llama of
+the same sizes that a LongNet is timed against."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+
+from modeling_longnet import LongNetConfig
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``4K`` (4 * 1024) or ``1M`` (1024 * 1024)."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
+    """A Llama with the LongNet's sizes (width, depth, heads, MLP, vocabulary) and dense SDPA attention; unlike
+    ``llama_config_from_longnet`` it does not ask for Llama blocks (the paper's model has xPos and sub-LN)."""
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, max_position_embeddings=max_positions,
+        attn_implementation="sdpa",
+    )
