@@ -31,6 +31,7 @@ from .dilated_attention_pattern import PositionLayout, SelectedKeys, TokenLayout
 __all__ = [
     "LongNetBoundedCache",
     "LongNetStaticCache",
+    "RingCandidates",
     "RingStep",
     "SegmentBoundedLayer",
     "SegmentRingLayer",

@@ -1027,8 +1027,8 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if attention_mask is None or attention_mask.dim() != 2:
             return attention_mask
-        if isinstance(cache, LongNetStaticCache):
-            return attention_mask[:, -kwargs["inputs_embeds"].shape[1] :]
+        if isinstance(cache, LongNetStaticCache):  # a copy: a view's strides would change at every step (recompiles)
+            return attention_mask[:, -kwargs["inputs_embeds"].shape[1] :].contiguous()
         if not isinstance(cache, StaticCache):
             return attention_mask
         slots = cache.layers[0].max_cache_len

@@ -27,7 +27,7 @@ import time
 import torch
 import torch._dynamo.config
 import torch._inductor.config
-from benchmark_support import llama_twin, parse_size, sync
+from benchmark_support import CACHE_ARGUMENT, llama_twin, parse_size, sync
 from transformers import CompileConfig, LlamaForCausalLM
 
 from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache
@@ -68,9 +68,9 @@ def variants(args, model, llama, context: int) -> dict:
         return cache
 
     table = {
-        "LongNet, bounded cache, eager": (model, lambda: {"cache": LongNetBoundedCache(model.config)}),
-        "LongNet, static bounded cache, eager": (model, lambda: {"cache": ring(), "disable_compile": True}),
-        "LongNet, static bounded cache, compiled": (model, lambda: {"cache": ring(), "compile_config": compiled}),
+        "LongNet, bounded cache, eager": (model, lambda: {CACHE_ARGUMENT: LongNetBoundedCache(model.config)}),
+        "LongNet, static bounded cache, eager": (model, lambda: {CACHE_ARGUMENT: ring(), "disable_compile": True}),
+        "LongNet, static bounded cache, compiled": (model, lambda: {CACHE_ARGUMENT: ring(), "compile_config": compiled}),
     }
     if context <= args.llama_max_context:  # transformers' StaticCache holds every token, as the Llama's does
         table["LongNet, StaticCache, compiled"] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from modeling_longnet import LongNetConfig
+
+# generate's name for a cache object: `cache` from transformers 5.24, `past_key_values` before
+CACHE_ARGUMENT = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def parse_size(text: str) -> int:
