@@ -413,7 +413,7 @@ def check_cache(cache) -> None:
         if not all(hasattr(layer, "cumulative_length") and hasattr(layer, "max_cache_len") for layer in cache.layers):
             raise TypeError(
                 "this transformers version's StaticCache does not count its tokens itself (`cumulative_length`, "
-                "transformers >= 5.24): use a DynamicCache or a LongNetBoundedCache, or upgrade transformers"
+                "a newer transformers): use a DynamicCache, a LongNetBoundedCache or a LongNetStaticCache, or upgrade transformers"
             )
         if len({layer.max_cache_len for layer in cache.layers}) != 1:
             raise TypeError("LongNet takes a StaticCache whose layers all hold the same number of tokens")

@@ -116,7 +116,7 @@ def holes_mask(batch: int, length: int, seed: int, keep: float = 0.8) -> torch.T
 
 
 def static_cache_supported() -> bool:
-    """Whether LongNet takes this transformers version's StaticCache (its layers count their tokens from 5.24)."""
+    """Whether LongNet takes this transformers version's StaticCache (its layers must count their tokens; 5.17, the oldest supported, does)."""
     from transformers import StaticCache
 
     from modeling_longnet import LongNetConfig

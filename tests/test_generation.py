@@ -52,7 +52,7 @@ def generate(model, ids, attention_mask=None, cache=None, use_cache=True, new_to
     )
 
 
-NEEDS_STATIC_CACHE = pytest.mark.skipif(not static_cache_supported(), reason="transformers < 5.24")
+NEEDS_STATIC_CACHE = pytest.mark.skipif(not static_cache_supported(), reason="this StaticCache does not count its tokens")
 # "ring": a LongNetStaticCache; "static": generate's cache_implementation="static" (transformers' StaticCache)
 CACHE_KINDS = ["dynamic", "bounded", "ring", pytest.param("static", marks=NEEDS_STATIC_CACHE)]
 CACHE_TYPES = {"dynamic": DynamicCache, "bounded": LongNetBoundedCache, "ring": LongNetStaticCache, "static": StaticCache}
