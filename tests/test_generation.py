@@ -1,5 +1,6 @@
-"""Generation with the KV cache: the full and the bounded cache against generation without a cache, padded batches,
-and the bounded cache's memory and per-step work."""
+"""Generation with the KV caches (dynamic, bounded, the static bounded ring, transformers' StaticCache) against
+generation without a cache: padded batches, chunked prefill over any mask, beam search, the bounded caches' memory
+and per-step work, and the errors."""
 
 from __future__ import annotations
 
