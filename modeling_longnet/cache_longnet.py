@@ -13,10 +13,11 @@ layer a ring of ``max(segment_lengths)`` slots, the real token of logical positi
 Pass it to ``generate`` as the bounded cache is passed.
 
 A plain ``transformers.DynamicCache`` works too, and keeps everything. So does transformers' ``StaticCache``
-(``generate(..., cache_implementation="static")``, which transformers' tools and tests expect to give exactly that):
-fixed shapes, ``max_cache_len`` slots. Its buffers hold the tokens at slots ``0 .. seen - 1`` and nothing after; the model reads them rotated by
-:func:`static_key_order`, the unwritten slots first, which makes them left padding and the new tokens the last keys,
-the layout every backend takes, with no value of a tensor read on the host.
+(``generate(..., cache_implementation="static")``, which transformers' tools and tests expect to give exactly
+that): fixed shapes, ``max_cache_len`` slots. Its buffers hold the tokens at slots ``0 .. seen - 1`` and nothing
+after; for the kernels the model reads them rotated by :func:`static_key_order`, the unwritten slots first, which
+makes them left padding and the new tokens the last keys, the layout every backend takes, with no value of a
+tensor read on the host (a decoding step reads them as they lie, as a :class:`PositionLayout`).
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class LongNetStaticCache(Cache):
     the model reads the last ``num_queries`` columns of ``attention_mask``.
     """
 
-    def __init__(self, config, max_cache_len: int | None = None, **kwargs):
+    def __init__(self, config):
         if not getattr(config, "causal", False):
             raise ValueError(
                 "LongNetStaticCache needs a causal model (`config.causal=True`): a bidirectional model has no KV cache"

@@ -241,6 +241,8 @@ def dilated_attention(
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
+    if token_layout is not None and (attention_mask is not None or cu_seqlens is not None or position_offset is not None):
+        raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
     if isinstance(token_layout, SelectedKeys):  # candidates already chosen per head: one masked softmax
         if tuple(token_layout.valid.shape) != (batch, num_heads, num_keys) or num_queries != 1 or k.shape[2] != num_heads:
             raise ValueError(
@@ -249,10 +251,12 @@ def dilated_attention(
                 f"{tuple(token_layout.valid.shape)}"
             )
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = selected_keys_attention(q, k, v, token_layout, softmax_scale=float(softmax_scale))
+            out, lse = selected_keys_attention(
+                q, k, v, token_layout, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
+            )
         return (out, lse) if return_lse else out
     if isinstance(token_layout, PositionLayout):  # traced or not: plain tensor operations, no table, no host read
-        _check_position_layout(token_layout, attention_mask, cu_seqlens, position_offset, batch, num_keys, num_queries)
+        _check_position_layout(token_layout, batch, num_keys, num_queries)
         with torch.autocast(q.device.type, enabled=False):
             out, lse = dilated_attention_dense(
                 q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
@@ -270,15 +274,12 @@ def dilated_attention(
             batch, num_keys, num_queries,
             attention_mask=attention_mask, cu_seqlens=cu_seqlens, position_offset=position_offset, device=q.device,
         )
-    else:
-        if attention_mask is not None or cu_seqlens is not None or position_offset is not None:
-            raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
-        if (token_layout.batch_size, token_layout.num_keys, token_layout.num_queries) != (batch, num_keys, num_queries):
-            raise ValueError(
-                f"`token_layout` was built for (batch, keys, queries) = "
-                f"{(token_layout.batch_size, token_layout.num_keys, token_layout.num_queries)}, the tensors have "
-                f"{(batch, num_keys, num_queries)}"
-            )
+    elif (token_layout.batch_size, token_layout.num_keys, token_layout.num_queries) != (batch, num_keys, num_queries):
+        raise ValueError(
+            f"`token_layout` was built for (batch, keys, queries) = "
+            f"{(token_layout.batch_size, token_layout.num_keys, token_layout.num_queries)}, the tensors have "
+            f"{(batch, num_keys, num_queries)}"
+        )
     run = _select_backend(backend, q, pattern, token_layout, float(dropout_p))
     compaction = token_layout.compaction
     if compaction is not None:  # a mask with holes: the backends see each row's real tokens together, at its end
@@ -294,9 +295,7 @@ def dilated_attention(
     return (out, lse) if return_lse else out
 
 
-def _check_position_layout(layout, attention_mask, cu_seqlens, position_offset, batch, num_keys, num_queries):
-    if attention_mask is not None or cu_seqlens is not None or position_offset is not None:
-        raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
+def _check_position_layout(layout, batch, num_keys, num_queries):
     shapes = {
         "key_positions": (layout.key_positions, (batch, num_keys)),
         "key_real": (layout.key_real, (batch, num_keys)),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dilated_attention_pattern import DilatedPattern, PositionLayout, SelectedKeys
+from .dilated_attention_pattern import DilatedPattern, PositionLayout, SelectedKeys, lse_from_max_and_sum
 
 __all__ = ["dilated_attention_dense", "selected_keys_attention", "visible_counts"]
 
@@ -49,34 +49,32 @@ def dilated_attention_dense(
     grouped_q = grouped_q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
     scores = grouped_q @ k.to(compute).permute(0, 2, 3, 1)  # (B, H_kv, group * N_q, N_k)
     scores = scores.view(batch, num_heads, num_queries, num_keys) * softmax_scale
-    counts = visible_counts(pattern, layout, num_heads, causal, compute)
-    seen = counts > 0
-    masked = torch.where(seen, scores, float("-inf"))
-    row_max = masked.amax(-1, keepdim=True).detach()  # any shift gives the same softmax; this one cannot overflow
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    weights = counts * torch.exp(masked - row_max)
-    row_sum = weights.sum(-1, keepdim=True)
-    probs = weights / torch.where(row_sum > 0, row_sum, 1.0)
-    lse = torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
-    if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
+    probs, lse = _counted_softmax(scores, visible_counts(pattern, layout, num_heads, causal, compute), dropout_p)
     out = probs.view(batch, num_kv_heads, group * num_queries, num_keys) @ v.to(compute).transpose(1, 2)
     out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, num_queries, num_heads, head_dim).to(q.dtype), lse.squeeze(-1).transpose(1, 2)
 
 
-def selected_keys_attention(q, k, v, layout: SelectedKeys, *, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def selected_keys_attention(
+    q, k, v, layout: SelectedKeys, *, softmax_scale: float, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row against candidate keys the pattern chose already (:class:`SelectedKeys`): a softmax over
     the valid ones, 0 where there is none. ``(out (B, 1, H, D), lse (B, 1, H))``."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * softmax_scale  # (B, H, 1, N_k)
-    valid = layout.valid[:, :, None, :]
-    masked = torch.where(valid, scores, float("-inf"))
-    row_max = masked.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    weights = torch.exp(masked - row_max)
-    row_sum = weights.sum(-1, keepdim=True)
-    probs = weights / torch.where(row_sum > 0, row_sum, 1.0)
-    lse = torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+    probs, lse = _counted_softmax(scores, layout.valid[:, :, None, :].to(compute), dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
     return out.to(q.dtype), lse.squeeze(-1).transpose(1, 2)
+
+
+def _counted_softmax(scores, counts, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, lse (..., 1))`` of the softmax in which each entry counts ``counts`` times (0: not seen)."""
+    masked = torch.where(counts > 0, scores, float("-inf"))
+    row_max = masked.amax(-1, keepdim=True).detach()  # any shift gives the same softmax; this one cannot overflow
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = counts * torch.exp(masked - row_max)
+    row_sum = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, 1.0)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs, lse_from_max_and_sum(row_max, row_sum)

@@ -808,6 +808,12 @@ def merge_partial_max_sum(out, row_max, row_sum, rows, part_out, part_max, part_
     row_max[rows] = new_max
 
 
+def lse_from_max_and_sum(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
+    """A softmax row's log-sum-exp ``m + log(l)`` from its largest score ``m`` and its sum ``l = sum exp(s - m)``,
+    formed only at the end (SPEC.md, mixing): ``-inf`` where the row saw nothing (``l = 0``)."""
+    return torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+
+
 def softmax_entries(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """``exp(scores - lse)``, the mixed softmax's entries in a backward pass, at most 1 as a probability is: a
     score recomputed with another rounding than the one that made the LSE must not overflow (fp16 logits of 1e3

@@ -14,6 +14,7 @@ from .dilated_attention_pattern import (
     TokenLayout,
     _branch_tables,
     _BranchTables,
+    lse_from_max_and_sum,
     merge_partial_max_sum,
     softmax_entries,
 )
@@ -132,7 +133,7 @@ class _TorchDilatedAttention(torch.autograd.Function):
                 )
 
         out, row_max, row_sum = out[:rows_total], row_max[:rows_total], row_sum[:rows_total]
-        lse = torch.where(row_sum > 0, row_max + torch.log(torch.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+        lse = lse_from_max_and_sum(row_max, row_sum)
         result = out.to(q.dtype).view(batch, num_queries, num_heads, head_dim)
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = pattern, layout, causal, scale, dropout_p, seed

@@ -250,8 +250,8 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_i
     Only the difference matters, so the exponents are taken from the middle of this call's key positions (the
     keys of a cache were stored unscaled). ``position_ids`` are the queries' positions, ``key_position_ids`` the
     keys' ((B, N_k), or (B, N_k, H) for keys chosen per head; a mask with holes among cached keys needs them);
-    without them the keys are the contiguous positions
-    that end with the queries (a cache holds the tokens just before the queries). The factors still reach
+    without them the keys are the contiguous positions that end with the queries (a cache holds the tokens just
+    before the queries). The factors still reach
     ``zeta ** (+-span / 2 / scale_base)``, so one call may span only as many positions as the dtype holds.
     ``span_bound``: what bounds that span where the key count does not (keys chosen along dilated rows).
     """
@@ -530,6 +530,19 @@ class DilatedAttention(nn.Module):
             position_embeddings = _rotary_cos_sin(inv_freq, position_ids, 1.0, x.dtype)
         return self.attend(x, token_layout, position_embeddings, position_ids)[0]
 
+    def _reads_ring_candidates(self, ring_step, query) -> bool:
+        """A step of one token per row with a LongNetStaticCache reads only its candidate keys from the ring: not
+        for the eager implementation (its weights cover the cache's keys), in training (dropout), or with the
+        relative bias (it needs the whole layout) or a share of the heads (tensor parallelism)."""
+        return (
+            ring_step is not None
+            and ring_step.in_place
+            and self.attn_implementation != "eager"
+            and not self.training
+            and self.relative_position_bias is None
+            and query.shape[2] == self.num_heads
+        )
+
     def attend(
         self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None,
         static_key_order=None, ring_step=None, key_position_ids=None, **kwargs,
@@ -553,7 +566,7 @@ class DilatedAttention(nn.Module):
             key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, **step)
             if static_key_order is not None:
                 key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
-            if _reads_ring_candidates_of(self, ring_step, query):  # only the keys the pattern can show, per head
+            if self._reads_ring_candidates(ring_step, query):  # only the keys the pattern can show, per head
                 candidates = ring_candidates(
                     ring_step, self.segment_lengths, self.dilation_rates, self.offsets, self.num_heads, cache.slots
                 )
@@ -579,20 +592,6 @@ class DilatedAttention(nn.Module):
         if self.sub_norm is not None:
             attn_output = self.sub_norm(attn_output)
         return self.o_proj(attn_output), attn_weights
-
-
-def _reads_ring_candidates_of(module, ring_step, query) -> bool:
-    """A step of one token per row with a LongNetStaticCache reads only its candidate keys from the ring: not for
-    the eager implementation (its weights cover the cache's keys), in training (dropout), or with the relative
-    bias (it needs the whole layout) or a share of the heads (tensor parallelism)."""
-    return (
-        ring_step is not None
-        and ring_step.in_place
-        and module.attn_implementation != "eager"
-        and not module.training
-        and module.relative_position_bias is None
-        and query.shape[2] == module.num_heads
-    )
 
 
 def _new_tokens_mask(attention_mask, batch: int, num_queries: int):

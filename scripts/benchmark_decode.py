@@ -19,7 +19,6 @@ arithmetic flips on rounding; a real difference does not look like one).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 import torch._dynamo.config
 import torch._inductor.config
-from benchmark_support import CACHE_ARGUMENT, llama_twin, parse_size, sync
+from benchmark_support import CACHE_ARGUMENT, add_model_options, environment, llama_twin, parse_size, sync
 from transformers import CompileConfig, LlamaForCausalLM
 
 from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache
@@ -39,8 +38,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="4K,64K,256K,1M", help="prompt lengths, comma-separated (K = 1024)")
     parser.add_argument("--new-tokens", type=int, default=32, help="T: tokens timed per variant and context")
-    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
-    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+    add_model_options(parser)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--prefill-chunk", type=parse_size, default=32768, help="prefill longer prompts in chunks of this")
     parser.add_argument("--llama-max-context", type=parse_size, default=262144,
@@ -124,11 +122,7 @@ def main(argv=None) -> int:
     llama = None
     if args.llama_max_context and min(contexts) <= args.llama_max_context:
         llama = LlamaForCausalLM(llama_twin(config, max(contexts) + args.new_tokens + 64)).to(device=device, dtype=dtype).eval()
-    env = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "dtype": args.dtype, "preset": args.preset,
-        "attn": args.attn, "new_tokens": args.new_tokens, "date": datetime.date.today().isoformat(),
-    }
+    env = environment(args, new_tokens=args.new_tokens)
     rows, agreement = [], []
 
     def save():

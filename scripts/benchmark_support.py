@@ -3,7 +3,10 @@ the same sizes that a LongNet is timed against."""
 
 from __future__ import annotations
 
+import datetime
+
 import torch
+import transformers
 from transformers import LlamaConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -34,3 +37,23 @@ def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
         num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, max_position_embeddings=max_positions,
         attn_implementation="sdpa",
     )
+
+
+def add_model_options(parser) -> None:
+    """The options that pick the LongNet both benchmarks time (its Llama twin takes its sizes)."""
+    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
+    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+
+
+def environment(args, **extra) -> dict:
+    """What a result depends on: the card, the versions, the model and the date, and ``extra``."""
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": args.dtype,
+        "preset": args.preset,
+        "attn": args.attn,
+        **extra,
+        "date": datetime.date.today().isoformat(),
+    }

@@ -16,14 +16,13 @@ the Llama runs only up to ``--llama-max-n``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 import time
 
 import torch
-from benchmark_support import llama_twin, parse_size, sync
+from benchmark_support import add_model_options, environment, llama_twin, parse_size, sync
 from transformers import LlamaForCausalLM
 
 from modeling_longnet import LongNetConfig, LongNetForCausalLM
@@ -36,8 +35,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="32K,128K,1M", help="sequence lengths, comma-separated (K = 1024, M = 1024K)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model and length (after one warm-up)")
-    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
-    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+    add_model_options(parser)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast dtype (float32: none)")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the loss")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -99,11 +97,7 @@ def main(argv=None) -> int:
     if args.compile:
         models["LongNet, compiled"] = models["LongNet"]
         forwards["LongNet, compiled"] = torch.compile(models["LongNet"].model, fullgraph=True)
-    env = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "dtype": args.dtype, "preset": args.preset,
-        "attn": args.attn, "gradient_checkpointing": args.gradient_checkpointing, "date": datetime.date.today().isoformat(),
-    }
+    env = environment(args, gradient_checkpointing=args.gradient_checkpointing)
     rows = []
     for n in lengths:
         for name, model in models.items():

@@ -13,7 +13,7 @@ from reference import reference_dilated_attention
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from modeling_longnet import LongNetConfig, LongNetForCausalLM, TokenLayout, dilated_attention
+from modeling_longnet import LongNetConfig, LongNetForCausalLM, LongNetStaticCache, TokenLayout, dilated_attention
 
 # transformers 5.24 renamed `past_key_values` to `cache`
 CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -118,6 +118,27 @@ STATIC_CACHES = [
 ]
 
 
+def cpu_compile_config():
+    """generate's compile options for the CPU: fullgraph, fixed shapes, aot_eager (no C++ toolchain needed)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told
+    return compile_config
+
+
+def greedy_tokens_one_at_a_time(step, prompt, length) -> list[int]:
+    """Feeds ``prompt`` and then the greedy picks of ``step(position, token) -> logits`` one token per call, until
+    ``length`` tokens."""
+    tokens = prompt[0].tolist()
+    with torch.no_grad():
+        for position in range(length - 1):
+            logits = step(position, tokens[position])
+            if position >= prompt.shape[1] - 1:
+                tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
 @pytest.mark.transformers_versions
 @pytest.mark.parametrize("position_encoding", ["rope", "xpos"])
 @pytest.mark.parametrize("cache", STATIC_CACHES)
@@ -125,8 +146,6 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     """generate compiles its decoding steps (fullgraph, fixed shapes: the ring of the static bounded cache and the
     step's own mask, or a StaticCache's slots and a mask padded to them) and must pick what generation without a
     cache picks, for a left- and a right-padded row, in one graph for every step."""
-    from transformers import CompileConfig
-
     model = tiny_model(position_encoding=position_encoding).eval()
     ids = torch.randint(3, 100, (2, 21), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -134,15 +153,11 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     mask[1, 15:] = 0  # right padding: generate continues after it, a mask with holes
     options = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = model.generate(ids, use_cache=False, **options)
-    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
-    compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told
-    from modeling_longnet import LongNetStaticCache
-
     # 21 + 12 tokens: the ring (16 slots) wraps; the StaticCache is generate's cache_implementation="static"
     chosen = {CACHE_KWARG: LongNetStaticCache(model.config)} if cache == "LongNetStaticCache" else {"cache_implementation": "static"}
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    got = model.generate(ids, compile_config=compile_config, return_dict_in_generate=True, **chosen, **options)
+    got = model.generate(ids, compile_config=cpu_compile_config(), return_dict_in_generate=True, **chosen, **options)
     assert hasattr(model, "_compiled_call"), "generate did not compile"
     assert type(getattr(got, CACHE_KWARG)).__name__ == cache
     assert torch.equal(got.sequences, expected)
@@ -154,23 +169,17 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
 def test_compiled_generation_with_a_chunked_prefill_gives_the_tokens_of_uncached_greedy_generation(cache):
     """prefill_chunk_size runs the prefill through the compiled forward too, so the cache is allocated before it
     (the ring by early_initialization, transformers' StaticCache by generate)."""
-    from transformers import CompileConfig
-
-    from modeling_longnet import LongNetStaticCache
-
     model = tiny_model(position_encoding="xpos").eval()
     ids = torch.randint(3, 100, (1, 50), generator=torch.Generator().manual_seed(2))
     options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
     expected = model.generate(ids, use_cache=False, **options)
-    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
-    compile_config._compile_all_devices = True
     if cache == "LongNetStaticCache":
         ring = LongNetStaticCache(model.config)
         ring.early_initialization(1, model.config.num_key_value_heads, model.config.head_dim, torch.float32, "cpu")
         chosen = {CACHE_KWARG: ring}
     else:
         chosen = {"cache_implementation": "static"}
-    got = model.generate(ids, prefill_chunk_size=11, compile_config=compile_config, return_dict_in_generate=True, **chosen, **options)
+    got = model.generate(ids, prefill_chunk_size=11, compile_config=cpu_compile_config(), return_dict_in_generate=True, **chosen, **options)
     assert type(getattr(got, CACHE_KWARG)).__name__ == cache
     assert torch.equal(got.sequences, expected)
 
@@ -181,8 +190,6 @@ class RingDecodeStep(torch.nn.Module):
 
     def __init__(self, model, batch_size=1):
         super().__init__()
-        from modeling_longnet import LongNetStaticCache
-
         config = model.config
         self.model, self.cache = model, LongNetStaticCache(config)
         self.cache.early_initialization(batch_size, config.num_key_value_heads, config.head_dim, model.dtype, model.device)
@@ -205,12 +212,7 @@ def test_an_exported_static_bounded_cache_decode_step_generates_the_tokens_of_un
     expected = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False, use_cache=False, pad_token_id=0
     )
-    tokens = ids[0].tolist()
-    with torch.no_grad():
-        for position in range(expected.shape[1] - 1):
-            logits = program(torch.tensor([[tokens[position]]]))
-            if position >= ids.shape[1] - 1:
-                tokens.append(int(logits[0, -1].argmax()))
+    tokens = greedy_tokens_one_at_a_time(lambda position, token: program(torch.tensor([[token]])), ids, expected.shape[1])
     assert len(tokens) > 2 * max(model.config.segment_lengths)
     assert tokens == expected[0].tolist()
 
@@ -230,10 +232,8 @@ def test_an_exported_static_cache_decode_step_generates_the_tokens_of_uncached_g
     expected = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0
     )
-    tokens = ids[0].tolist()
-    with torch.no_grad():
-        for position in range(expected.shape[1] - 1):
-            logits = program(input_ids=torch.tensor([[tokens[position]]]), cache_position=torch.tensor([position]))
-            if position >= ids.shape[1] - 1:
-                tokens.append(int(logits[0, -1].argmax()))
+    tokens = greedy_tokens_one_at_a_time(
+        lambda position, token: program(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([position])),
+        ids, expected.shape[1],
+    )
     assert tokens == expected[0].tolist()
