@@ -89,3 +89,16 @@ def test_a_position_layout_of_other_shapes_is_named():
         dilated_attention(q, k, v, 4, 1, token_layout=layout)
     with pytest.raises(ValueError, match="`token_layout` already says where the tokens are"):
         dilated_attention(q, k, v, 4, 1, token_layout=PositionLayout.from_mask(torch.ones(1, 10), 2), attention_mask=torch.ones(1, 10))
+
+
+def test_selected_keys_of_other_shapes_are_named():
+    """SelectedKeys (a static cache's decoding step) are the candidates of one query per row, per query head."""
+    from modeling_longnet.dilated_attention_pattern import SelectedKeys
+
+    q, k, v = torch.zeros(1, 1, 2, 8), torch.zeros(1, 10, 2, 8), torch.zeros(1, 10, 2, 8)
+    out = dilated_attention(q, k, v, 4, 1, token_layout=SelectedKeys(torch.ones(1, 2, 10, dtype=torch.bool)))
+    assert out.shape == (1, 1, 2, 8)
+    with pytest.raises(ValueError, match=r"SelectedKeys are the candidate keys of one query per row, per query head: .* valid \(1, 2, 9\)"):
+        dilated_attention(q, k, v, 4, 1, token_layout=SelectedKeys(torch.ones(1, 2, 9, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"SelectedKeys are the candidate keys of one query per row.*got q \(1, 2, 2, 8\)"):
+        dilated_attention(torch.zeros(1, 2, 2, 8), k, v, 4, 1, token_layout=SelectedKeys(torch.ones(1, 2, 10, dtype=torch.bool)))
