@@ -19,7 +19,8 @@ checked here, so that they cannot disagree on logical positions. The layers, fro
 * ``dilated_attention_pattern``: the pattern, the layout, branch tables and the exact merge (imports nothing of
   the package);
 * the backends, each importing only that floor: ``dilated_attention_torch`` (readable, any device),
-  ``dilated_attention_triton`` (fused kernels), ``dilated_attention_flash`` (flash-attn, optional),
+  ``dilated_attention_triton`` (fused kernels), ``dilated_attention_cudnn`` (cuDNN's attention kernels on each
+  branch's segments), ``dilated_attention_flash`` (flash-attn, optional),
   ``dilated_attention_dense`` (dense masks from a :class:`PositionLayout`: decoding steps, no host work);
 * this module, which imports them; the model and sequence parallelism import this module.
 """
@@ -50,7 +51,7 @@ from .dilated_attention_pattern import (
 from .dilated_attention_dense import dilated_attention_dense, selected_keys_attention
 from .dilated_attention_torch import dilated_attention_torch
 
-BACKENDS = ("auto", "torch", "triton", "flash")
+BACKENDS = ("auto", "torch", "triton", "cudnn", "flash")
 
 __all__ = [
     "DilatedPattern",
@@ -133,6 +134,9 @@ def _optional_backend(name: str) -> _Backend | None:
         if name == "triton":
             from .dilated_attention_triton import check_supported, is_available, supports
             from .dilated_attention_triton import dilated_attention_triton as run
+        elif name == "cudnn":
+            from .dilated_attention_cudnn import check_supported, is_available, supports
+            from .dilated_attention_cudnn import dilated_attention_cudnn as run
         else:
             from .dilated_attention_flash import check_supported, is_available, supports
             from .dilated_attention_flash import dilated_attention_flash as run
@@ -143,13 +147,35 @@ def _optional_backend(name: str) -> _Backend | None:
 
 def available_backends() -> list[str]:
     """Backends that can run on this machine (each still checks its own shape limits)."""
-    return ["torch"] + [name for name in ("triton", "flash") if _optional_backend(name) is not None]
+    return ["torch"] + [name for name in ("triton", "cudnn", "flash") if _optional_backend(name) is not None]
 
 
-_BACKEND_NEEDS = {
+BACKEND_REQUIREMENTS = {
     "triton": "the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests)",
+    "cudnn": "a CUDA GPU of compute capability 8.0 or later with cuDNN (PyTorch's cuDNN attention kernels)",
     "flash": "the `flash-attn` package and a CUDA GPU (pip install flash-attn)",
 }
+
+
+# Measured on one H200 (docs/benchmarks.md, "The cuDNN backend", run 8 of 2026-12-03; the paper's branches, B = 1,
+# H = 12, D = 64, bf16): a forward+backward over N = 1M took 90.6 ms with backend="cudnn" against 109.6 with the
+# Triton kernels (the FA2 floor: 109.0); at N = 128K and below, and in every forward alone, the Triton kernels were
+# faster (the cuDNN backend issues about 17 small operations per (branch, offset) around its kernels). So "auto"
+# takes cuDNN for calls that will be differentiated, of at least that much work (tokens x heads), on Hopper.
+CUDNN_MIN_TOKEN_HEADS = 12 * 2**20
+
+
+def _prefers_cudnn(q, pattern, layout, dropout_p) -> bool:
+    if not (q.is_cuda and q.requires_grad and torch.is_grad_enabled()):
+        return False
+    if q.shape[0] * q.shape[1] * q.shape[2] < CUDNN_MIN_TOKEN_HEADS or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    cudnn_backend = _optional_backend("cudnn")
+    if cudnn_backend is None or not cudnn_backend.supports(q, pattern, layout, dropout_p):
+        return False
+    from .dilated_attention_cudnn import reads_in_place
+
+    return reads_in_place(pattern, layout, q.shape[2])
 
 
 def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: float):
@@ -157,14 +183,16 @@ def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: f
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return dilated_attention_torch
-    if backend == "auto":  # the fused kernel where it runs, else the readable path
+    if backend == "auto":  # the fastest where it runs (as measured), else the readable path
+        if _prefers_cudnn(q, pattern, layout, dropout_p):
+            return _optional_backend("cudnn").run
         triton_backend = _optional_backend("triton") if q.is_cuda else None
         if triton_backend is not None and triton_backend.supports(q, pattern, layout, dropout_p):
             return triton_backend.run
         return dilated_attention_torch
     chosen = _optional_backend(backend)
     if chosen is None:
-        raise RuntimeError(f"backend={backend!r} needs {_BACKEND_NEEDS[backend]}; use backend='torch' or 'auto'")
+        raise RuntimeError(f"backend={backend!r} needs {BACKEND_REQUIREMENTS[backend]}; use backend='torch' or 'auto'")
     chosen.check_supported(q, pattern, layout, dropout_p)
     return chosen.run
 
@@ -204,7 +232,8 @@ def dilated_attention(
             attends nor is attended, and logical positions skip it). Padding queries get 0.
         cu_seqlens: int32 ``(documents + 1,)`` cumulative lengths of documents packed into one row (B = 1).
         dropout_p: probability of dropping an entry of the mixed softmax (use 0 in evaluation).
-        backend: ``"auto"`` (Triton on CUDA where it applies, else torch), ``"torch"``, ``"triton"``, ``"flash"``.
+        backend: ``"auto"`` (Triton on CUDA where it applies, else torch), ``"torch"``, ``"triton"``, ``"cudnn"``
+            (cuDNN's fused attention on each branch's segments), ``"flash"``.
         position_offset: int or ``(B,)``: logical position of each row's first real key (a KV cache that has
             dropped the tokens no query can see again passes how many it dropped).
         token_layout: a :class:`TokenLayout` built once and reused across layers, instead of ``attention_mask`` /

@@ -9,7 +9,7 @@ Attention functions
 -------------------
 ``ALL_DILATED_ATTENTION_FUNCTIONS`` maps ``attn_implementation`` names to functions (as transformers'
 ``ALL_ATTENTION_FUNCTIONS`` does for other models). Built in: ``"auto"`` (the default: the core picks the
-fused Triton kernel on CUDA where it applies, else PyTorch), ``"torch"``, ``"triton"``, ``"flash"`` (the
+fused Triton kernel on CUDA where it applies, else PyTorch), ``"torch"``, ``"triton"``, ``"cudnn"``, ``"flash"`` (the
 core's backends) and ``"eager"`` (dense attention weights, for ``output_attentions`` and the relative position
 bias; memory quadratic in the length). Choose one with ``from_pretrained(..., attn_implementation=name)`` or
 ``model.set_attn_implementation(name)``. Another module (sequence parallelism, say) substitutes its own
@@ -66,7 +66,7 @@ from .configuration_longnet import (
     check_relative_position_buckets,
     is_finite_positive,
 )
-from .dilated_attention import OFFSET_MODES, TokenLayout, available_backends, dilated_attention
+from .dilated_attention import BACKEND_REQUIREMENTS, OFFSET_MODES, TokenLayout, available_backends, dilated_attention
 from .dilated_attention_pattern import LayoutInputs, PositionLayout, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
@@ -147,6 +147,7 @@ class DilatedAttentionInterface(GeneralInterface):
         "auto": _core_attention_function("auto"),
         "torch": _core_attention_function("torch"),
         "triton": _core_attention_function("triton"),
+        "cudnn": _core_attention_function("cudnn"),
         "flash": _core_attention_function("flash"),
         "eager": eager_dilated_attention,
     }
@@ -169,12 +170,8 @@ def resolve_attn_implementation(requested: str | None, relative_position_bias: b
             f"attn_implementation={requested!r} is not a LongNet attention; choose one of {names} (LongNet's attention "
             "is dilated, so the dense 'sdpa' / 'flash_attention_2' of other models do not apply)"
         )
-    if requested in ("triton", "flash") and not _backend_is_available(requested):
-        needs = (
-            "the `triton` package and a CUDA GPU"
-            if requested == "triton"
-            else "the `flash-attn` package and a CUDA GPU"
-        )
+    if requested in BACKEND_REQUIREMENTS and not _backend_is_available(requested):
+        needs = BACKEND_REQUIREMENTS[requested]
         raise ValueError(
             f"attn_implementation={requested!r} needs {needs}; use 'auto' (the best that runs here) or 'torch'"
         )

@@ -554,7 +554,7 @@ def sequence_parallel_dilated_attention(
 # rotary positions, norms, MLP) is per token and runs on the rank's chunk as it is; the positions come from
 # shard_batch.
 
-_CORE_BACKENDS = ("auto", "torch", "triton", "flash")
+_CORE_BACKENDS = ("auto", "torch", "triton", "cudnn", "flash")
 # (group, backend) -> the name its attention function is registered under; holding the group keeps it alive
 _registered_functions: dict[tuple[dist.ProcessGroup | None, str], str] = {}
 

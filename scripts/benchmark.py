@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
-METHODS = ("triton", "torch", "dense", "floor-fa2", "floor-cudnn")
+METHODS = ("triton", "cudnn", "torch", "dense", "floor-fa2", "floor-cudnn")
 METHOD_NAMES = {
     "triton": "Triton (ours)",
+    "cudnn": "cuDNN (ours)",
     "torch": "PyTorch path",
     "dense": "dense causal SDPA" ,
     "floor-fa2": "floor, FA2",
@@ -237,6 +238,19 @@ def time_call(fn, min_repeats: int, min_time: float) -> float:
     return statistics.median(times)
 
 
+def time_back_to_back(fn, calls: int = 10) -> float:
+    """Milliseconds per call of ``calls`` calls issued back to back (the host runs ahead of the GPU), CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def peak_memory(fn) -> int:
     """Bytes allocated at the peak of one call, above what was allocated before it."""
     torch.cuda.synchronize()
@@ -288,7 +302,7 @@ def make_method(name: str, problem: Problem, backward: bool):
     """A zero-argument callable running one forward (and backward) of the method on prepared inputs."""
     args, pattern = problem.args, problem.pattern
     t = problem.tensors
-    if name in ("triton", "torch"):
+    if name in ("triton", "cudnn", "torch"):
         layout = t.setdefault("layout", TokenLayout.build(args.batch, problem.n, problem.n, device=t["q"].device))
         q, k, v = (t[x].requires_grad_(backward) for x in "qkv")
 
@@ -387,6 +401,7 @@ def benchmark(args, progress=print) -> list[dict]:
                 if time.perf_counter() - started > args.max_seconds:
                     too_slow.add((method, mode))
                 row["ms"] = time_call(run, args.min_repeats, args.min_time)
+                row["ms_back_to_back"] = time_back_to_back(run)
                 row["peak_bytes"] = peak_memory(run)
                 row["tflops"] = flops / row["ms"] * 1e-9
             except torch.OutOfMemoryError:
@@ -399,7 +414,7 @@ def benchmark(args, progress=print) -> list[dict]:
         if skip is not None:
             row["skipped"] = skip
         results.append(row)
-        shown = f"{row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s, peak +{row['peak_bytes'] / 2**30:.2f} GiB" if "ms" in row else f"skipped: {skip}"
+        shown = f"{row['ms']:.2f} ms ({row['ms_back_to_back']:.2f} back to back), {row['tflops']:.0f} TFLOP/s, peak +{row['peak_bytes'] / 2**30:.2f} GiB" if "ms" in row else f"skipped: {skip}"
         progress(f"[{index}/{len(steps)}] N={size_label(n)} {method} {mode}: {shown}")
     if getattr(benchmark, "_problem", None) is not None:
         free_problem(benchmark._problem)
@@ -741,7 +756,8 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
             f"cuDNN {env['cudnn']}, {env['date']}. B = {args.batch}, H = {args.heads}{kv}, D = {args.head_dim}, "
             f"{str(args.dtype).replace('torch.', '')}, {'causal' if args.causal else 'non-causal'}, "
             f"branches w = {list(args.segment_lengths)}, r = {list(args.dilation_rates)}. Median time in ms "
-            "(TFLOP/s over the required FLOPs); peak memory above the inputs in GiB."
+            "of a single synced call / back to back (TFLOP/s of the single call over the required FLOPs); peak "
+            "memory above the inputs in GiB."
         ),
         "",
     ]
@@ -753,7 +769,9 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
             cells, peak = [], "-"
             for m in methods:
                 row = next(r for r in results if r["n"] == n and r["method"] == m and r["mode"] == mode)
-                cells.append(f"{row['ms']:.2f} ({row['tflops']:.0f})" if "ms" in row else f"- ({row['skipped']})")
+                cells.append(
+                    f"{row['ms']:.2f} / {row['ms_back_to_back']:.2f} ({row['tflops']:.0f})" if "ms" in row else f"- ({row['skipped']})"
+                )
                 if m == "triton" and "peak_bytes" in row:
                     peak = f"{row['peak_bytes'] / 2**30:.2f}"
             lines.append(f"| {size_label(n)} | " + " | ".join(cells) + f" | {peak} |")

@@ -29,14 +29,14 @@ from modeling_longnet import LongNetConfig, LongNetForCausalLM
 from modeling_longnet.modeling_longnet import chunked_causal_lm_loss
 
 
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="32K,128K,1M", help="sequence lengths, comma-separated (K = 1024, M = 1024K)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model and length (after one warm-up)")
     add_model_options(parser)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="autocast dtype (float32: none)")
+    parser.add_argument("--position-encoding", choices=("rope", "xpos"), default="rope",
+                        help="the LongNet's positions (xPos covers at most about 64K positions per call; its Llama twin has rope)")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the loss")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="recompute each layer in the backward pass (activations of 1M tokens do not fit otherwise)")
@@ -45,10 +45,6 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     return parser.parse_args(argv)
-
-
-
-
 
 
 def training_step(model, forward, optimizer, ids, args, device) -> float:
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = [parse_size(n) for n in args.n.split(",")]
     torch.manual_seed(0)
-    config = LongNetConfig.from_preset(args.preset, attn_implementation=args.attn)
+    config = LongNetConfig.from_preset(args.preset, attn_implementation=args.attn, position_encoding=args.position_encoding)
     models = {"LongNet": LongNetForCausalLM(config).to(device).train()}
     if min(lengths) <= args.llama_max_n:
         models["Llama (SDPA)"] = LlamaForCausalLM(llama_twin(config, max(lengths))).to(device).train()
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
     if args.compile:
         models["LongNet, compiled"] = models["LongNet"]
         forwards["LongNet, compiled"] = torch.compile(models["LongNet"].model, fullgraph=True)
-    env = environment(args, gradient_checkpointing=args.gradient_checkpointing)
+    env = environment(args, gradient_checkpointing=args.gradient_checkpointing, position_encoding=args.position_encoding)
     rows = []
     for n in lengths:
         for name, model in models.items():
@@ -123,7 +119,7 @@ def markdown(rows, env) -> str:
     lines = [
         f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"{'bf16 autocast' if env['dtype'] == 'bfloat16' else 'float32'}, preset "
-        f"{env['preset']}, attn {env['attn']}, gradient checkpointing {env['gradient_checkpointing']}, {env['date']}.",
+        f"{env['preset']} with {env['position_encoding']} positions, attn {env['attn']}, gradient checkpointing {env['gradient_checkpointing']}, {env['date']}.",
         "",
         "| N | model | step | tokens/s | peak memory |",
         "|---|---|---|---|---|",

@@ -127,3 +127,37 @@ def static_cache_supported() -> bool:
     except TypeError:
         return False
     return True
+
+
+def check_backend_against_reference(case, backend: str, running, heads=None, tolerance: float = 1e-10) -> None:
+    """A backend's output, LSE, and the gradients of both (weighted at random) against the float64 reference, the
+    backend run inside ``running()`` (the context its kernels need here). ``heads`` = (first, total): the call holds
+    a shard of a layer's heads (one key/value head per query head), held against the reference over ``first``
+    more heads in front."""
+    from reference import reference_dilated_attention
+
+    from modeling_longnet import dilated_attention
+
+    branches = (case["segment_lengths"], case["dilation_rates"])
+    extra = {} if heads is None else dict(heads=heads)
+    q, k, v = make_inputs(case, requires_grad=True)
+    with running():
+        out, lse = dilated_attention(q, k, v, *branches, backend=backend, return_lse=True, **call_kwargs(case), **extra)
+    if heads is None:
+        ref = reference_dilated_attention(q, k, v, *branches, **call_kwargs(case))
+    else:
+        front = lambda t: torch.cat([t.new_zeros(t.shape[:2] + (heads[0],) + t.shape[3:]), t], dim=2)  # noqa: E731
+        ref = reference_dilated_attention(front(q), front(k), front(v), *branches, **call_kwargs(case))[:, :, heads[0] :]
+    assert relative_error(out, ref) <= tolerance
+    _, torch_lse = dilated_attention(q, k, v, *branches, backend="torch", return_lse=True, **call_kwargs(case), **extra)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(torch_lse))
+    finite = torch.isfinite(torch_lse)
+    assert relative_error(lse[finite], torch_lse[finite]) <= tolerance
+    weights = torch.randn(lse.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(case["seed"]))
+    loss = ((out.sum(-1) + torch.where(finite, lse, 0.0)) * weights).sum()
+    with running():
+        got = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = ((ref.sum(-1) + torch.where(finite, torch_lse, 0.0)) * weights).sum()
+    want = torch.autograd.grad(ref_loss, (q, k, v))
+    for name, g, w in zip("qkv", got, want):
+        assert relative_error(g, w) <= tolerance, name

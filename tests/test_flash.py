@@ -7,8 +7,7 @@ import fake_flash_attn
 import pytest
 import torch
 from hypothesis import given, settings
-from reference import reference_dilated_attention
-from cases import attention_cases, call_kwargs, make_inputs, relative_error
+from cases import attention_cases, check_backend_against_reference
 
 from modeling_longnet import dilated_attention
 
@@ -27,27 +26,7 @@ def fake_flash():
 @settings(max_examples=25)
 @given(case=attention_cases(max_len=120))
 def test_flash_backend_matches_reference(case):
-    q, k, v = make_inputs(case, requires_grad=True)
-    with stand_in_for_flash_attn():
-        out, lse = dilated_attention(
-            q, k, v, case["segment_lengths"], case["dilation_rates"], backend="flash", return_lse=True, **call_kwargs(case)
-        )
-    ref = reference_dilated_attention(q, k, v, case["segment_lengths"], case["dilation_rates"], **call_kwargs(case))
-    assert relative_error(out, ref) <= 1e-10
-    _, torch_lse = dilated_attention(
-        q, k, v, case["segment_lengths"], case["dilation_rates"], backend="torch", return_lse=True, **call_kwargs(case)
-    )
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(torch_lse))
-    finite = torch.isfinite(torch_lse)
-    # gradients of the output and of the LSE together
-    weights = torch.randn(lse.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(case["seed"]))
-    loss = ((out.sum(-1) + torch.where(finite, lse, 0.0)) * weights).sum()
-    with stand_in_for_flash_attn():
-        got = torch.autograd.grad(loss, (q, k, v))
-    ref_loss = ((ref.sum(-1) + torch.where(finite, torch_lse, 0.0)) * weights).sum()
-    want = torch.autograd.grad(ref_loss, (q, k, v))
-    for name, g, w in zip("qkv", got, want):
-        assert relative_error(g, w) <= 1e-10, name
+    check_backend_against_reference(case, "flash", stand_in_for_flash_attn)
 
 
 def test_flash_backend_dropout_replays_its_mask(fake_flash):

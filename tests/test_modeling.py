@@ -218,10 +218,13 @@ def test_attn_implementation_errors(tmp_path):
         ValueError,
         match=re.escape(
             "attn_implementation='sdpa' is not a LongNet attention; "
-            "choose one of ['auto', 'eager', 'flash', 'torch', 'triton']"
+            "choose one of ['auto', 'cudnn', 'eager', 'flash', 'torch', 'triton']"
         ),
     ):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=re.escape("attn_implementation='cudnn' needs a CUDA GPU")):
+            AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="cudnn")
     with pytest.raises(ValueError, match="is not a LongNet attention"):
         tiny_model().set_attn_implementation("flash_attention_2")
     with pytest.raises(ValueError, match=re.escape("runs only with attn_implementation='eager'")):

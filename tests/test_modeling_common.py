@@ -4,12 +4,14 @@ mixins) check, in our words, for every head class and every attention implementa
 the renamed cache argument, ``torch.export``, the static caches, every parameter trained. Generation from padded
 prompts is tests/test_generation.py's; tensor parallelism over every head class is tests/test_tensor_parallel.py's.
 
-The flash implementation runs on the pure-PyTorch stand-in of tests/fake_flash_attn.py, Triton in its interpreter."""
+The flash implementation runs on the pure-PyTorch stand-in of tests/fake_flash_attn.py, cuDNN's on PyTorch's CPU
+flash-attention kernels (tests/cpu_attention_kernels.py), Triton in its interpreter."""
 
 from __future__ import annotations
 
 import contextlib
 
+import cpu_attention_kernels
 import fake_flash_attn
 import pytest
 from cases import holes_mask, static_cache_supported
@@ -26,15 +28,19 @@ from modeling_longnet import (
 )
 
 HEAD_CLASSES = [LongNetModel, LongNetForCausalLM, LongNetForSequenceClassification]
-IMPLEMENTATIONS = ["eager", "torch", "triton", "flash"]
+IMPLEMENTATIONS = ["eager", "torch", "triton", "cudnn", "flash"]
 # transformers 5.24 renamed `past_key_values` to `cache`
 RENAMED = "cache" in BaseModelOutputWithPast.__dataclass_fields__
 CACHE_KWARG = "cache" if RENAMED else "past_key_values"
 
 
 def implementation_runs(implementation):
-    """The context in which an implementation runs here: flash on its stand-in, the others as they are."""
-    return fake_flash_attn.installed() if implementation == "flash" else contextlib.nullcontext()
+    """The context in which an implementation runs here: flash and cuDNN on their stand-ins, the others as they are."""
+    if implementation == "flash":
+        return fake_flash_attn.installed()
+    if implementation == "cudnn":
+        return cpu_attention_kernels.installed()
+    return contextlib.nullcontext()
 
 
 def tiny_model(model_class, implementation="torch", seed=0, **overrides):

@@ -13,6 +13,9 @@ both ways, because the error of a softmax depends on how close its largest score
 
 from __future__ import annotations
 
+import contextlib
+
+import cpu_attention_kernels
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +29,17 @@ BATCH, LENGTH, HEADS, HEAD_DIM = 2, 32, 4, 16  # head_dim 16: the smallest the T
 SEGMENTS, RATES = [8, 16, 32], [1, 2, 4]
 SCALES = [1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
 # Triton runs in its interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1), as in tests/test_triton.py.
-BACKENDS = [name for name in ("torch", "triton") if name in available_backends()]
+# cuDNN's backend runs its kernels where they exist, else PyTorch's CPU flash kernels in their place
+BACKENDS = [name for name in ("torch", "triton") if name in available_backends()] + ["cudnn"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REAL_CUDNN = "cudnn" in available_backends()
+
+
+def _running(backend):
+    """Where the backend runs here: the device, and a maker of the context to run it in."""
+    if backend == "cudnn":
+        return ("cuda", contextlib.nullcontext) if REAL_CUDNN else ("cpu", cpu_attention_kernels.installed)
+    return (DEVICE if backend == "triton" else "cpu"), contextlib.nullcontext
 
 
 def _inputs(scale: float, seed: int):
@@ -81,13 +93,16 @@ def _dense_sdpa(q, k, v):
 def test_mixing_is_convex_and_as_accurate_as_a_dense_softmax_at_any_logit_scale(backend, dtype, scale, monkeypatch):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take fp16, bf16 and fp32")
+    if backend == "cudnn" and REAL_CUDNN:
+        pytest.skip("cuDNN's kernels take fp16 and bf16 (the CPU kernels stand in for them where cuDNN is absent)")
     problems = [_inputs(scale, seed) for seed in range(4)]
+    device, context = _running(backend)
 
     def ours(q, k, v):
-        device = DEVICE if backend == "triton" else "cpu"
-        return dilated_attention(
-            q.to(device), k.to(device), v.to(device), SEGMENTS, RATES, causal=True, backend=backend
-        ).cpu()
+        with context():
+            return dilated_attention(
+                q.to(device), k.to(device), v.to(device), SEGMENTS, RATES, causal=True, backend=backend
+            ).cpu()
 
     def truth(q, k, v):
         return reference_dilated_attention(q, k, v, SEGMENTS, RATES, causal=True)
@@ -102,6 +117,10 @@ def test_mixing_is_convex_and_as_accurate_as_a_dense_softmax_at_any_logit_scale(
     names = ("output", "dq", "dk", "dv")
     for name, ours_error, dense_error in zip(names, our_errors, dense_errors):
         bound = 4 * max(dense_error if dense_error == dense_error else float("inf"), floor)  # NaN: SDPA broke
+        if backend == "cudnn" and name != "output":
+            # Its kernels' backward takes each row's LSE, rounded to the dtype: softmax entries exp(s - LSE) are
+            # off by up to |LSE| * eps relative (README, Limits). The Triton kernels take the row's maximum and sum.
+            bound = max(bound, 16 * scale * torch.finfo(dtype).eps)
         assert ours_error <= bound, f"{name}: {ours_error:.2e} against the dense softmax's {dense_error:.2e}"
 
 
@@ -116,15 +135,17 @@ def test_half_precision_inputs_of_any_magnitude_give_finite_outputs_and_gradient
     if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip("Triton's interpreter computes bfloat16 products wrongly (tests/test_triton.py); GPU only")
     generator = torch.Generator().manual_seed(int(magnitude))
+    device, context = _running(backend)
     q, k, v = (
         (torch.randn(BATCH, LENGTH, HEADS, HEAD_DIM, generator=generator).clamp(-3, 3) * (magnitude / 3))
         .to(dtype)
-        .to(DEVICE if backend == "triton" else "cpu")
+        .to(device)
         .requires_grad_()
         for _ in range(3)
     )
-    out = dilated_attention(q, k, v, segments, rates, causal=True, backend=backend)
-    out.float().sum().backward()
+    with context():
+        out = dilated_attention(q, k, v, segments, rates, causal=True, backend=backend)
+        out.float().sum().backward()
     assert bool(out.isfinite().all())
     assert float(out.detach().abs().max()) <= float(v.detach().abs().max()) * 1.01
     for name, tensor in (("dq", q), ("dk", k), ("dv", v)):
