@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Dilated attention on one GPU: the Triton kernels against the PyTorch path, dense SDPA, and the floor.
+"""Dilated attention on one GPU: the Triton and cuDNN backends against the PyTorch path, dense SDPA, and the floor.
 
 Every method runs in the same process on the same card, forward and forward+backward, over a range of sequence
-lengths; the table gives the median time, the rate over the FLOPs the definition requires (SPEC.md: per branch,
-every (segment, head) is a dense attention of about w/r rows; causal counts half; backward counts 2.5x forward),
-and the peak memory above the inputs.
+lengths; the tables give the median time of a single synced call (what one user call costs) and per call of 10
+calls issued back to back, the rate over the FLOPs the definition requires (SPEC.md: per branch, every (segment,
+head) is a dense attention of about w/r rows; causal counts half; backward counts 2.5x forward), the peak memory
+above the inputs, the host time of one call (issued with the GPU idle, not waited for) and the CUDA kernels it
+launches.
 
 The *floor* runs the same attention FLOPs as batched SDPA calls on segments already gathered into contiguous
 tensors (FlashAttention-2 and cuDNN backends of ``scaled_dot_product_attention``): what any kernel of that class
@@ -251,6 +253,32 @@ def time_back_to_back(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
+def host_time(fn, repeats: int = 20) -> float:
+    """Median milliseconds the host spends issuing one call (the GPU idle before it; its work not waited for)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def kernels_per_call(fn) -> tuple[int, list[str]]:
+    """The CUDA kernels one call launches (torch.profiler): how many, and their names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(events), sorted({e.name[:60] for e in events})
+
+
 def peak_memory(fn) -> int:
     """Bytes allocated at the peak of one call, above what was allocated before it."""
     torch.cuda.synchronize()
@@ -402,6 +430,8 @@ def benchmark(args, progress=print) -> list[dict]:
                     too_slow.add((method, mode))
                 row["ms"] = time_call(run, args.min_repeats, args.min_time)
                 row["ms_back_to_back"] = time_back_to_back(run)
+                row["host_ms"] = host_time(run)
+                row["kernels"] = kernels_per_call(run)[0]
                 row["peak_bytes"] = peak_memory(run)
                 row["tflops"] = flops / row["ms"] * 1e-9
             except torch.OutOfMemoryError:
@@ -775,6 +805,13 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
                 if m == "triton" and "peak_bytes" in row:
                     peak = f"{row['peak_bytes'] / 2**30:.2f}"
             lines.append(f"| {size_label(n)} | " + " | ".join(cells) + f" | {peak} |")
+        lines.append("")
+        lines += [f"Host ms per call / CUDA kernels per call, {mode}:", "", "| N | " + " | ".join(METHOD_NAMES[m] for m in methods) + " |"]
+        lines.append("|---" * (len(methods) + 1) + "|")
+        for n in args.n:
+            rows = [next(r for r in results if r["n"] == n and r["method"] == m and r["mode"] == mode) for m in methods]
+            cells = [f"{r['host_ms']:.2f} / {r['kernels']}" if "host_ms" in r else "-" for r in rows]
+            lines.append(f"| {size_label(n)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ def load_script(name: str):
     """``scripts/<name>.py`` as a module (its ``main(argv)`` and helpers), without running it."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in it look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -587,3 +587,25 @@ def test_the_training_benchmark_times_longnet_and_its_llama_twin(tmp_path):
     assert [row["model"] for row in rows] == ["LongNet", "Llama (SDPA)"]
     assert all(row["tokens_per_s"] > 0 for row in rows), rows
     assert "| 128 | LongNet |" in run.stdout
+
+
+def test_the_kernel_benchmark_tables_give_every_timing_of_each_call():
+    """scripts/benchmark.py's tables (its timings need a GPU; the tables are plain): for each method and length the
+    single synced call, back to back, the rate, and the host time and kernels per call; a skipped method says why."""
+    benchmark = load_script("benchmark")
+    args = benchmark.parse_args(["--n", "32K,1M", "--methods", "triton,cudnn", "--modes", "fwd"])
+    results = [
+        dict(n=32768, method="triton", mode="fwd", ms=1.3, ms_back_to_back=0.9, tflops=165.0, peak_bytes=2**30,
+             host_ms=0.68, kernels=8),
+        dict(n=32768, method="cudnn", mode="fwd", ms=9.59, ms_back_to_back=10.05, tflops=22.0, peak_bytes=2**29,
+             host_ms=9.1, kernels=235),
+        dict(n=1048576, method="triton", mode="fwd", ms=26.04, ms_back_to_back=25.01, tflops=264.0, peak_bytes=2**32,
+             host_ms=0.7, kernels=12),
+        dict(n=1048576, method="cudnn", mode="fwd", skipped="out of memory"),
+    ]
+    env = dict(card="H200", torch="2.11", triton="3.6", cuda="13.0", cudnn=91900, date="2026-12-03")
+    table = benchmark.markdown_table(args, results, env, "Causal")
+    assert "| 32K | 1.30 / 0.90 (165) | 9.59 / 10.05 (22) | 1.00 |" in table
+    assert "| 1M | 26.04 / 25.01 (264) | - (out of memory) | 4.00 |" in table
+    assert "| 32K | 0.68 / 8 | 9.10 / 235 |" in table
+    assert "| 1M | 0.70 / 12 | - |" in table

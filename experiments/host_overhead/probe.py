@@ -12,59 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from modeling_longnet import TokenLayout, dilated_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchmark import host_time, kernels_per_call, time_back_to_back, time_call  # noqa: E402
+
+from modeling_longnet import TokenLayout, dilated_attention  # noqa: E402
 
 PAPER_W, PAPER_R = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
-
-
-def host_ms(fn, repeats=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
-    return statistics.median(times)
-
-
-def synced_and_chain(fn, repeats=20, chain=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    single = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        single.append(start.elapsed_time(end))
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(chain):
-        fn()
-    end.record()
-    end.synchronize()
-    return statistics.median(single), start.elapsed_time(end) / chain
-
-
-def kernels_per_call(fn):
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(events), sorted({e.name[:60] for e in events})
 
 
 def host_profile(calls: int, n: int = 8192):
@@ -114,9 +72,9 @@ def main():
                 return torch.autograd.grad(out, leaves, g) if backward else out
 
             for name, fn in (("public", public), ("prepared layout", prepared)):
-                single, chain = synced_and_chain(fn)
+                single, chain = time_call(fn, 20, 0.0), time_back_to_back(fn, 20)
                 count, names = kernels_per_call(fn)
-                row = {"n": n, "mode": "fwd+bwd" if backward else "fwd", "entry": name, "host_ms": host_ms(fn),
+                row = {"n": n, "mode": "fwd+bwd" if backward else "fwd", "entry": name, "host_ms": host_time(fn),
                        "single_ms": single, "back_to_back_ms": chain, "kernels": count, "kernel_names": names}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}), flush=True)
