@@ -147,7 +147,7 @@ def _optional_backend(name: str) -> _Backend | None:
 
 def available_backends() -> list[str]:
     """Backends that can run on this machine (each still checks its own shape limits)."""
-    return ["torch"] + [name for name in ("triton", "cudnn", "flash") if _optional_backend(name) is not None]
+    return ["torch"] + [name for name in BACKEND_REQUIREMENTS if _optional_backend(name) is not None]
 
 
 BACKEND_REQUIREMENTS = {
@@ -165,17 +165,18 @@ BACKEND_REQUIREMENTS = {
 CUDNN_MIN_TOKEN_HEADS = 12 * 2**20
 
 
-def _prefers_cudnn(q, pattern, layout, dropout_p) -> bool:
+def _preferred_cudnn(q, pattern, layout, dropout_p) -> _Backend | None:
+    """The cuDNN backend where "auto" should take it (see above), else None."""
     if not (q.is_cuda and q.requires_grad and torch.is_grad_enabled()):
-        return False
+        return None
     if q.shape[0] * q.shape[1] * q.shape[2] < CUDNN_MIN_TOKEN_HEADS or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
+        return None
     cudnn_backend = _optional_backend("cudnn")
     if cudnn_backend is None or not cudnn_backend.supports(q, pattern, layout, dropout_p):
-        return False
+        return None
     from .dilated_attention_cudnn import reads_in_place
 
-    return reads_in_place(pattern, layout, q.shape[2])
+    return cudnn_backend if reads_in_place(pattern, layout, q.shape[2]) else None
 
 
 def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: float):
@@ -184,8 +185,9 @@ def _select_backend(backend: str, q: torch.Tensor, pattern, layout, dropout_p: f
     if backend == "torch":
         return dilated_attention_torch
     if backend == "auto":  # the fastest where it runs (as measured), else the readable path
-        if _prefers_cudnn(q, pattern, layout, dropout_p):
-            return _optional_backend("cudnn").run
+        cudnn_backend = _preferred_cudnn(q, pattern, layout, dropout_p)
+        if cudnn_backend is not None:
+            return cudnn_backend.run
         triton_backend = _optional_backend("triton") if q.is_cuda else None
         if triton_backend is not None and triton_backend.supports(q, pattern, layout, dropout_p):
             return triton_backend.run
@@ -232,8 +234,9 @@ def dilated_attention(
             attends nor is attended, and logical positions skip it). Padding queries get 0.
         cu_seqlens: int32 ``(documents + 1,)`` cumulative lengths of documents packed into one row (B = 1).
         dropout_p: probability of dropping an entry of the mixed softmax (use 0 in evaluation).
-        backend: ``"auto"`` (Triton on CUDA where it applies, else torch), ``"torch"``, ``"triton"``, ``"cudnn"``
-            (cuDNN's fused attention on each branch's segments), ``"flash"``.
+        backend: ``"auto"`` (on CUDA the Triton kernels where they apply, cuDNN's for long differentiated calls on
+            Hopper: ``CUDNN_MIN_TOKEN_HEADS``; else torch), ``"torch"``, ``"triton"``, ``"cudnn"`` (cuDNN's fused
+            attention on each branch's segments), ``"flash"``.
         position_offset: int or ``(B,)``: logical position of each row's first real key (a KV cache that has
             dropped the tokens no query can see again passes how many it dropped).
         token_layout: a :class:`TokenLayout` built once and reused across layers, instead of ``attention_mask`` /

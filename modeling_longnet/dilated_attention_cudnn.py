@@ -97,7 +97,11 @@ def supports(q: torch.Tensor, pattern: DilatedPattern, layout: TokenLayout, drop
 
 def reads_in_place(pattern: DilatedPattern, layout: TokenLayout, num_heads: int) -> bool:
     """Whether a call takes the strided views (whole rows), the fast path; other layouts copy their rows."""
-    return _whole_rows(layout) and _view_plan(pattern, layout, num_heads) is not None
+    return _views_if_whole_rows(pattern, layout, num_heads) is not None
+
+
+def _views_if_whole_rows(pattern: DilatedPattern, layout: TokenLayout, num_heads: int):
+    return _view_plan(pattern, layout, num_heads) if _whole_rows(layout) else None
 
 
 def check_supported(q: torch.Tensor, pattern: DilatedPattern, layout: TokenLayout, dropout_p: float) -> None:
@@ -309,8 +313,9 @@ def _rows(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat[index].unsqueeze(1)
 
 
-def _forward_gathered(kernels, q, k, v, groups, causal, scale, accumulate):
+def _forward_gathered(kernels, q, k, v, groups, causal, scale):
     head_dim = q.shape[-1]
+    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_flat, k_flat, v_flat = _with_zero_row(q), k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     out = torch.zeros(q_flat.shape, dtype=accumulate, device=q.device)
     lse = torch.full(q_flat.shape[:1], float("-inf"), dtype=accumulate, device=q.device)
@@ -374,15 +379,14 @@ class _CudnnDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, layout, causal, scale):
         num_heads, num_kv_heads = q.shape[2], k.shape[2]
-        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
         kernels = ctx.kernels = _kernels  # the backward runs the same kernels, wherever it is called from
-        plan = _view_plan(pattern, layout, num_heads) if _whole_rows(layout) else None
+        plan = _views_if_whole_rows(pattern, layout, num_heads)
         ctx.by_views = plan is not None
         if ctx.by_views:
             out, lse, states = _forward_views(kernels, q, _expand_heads(k, num_heads), _expand_heads(v, num_heads), plan, causal, scale)
         else:
             plan = _gather_plan(pattern, layout, num_heads, num_kv_heads, q.device)
-            out, lse, states = _forward_gathered(kernels, q, k, v, plan, causal, scale, accumulate)
+            out, lse, states = _forward_gathered(kernels, q, k, v, plan, causal, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.states, ctx.causal, ctx.scale = plan, states, causal, scale

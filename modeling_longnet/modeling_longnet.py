@@ -9,7 +9,8 @@ Attention functions
 -------------------
 ``ALL_DILATED_ATTENTION_FUNCTIONS`` maps ``attn_implementation`` names to functions (as transformers'
 ``ALL_ATTENTION_FUNCTIONS`` does for other models). Built in: ``"auto"`` (the default: the core picks the
-fused Triton kernel on CUDA where it applies, else PyTorch), ``"torch"``, ``"triton"``, ``"cudnn"``, ``"flash"`` (the
+fused Triton kernel on CUDA where it applies, cuDNN's for long training calls on Hopper, else PyTorch),
+``"torch"``, ``"triton"``, ``"cudnn"``, ``"flash"`` (the
 core's backends) and ``"eager"`` (dense attention weights, for ``output_attentions`` and the relative position
 bias; memory quadratic in the length). Choose one with ``from_pretrained(..., attn_implementation=name)`` or
 ``model.set_attn_implementation(name)``. Another module (sequence parallelism, say) substitutes its own

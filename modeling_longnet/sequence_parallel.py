@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .dilated_attention import _check_qkv, dilated_attention
+from .dilated_attention import BACKENDS, _check_qkv, dilated_attention
 from .dilated_attention_pattern import DilatedPattern, TokenLayout
 
 __all__ = [
@@ -554,7 +554,6 @@ def sequence_parallel_dilated_attention(
 # rotary positions, norms, MLP) is per token and runs on the rank's chunk as it is; the positions come from
 # shard_batch.
 
-_CORE_BACKENDS = ("auto", "torch", "triton", "cudnn", "flash")
 # (group, backend) -> the name its attention function is registered under; holding the group keeps it alive
 _registered_functions: dict[tuple[dist.ProcessGroup | None, str], str] = {}
 
@@ -651,10 +650,10 @@ def apply_sequence_parallel(model, sp_group=None):
     previous = next((key for key, name in _registered_functions.items() if name == backend), None)
     if previous is not None:  # applied before: keep the backend it ran on
         backend = previous[1]
-    if backend not in _CORE_BACKENDS:
+    if backend not in BACKENDS:
         raise ValueError(
             f"attn_implementation={backend!r} cannot be split over ranks: sequence parallelism runs the core "
-            f"backends {_CORE_BACKENDS}; load the model with one of them"
+            f"backends {BACKENDS}; load the model with one of them"
         )
     _group_rank_and_size(group)
     key = (group, backend)

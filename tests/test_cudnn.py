@@ -89,6 +89,18 @@ def test_cudnn_backend_refuses_what_its_kernels_cannot_take(q, dropout_p, match,
         cudnn_backend.check_supported(q, None, None, dropout_p)
 
 
+def test_a_gradient_on_the_lse_past_the_kernels_head_dim_is_refused_clearly():
+    """A gradient on the LSE takes 8 more head-dim columns, which cuDNN's kernels take only up to 128 in all: the
+    backward says so and what to use instead (the check is for cuDNN's kernels; here the CPU ones stand for them)."""
+    q, k, v = (torch.randn(1, 16, 2, 128, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with on_cpu_kernels(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cudnn_backend, "CUDNN_KERNELS", cudnn_backend._kernels)
+        out, lse = dilated_attention(q, k, v, [8], [1], causal=True, backend="cudnn", return_lse=True)
+        with pytest.raises(ValueError, match=r"head_dim <= 120, got 128: use backend='triton' or 'torch'"):
+            torch.autograd.grad(lse.sum(), (q, k, v))
+        torch.autograd.grad(out.sum(), (q, k, v))  # without one: no extra columns, no limit
+
+
 def test_cudnn_backend_needs_a_gpu_here():
     if "cudnn" in available_backends():
         pytest.skip("cuDNN attention runs on this machine")
@@ -134,7 +146,7 @@ def test_auto_takes_cudnn_where_it_measured_fastest(monkeypatch):
         q = torch.empty(1, n, 12, 64, device="meta", dtype=torch.bfloat16, requires_grad=requires_grad)
         layout = TokenLayout.build(1, n, attention_mask=mask)
         with on_cpu_kernels():
-            return entry._prefers_cudnn(q, pattern, layout, 0.0)
+            return entry._preferred_cudnn(q, pattern, layout, 0.0) is not None
 
     assert choice(long)
     assert not choice(long // 2)  # shorter: the Triton kernels measured faster
