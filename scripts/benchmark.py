@@ -792,13 +792,14 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
         "",
     ]
     methods = [m for m in args.methods]
+    by_key = {(r["n"], r["method"], r["mode"]): r for r in results}
     for mode in args.modes:
         header = "| N | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | Triton peak GiB |"
         lines += [f"**{mode}**", "", header, "|---" * (len(methods) + 2) + "|"]
         for n in args.n:
             cells, peak = [], "-"
             for m in methods:
-                row = next(r for r in results if r["n"] == n and r["method"] == m and r["mode"] == mode)
+                row = by_key[(n, m, mode)]
                 cells.append(
                     f"{row['ms']:.2f} / {row['ms_back_to_back']:.2f} ({row['tflops']:.0f})" if "ms" in row else f"- ({row['skipped']})"
                 )
@@ -809,7 +810,7 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
         lines += [f"Host ms per call / CUDA kernels per call, {mode}:", "", "| N | " + " | ".join(METHOD_NAMES[m] for m in methods) + " |"]
         lines.append("|---" * (len(methods) + 1) + "|")
         for n in args.n:
-            rows = [next(r for r in results if r["n"] == n and r["method"] == m and r["mode"] == mode) for m in methods]
+            rows = [by_key[(n, m, mode)] for m in methods]
             cells = [f"{r['host_ms']:.2f} / {r['kernels']}" if "host_ms" in r else "-" for r in rows]
             lines.append(f"| {size_label(n)} | " + " | ".join(cells) + " |")
         lines.append("")
