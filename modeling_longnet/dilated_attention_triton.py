@@ -510,23 +510,39 @@ if triton is not None:
             tl.store(Acc + o_offsets, out.to(Acc.dtype.element_ty), mask=query_valid[:, None])
 
     @triton.jit(do_not_specialize=["num_rows", "num_queries"])
-    def _delta_kernel(
-        Output, GradOutput, Delta, num_rows, num_heads, num_queries,
-        stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh,
-        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _backward_prologue_kernel(
+        Output, GradOutput, RowMax, RowSum, GradLse, ScaledGradOutput, Delta, FiniteRowMax,
+        num_rows, num_heads, num_queries,
+        stride_ob, stride_on, stride_oh, stride_gb, stride_gn, stride_gh,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
     ):
-        """delta = rowsum(dO * O) over (batch, query, head) rows; 0 where the query sees nothing."""
+        """What the backward kernels read, in one pass over the (batch, query, head) rows instead of nine
+        elementwise ops: dO / sum (contiguous, rounded to dO's dtype), delta = rowsum(that * O) - dLSE / sum, and
+        the row maxima made finite as nan_to_num does (-inf, a query no branch saw, becomes 0). A row of sum 0 keeps dO as it is: it sees nothing."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = rows < num_rows
         head = rows % num_heads
         position = (rows // num_heads) % num_queries
         batch = rows // (num_heads * num_queries)
         offs_d = tl.arange(0, HEAD_DIM)
+        row_sum = tl.load(RowSum + rows, mask=valid, other=1.0)
+        inverse_sum = 1.0 / tl.where(row_sum > 0, row_sum, 1.0)
         o_offsets = batch * stride_ob + position * stride_on + head * stride_oh
-        do_offsets = batch * stride_db + position * stride_dn + head * stride_dh
+        do_offsets = batch * stride_gb + position * stride_gn + head * stride_gh
         o = tl.load(Output + o_offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        do = tl.load(GradOutput + do_offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        tl.store(Delta + rows, tl.sum(o * do, 1), mask=valid)
+        do = tl.load(GradOutput + do_offsets[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        # rounded as the kernels read it, so that dP - delta cancels exactly where it should (a saturated row,
+        # O = v_j): from the unrounded dO / sum, one 16-bit rounding of dO.v times |k| and the scale overflowed
+        # fp16 dQ at |x| ~ 3e4
+        scaled = (do.to(tl.float32) * inverse_sum[:, None]).to(ScaledGradOutput.dtype.element_ty)
+        tl.store(ScaledGradOutput + rows[:, None] * HEAD_DIM + offs_d[None, :], scaled, mask=valid[:, None])
+        delta = tl.sum(o * scaled.to(tl.float32), 1)
+        if HAS_GRAD_LSE:  # d LSE / d s = P: a gradient on the LSE enters dS like -delta
+            delta -= tl.load(GradLse + rows, mask=valid, other=0.0) * inverse_sum
+        tl.store(Delta + rows, delta, mask=valid)
+        row_max = tl.load(RowMax + rows, mask=valid, other=0.0)
+        row_max = tl.where((row_max == float("-inf")) | (row_max != row_max), 0.0, row_max)  # as nan_to_num
+        tl.store(FiniteRowMax + rows, tl.minimum(row_max, 3.4028234663852886e38), mask=valid)
 
     @triton.jit
     def _forward_epilogue_kernel(
@@ -850,6 +866,100 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _CompiledLauncher:
+    """``fn[grid](*args, **constexprs)`` for one ``@triton.jit`` kernel, through the compiled kernel's own launcher
+    once Triton has compiled it for these arguments' specialization.
+
+    Why: Triton's JIT entry point re-derives on every launch what it compiles for (a specialization per argument,
+    the cache key, the options): about 0.1 ms of host time for our kernels' 40-50 arguments, 0.6 ms of a forward
+    call's 0.65-0.85 (docs/benchmarks.md, run 10). Here the first launch of each specialization goes through it;
+    later ones look the compiled kernel up under a key that holds everything Triton specializes on, and call its
+    launcher directly (what the entry point itself does after its lookup).
+
+    The key: each tensor's dtype and whether its address is 16-byte aligned; each int's value, except those the
+    kernel does not specialize on, which give only their width class (Triton types them i32, i64 or u64 by value);
+    each other value itself (floats are never specialized); the constexprs and launch options; the device. That is
+    at least as fine as Triton's own key, so a hit never runs a kernel compiled for other arguments.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict = {}
+        # under the interpreter there is no compiled kernel to keep: every launch goes through the entry point
+        self.direct = not _interpreting()
+        self.unspecialized_positions = frozenset(p.num for p in getattr(fn, "params", ()) if p.do_not_specialize)
+
+    def _key(self, args, constexprs) -> tuple:
+        key = [tuple(constexprs.items()), _current_device()]
+        append, unspecialized = key.append, self.unspecialized_positions
+        for i, value in enumerate(args):  # the commonest kinds first: this loop is most of a launch's host time
+            kind = type(value)
+            if kind is int:
+                append(value if i not in unspecialized else _int_width(value))
+            elif kind is float:
+                append(float)
+            elif isinstance(value, torch.Tensor):
+                append((value.dtype, not value.data_ptr() & 15))
+            else:
+                append((kind, value))  # bool, None
+        return tuple(key)
+
+    def __call__(self, grid: tuple[int, ...], *args, **constexprs) -> None:
+        if not self.direct:
+            self.fn[grid](*args, **constexprs)
+            return
+        key = self._key(args, constexprs)
+        entry = self.compiled.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **constexprs)
+            # the launcher takes every parameter in signature order, the constexprs too (Triton >= 3.3)
+            tail = tuple(constexprs[name] for name in self.fn.arg_names[len(args):])
+            if all(hasattr(kernel, attr) for attr in ("run", "function", "packed_metadata")):
+                self.compiled[key] = (kernel, tail)
+            return
+        kernel, tail = entry
+        enter, leave = _launch_hooks()
+        metadata = kernel.launch_metadata(grid, _current_stream(key[1]), *args, *tail) if enter else None
+        kernel.run(
+            grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _current_stream(key[1]),
+            kernel.function, kernel.packed_metadata, metadata, enter, leave, *args, *tail,
+        )
+
+
+def _int_width(value: int) -> str:
+    if -(1 << 31) <= value < (1 << 31):
+        return "i32"
+    return "i64" if -(1 << 63) <= value < (1 << 63) else "u64"
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)  # what Triton's own launches read
+
+
+def _launch_hooks():
+    """Triton's launch hooks (profilers such as proton set them), or None for each where none is set."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    enter = getattr(runtime, "launch_enter_hook", None)
+    leave = getattr(runtime, "launch_exit_hook", None)
+    # since Triton 3.5 each is a chain of hooks that is never None, but may be empty
+    return (enter if getattr(enter, "calls", True) else None), (leave if getattr(leave, "calls", True) else None)
+
+
+if triton is not None:
+    _launch_forward = _CompiledLauncher(_forward_kernel)
+    _launch_forward_epilogue = _CompiledLauncher(_forward_epilogue_kernel)
+    _launch_backward_prologue = _CompiledLauncher(_backward_prologue_kernel)
+    _launch_backward = _CompiledLauncher(_backward_kernel)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv, without its 2 us as a constexpr function
+
+
 def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -1021,9 +1131,10 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
         for position in range(len(plans)):
             for group, order, stream in zip(groups, orders, streams):
                 branch, plan = order[position]
-                num_query_blocks = triton.cdiv(plan.max_rows, config.block_m)
+                num_query_blocks = _cdiv(plan.max_rows, config.block_m)
                 with stream:
-                    _forward_kernel[(num_query_blocks * plan.num_items, group.head_end - group.head_begin)](
+                    _launch_forward(
+                        (num_query_blocks * plan.num_items, group.head_end - group.head_begin),
                         q, k, v, out, running, row_max, row_sum,
                         plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo,
                         plan.item_end,
@@ -1042,7 +1153,8 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     cast = not write_final and q.dtype != torch.float32
     lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     rows = lse.numel()
-    _forward_epilogue_kernel[(triton.cdiv(rows, 64),)](
+    _launch_forward_epilogue(
+        (_cdiv(rows, 64),),
         row_max, row_sum, lse, running, out, rows, softmax_scale * _LOG2E, BLOCK=64, HEAD_DIM=head_dim, CAST=cast,
     )
     return out, lse, row_max, row_sum
@@ -1057,22 +1169,18 @@ def _backward(
     _, num_queries, num_heads, head_dim = q.shape
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    inverse_sum = torch.where(row_sum > 0, row_sum, 1.0).reciprocal()
-    # delta is formed from the dO / sum that the kernels read, rounded to the input dtype as they read it, so that
-    # dP - delta cancels exactly where it should (a saturated row, O = v_j): from the unrounded dO / sum, the
-    # mismatch of one 16-bit rounding of dO.v, times |k| and the scale, overflowed fp16 dQ at |x| ~ 3e4.
-    grad_out = (_last_dim_contiguous(grad_out).float() * inverse_sum.unsqueeze(-1)).to(grad_out.dtype)
+    grad_out = _last_dim_contiguous(grad_out)
+    scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    finite_row_max = torch.empty_like(delta)  # the forward's row maxima (unscaled products q.k)
     rows = delta.numel()
-    _delta_kernel[(triton.cdiv(rows, 64),)](
-        out, grad_out, delta, rows, num_heads, num_queries,
-        *_row_strides(out), *_row_strides(grad_out),
-        BLOCK=64, HEAD_DIM=head_dim,
+    _launch_backward_prologue(
+        (_cdiv(rows, 64),),
+        out, grad_out, row_max, row_sum, delta if grad_lse is None else grad_lse.contiguous(), scaled_grad_out,
+        delta, finite_row_max, rows, num_heads, num_queries, *_row_strides(out), *_row_strides(grad_out),
+        BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=grad_lse is not None,
     )
-    if grad_lse is not None:
-        # d LSE / d s = P: a gradient on the LSE enters dS like -delta
-        delta -= grad_lse * inverse_sum
-    row_max = row_max.nan_to_num(neginf=0.0)  # the forward's row maxima (unscaled products q.k)
+    grad_out, row_max = scaled_grad_out, finite_row_max
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
     plans = _plans(q, k, pattern, layout)[::-1]
@@ -1101,12 +1209,13 @@ def _backward(
                 class_begin = plan.kv_head_first_class[group.kv_begin]
                 num_classes = plan.kv_head_first_class[group.kv_end] - class_begin
                 num_group_heads = group.head_end - group.head_begin
-                num_key_blocks = triton.cdiv(plan.max_rows, config.block_n1)
-                num_query_blocks = triton.cdiv(plan.max_rows, config.block_m2)
+                num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
+                num_query_blocks = _cdiv(plan.max_rows, config.block_m2)
                 num_kv_programs = num_key_blocks * num_classes * plan.num_items
                 num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
                 with stream:
-                    _backward_kernel[(num_kv_programs + num_q_programs,)](
+                    _launch_backward(
+                        (num_kv_programs + num_q_programs,),
                         q, k, v, grad_out, grad_q, grad_k, grad_v, row_max, delta,
                         plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
                         plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,

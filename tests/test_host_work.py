@@ -86,3 +86,76 @@ def test_a_decoding_step_with_the_static_bounded_cache_reads_nothing_on_the_host
         with _HostReads():
             logits = model(ids[:, -1:], **step).logits
     assert logits.shape == (2, 1, model.config.vocab_size)
+
+
+class _FakeCompiledKernel:
+    """What a Triton launch returns: the compiled kernel, with the launcher that the direct launches call."""
+
+    function, packed_metadata = "function handle", "packed metadata"
+
+    def __init__(self):
+        self.direct_launches = []
+
+    def run(self, *arguments):
+        self.direct_launches.append(arguments)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid)
+
+
+class _FakeJitFunction:
+    """A ``@triton.jit`` kernel of parameters (X, n, seed, BLOCK), not specialized on ``seed``."""
+
+    arg_names = ["X", "n", "seed", "BLOCK"]
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.params = [SimpleNamespace(num=i, do_not_specialize=name == "seed") for i, name in enumerate(self.arg_names)]
+        self.compiled = []  # one kernel per launch through the JIT entry point
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.compiled.append(_FakeCompiledKernel())
+            return self.compiled[-1]
+
+        return launch
+
+
+def test_triton_launches_reuse_the_compiled_kernel_until_what_triton_specializes_on_changes(monkeypatch):
+    triton_backend = __import__("pytest").importorskip("modeling_longnet.dilated_attention_triton")
+    monkeypatch.setattr(triton_backend, "_current_device", lambda: 0)
+    monkeypatch.setattr(triton_backend, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (None, None))
+    fn = _FakeJitFunction()
+    launch = triton_backend._CompiledLauncher(fn)
+    launch.direct = True  # what it is off the interpreter
+    storage = torch.zeros(64)
+    x, other_x, unaligned_x = storage[:32], storage[32:], storage[1:33]
+
+    launch((4, 2), x, 5, 7, BLOCK=16, num_warps=4)
+    assert len(fn.compiled) == 1
+    launch((4, 2), other_x, 5, 123456, BLOCK=16, num_warps=4)  # new data, new seed: the same kernel
+    assert len(fn.compiled) == 1
+    assert fn.compiled[0].direct_launches == [
+        (4, 2, 1, 1234, "function handle", "packed metadata", None, None, None, other_x, 5, 123456, 16)
+    ]
+    specialized_anew = [
+        ((4, 2), (unaligned_x, 5, 7), dict(BLOCK=16, num_warps=4)),  # an address no longer 16-byte aligned
+        ((4, 2), (x.half(), 5, 7), dict(BLOCK=16, num_warps=4)),  # another dtype
+        ((4, 2), (x, 6, 7), dict(BLOCK=16, num_warps=4)),  # another value of a specialized int
+        ((4, 2), (x, 5, 1 << 40), dict(BLOCK=16, num_warps=4)),  # a seed past 32 bits: an i64 parameter
+        ((4, 2), (x, 5, 7), dict(BLOCK=32, num_warps=4)),  # another constexpr
+        ((4, 2), (x, 5, 7), dict(BLOCK=16, num_warps=8)),  # another launch option
+    ]
+    for number, (grid, args, constexprs) in enumerate(specialized_anew, start=2):
+        launch(grid, *args, **constexprs)
+        assert len(fn.compiled) == number, (args, constexprs)
+    launch((9,), x, 6, 8, BLOCK=16, num_warps=4)  # a kept specialization, another grid
+    assert fn.compiled[3].direct_launches == [
+        (9, 1, 1, 1234, "function handle", "packed metadata", None, None, None, x, 6, 8, 16)
+    ]
+    hook = object()
+    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (hook, None))  # a profiler's hook gets metadata
+    launch((9,), x, 6, 8, BLOCK=16, num_warps=4)
+    assert fn.compiled[3].direct_launches[-1][6:9] == (("metadata", (9,)), hook, None)

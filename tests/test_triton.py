@@ -442,3 +442,32 @@ def test_gpu_matches_torch_path(spec, dtype):
     want = torch.autograd.grad(ref, reference_leaves, grad_out.to(dtype).float())
     for name, g, w in zip("qkv", got, want):
         assert relative_error(g, w) <= tolerance, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
+    """A second call of the same sizes launches every kernel through the compiled kernels kept from the first
+    (no new specialization), and computes the same as the PyTorch path on new data, forward and gradient."""
+    launchers = [triton_backend._launch_forward, triton_backend._launch_forward_epilogue,
+                 triton_backend._launch_backward_prologue, triton_backend._launch_backward]
+    segment_lengths, dilation_rates = [512, 1024, 2048], [1, 2, 4]
+
+    def call(seed, backend):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        leaves = [torch.randn(1, 4096, 8, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+                  for _ in range(3)]
+        if backend == "torch":
+            leaves = [t.float() for t in leaves]
+        leaves = [t.requires_grad_() for t in leaves]
+        out = dilated_attention(*leaves, segment_lengths, dilation_rates, causal=True, backend=backend)
+        grad_out = torch.randn(out.shape, device="cuda", generator=generator).to(out.dtype)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    call(0, "triton")
+    kept = [len(launcher.compiled) for launcher in launchers]
+    assert all(kept), "the first call kept no compiled kernel"
+    got, want = call(1, "triton"), call(1, "torch")
+    assert [len(launcher.compiled) for launcher in launchers] == kept, "the second call compiled again"
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert relative_error(g, w) <= 1.5e-2, name
