@@ -518,7 +518,8 @@ if triton is not None:
     ):
         """What the backward kernels read, in one pass over the (batch, query, head) rows instead of nine
         elementwise ops: dO / sum (contiguous, rounded to dO's dtype), delta = rowsum(that * O) - dLSE / sum, and
-        the row maxima made finite as nan_to_num does (-inf, a query no branch saw, becomes 0). A row of sum 0 keeps dO as it is: it sees nothing."""
+        the row maxima made finite as nan_to_num does (-inf, a query no branch saw, becomes 0). A row of sum 0
+        keeps dO as it is: it sees nothing. Without HAS_GRAD_LSE, GradLse is any float32 pointer, never read."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = rows < num_rows
         head = rows % num_heads
@@ -918,10 +919,11 @@ class _CompiledLauncher:
                 self.compiled[key] = (kernel, tail)
             return
         kernel, tail = entry
+        stream = _current_stream(key[1])
         enter, leave = _launch_hooks()
-        metadata = kernel.launch_metadata(grid, _current_stream(key[1]), *args, *tail) if enter else None
+        metadata = kernel.launch_metadata(grid, stream, *args, *tail) if enter else None
         kernel.run(
-            grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _current_stream(key[1]),
+            grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
             kernel.function, kernel.packed_metadata, metadata, enter, leave, *args, *tail,
         )
 

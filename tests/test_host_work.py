@@ -3,6 +3,7 @@ tables a backend derives from it are built at the first call and reused by every
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import modeling_longnet.dilated_attention_torch as torch_backend
@@ -123,7 +124,7 @@ class _FakeJitFunction:
 
 
 def test_triton_launches_reuse_the_compiled_kernel_until_what_triton_specializes_on_changes(monkeypatch):
-    triton_backend = __import__("pytest").importorskip("modeling_longnet.dilated_attention_triton")
+    triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
     monkeypatch.setattr(triton_backend, "_current_device", lambda: 0)
     monkeypatch.setattr(triton_backend, "_current_stream", lambda device: 1234)
     monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (None, None))
