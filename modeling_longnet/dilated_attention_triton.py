@@ -396,7 +396,7 @@ if triton is not None:
         do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
     )
     def _forward_kernel(
-        Q, K, V, Out, Acc, RowMax, RowSum,
+        Q, K, V, Out, Acc, RowMax, RowSum, seed,  # the call's own tensors and seed first: see _Launch
         HeadOffset, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
         stride_qb, stride_qn, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -404,7 +404,7 @@ if triton is not None:
         stride_ob, stride_on, stride_oh,
         stride_lb, stride_ln,
         dilation, query_begin, num_query_blocks, head_begin,
-        softmax_scale, seed, stream_base, dropout_p,
+        softmax_scale, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
         TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -511,15 +511,17 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_rows", "num_queries"])
     def _backward_prologue_kernel(
-        Output, GradOutput, RowMax, RowSum, GradLse, ScaledGradOutput, Delta, FiniteRowMax,
+        Output, GradOutput, RowMax, RowSum, GradLse, ScaledGradOutput, Delta, FiniteRowMax, GradQ,
         num_rows, num_heads, num_queries,
         stride_ob, stride_on, stride_oh, stride_gb, stride_gn, stride_gh,
-        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, ZERO_GRAD_Q: tl.constexpr,
     ):
         """What the backward kernels read, in one pass over the (batch, query, head) rows instead of nine
         elementwise ops: dO / sum (contiguous, rounded to dO's dtype), delta = rowsum(that * O) - dLSE / sum, and
         the row maxima made finite as nan_to_num does (-inf, a query no branch saw, becomes 0). A row of sum 0
-        keeps dO as it is: it sees nothing. Without HAS_GRAD_LSE, GradLse is any float32 pointer, never read."""
+        keeps dO as it is: it sees nothing. Without HAS_GRAD_LSE, GradLse is any float32 pointer, never read. With
+        ZERO_GRAD_Q it also zeroes the contiguous dQ buffer that the branches add into (one launch fewer than a
+        memset); without it GradQ is never written."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = rows < num_rows
         head = rows % num_heads
@@ -537,6 +539,9 @@ if triton is not None:
         # fp16 dQ at |x| ~ 3e4
         scaled = (do.to(tl.float32) * inverse_sum[:, None]).to(ScaledGradOutput.dtype.element_ty)
         tl.store(ScaledGradOutput + rows[:, None] * HEAD_DIM + offs_d[None, :], scaled, mask=valid[:, None])
+        if ZERO_GRAD_Q:
+            zeros = tl.zeros((BLOCK, HEAD_DIM), dtype=GradQ.dtype.element_ty)
+            tl.store(GradQ + rows[:, None] * HEAD_DIM + offs_d[None, :], zeros, mask=valid[:, None])
         delta = tl.sum(o * scaled.to(tl.float32), 1)
         if HAS_GRAD_LSE:  # d LSE / d s = P: a gradient on the LSE enters dS like -delta
             delta -= tl.load(GradLse + rows, mask=valid, other=0.0) * inverse_sum
@@ -678,7 +683,7 @@ if triton is not None:
         ]
     )
     def _backward_kernel(
-        Q, K, V, DO, DQ, DK, DV, RowMax, Delta,
+        Q, K, V, DO, DQ, DK, DV, RowMax, Delta, seed,  # the call's own tensors and seed first: see _Launch
         HeadOffset, ClassKvHead, ClassSize, ClassHeads, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
         stride_qb, stride_qn, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -688,7 +693,7 @@ if triton is not None:
         stride_dkb, stride_dkn, stride_dkh,
         stride_lb, stride_ln,
         dilation, query_begin, head_begin, num_heads, class_begin, num_key_blocks, num_query_blocks, num_classes,
-        num_kv_programs, num_q_programs, softmax_scale, seed, stream_base, dropout_p,
+        num_kv_programs, num_q_programs, softmax_scale, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, INTERLEAVE: tl.constexpr,
@@ -867,107 +872,77 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _CompiledLauncher:
-    """``fn[grid](*args, **constexprs)`` for one ``@triton.jit`` kernel, through the compiled kernel's own launcher
-    once Triton has compiled it for these arguments' specialization.
+class _Launch:
+    """One kernel launch of a call's plan (:class:`_ForwardPlan`, :class:`_BackwardPlan`): its grid, the arguments
+    that every call of the plan passes alike, its constexprs and the head group whose stream runs it. Each kernel
+    takes the call's own tensors (and the dropout seed) first; a launch passes those, then the kept arguments.
 
     Why: Triton's JIT entry point re-derives on every launch what it compiles for (a specialization per argument,
-    the cache key, the options): about 0.1 ms of host time for our kernels' 40-50 arguments, 0.6 ms of a forward
-    call's 0.65-0.85 (docs/benchmarks.md, run 10). Here the first launch of each specialization goes through it;
-    later ones look the compiled kernel up under a key that holds everything Triton specializes on, and call its
-    launcher directly (what the entry point itself does after its lookup).
-
-    The key: each tensor's dtype and whether its address is 16-byte aligned; each int's value, except those the
-    kernel does not specialize on, which give only their width class (Triton types them i32, i64 or u64 by value);
-    each other value itself (floats are never specialized); the constexprs and launch options; the device. That is
-    at least as fine as Triton's own key, so a hit never runs a kernel compiled for other arguments.
+    the cache key, the options): about 0.1 ms of host time for our kernels' 40-60 arguments (docs/benchmarks.md,
+    run 10), and a per-launch key of our own over the same arguments still cost 20-40 us (run 12). A plan is kept
+    under a key that fixes everything Triton specializes on: the inputs' dtypes, shapes, strides and 16-byte
+    alignment; the kept arguments; the buffers a call allocates (512-byte aligned, their views' offsets given by
+    the shapes); the seed's width (0 without dropout, else drawn from [2^32, 2^62): an i64). So the kernel that the
+    first launch compiles or finds is the kernel of every later launch of the plan, which calls the compiled
+    kernel's launcher directly: what the entry point itself does after its lookup.
     """
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled: dict = {}
-        # under the interpreter there is no compiled kernel to keep: every launch goes through the entry point
-        self.direct = not _interpreting()
-        self.unspecialized_positions = frozenset(p.num for p in getattr(fn, "params", ()) if p.do_not_specialize)
+    __slots__ = ("fn", "grid", "kept", "constexprs", "group", "compiled")
 
-    def _key(self, args, constexprs) -> tuple:
-        key = [tuple(constexprs.items()), _current_device()]
-        append, unspecialized = key.append, self.unspecialized_positions
-        for i, value in enumerate(args):  # the commonest kinds first: this loop is most of a launch's host time
-            kind = type(value)
-            if kind is int:
-                append(value if i not in unspecialized else _int_width(value))
-            elif kind is float:
-                append(float)
-            elif isinstance(value, torch.Tensor):
-                append((value.dtype, not value.data_ptr() & 15))
-            else:
-                append((kind, value))  # bool, None
-        return tuple(key)
+    def __init__(self, fn, grid: tuple[int, ...], kept: tuple, constexprs: dict, group: int = 0):
+        self.fn, self.kept, self.constexprs, self.group = fn, tuple(kept), constexprs, group
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled = None  # (run, function handle, packed metadata, constexpr values) once known
 
-    def __call__(self, grid: tuple[int, ...], *args, **constexprs) -> None:
-        if not self.direct:
-            self.fn[grid](*args, **constexprs)
+    def __call__(self, own: tuple, stream: "_GroupStream", direct: bool) -> None:
+        """Launch with the call's own arguments ``own`` on ``stream``. ``direct``: Triton's compiled kernels may
+        be called without its entry point (not under the interpreter, no launch hooks of a profiler set)."""
+        compiled = self.compiled
+        if compiled is None or not direct:
+            with stream.context():
+                kernel = self.fn[self.grid](*own, *self.kept, **self.constexprs)
+            if direct and all(hasattr(kernel, attr) for attr in ("run", "function", "packed_metadata")):
+                # the launcher takes every parameter in signature order, the constexprs too (Triton >= 3.3)
+                names = self.fn.arg_names[len(own) + len(self.kept):]
+                self.compiled = (kernel.run, kernel.function, kernel.packed_metadata,
+                                 tuple(self.constexprs[name] for name in names))
             return
-        key = self._key(args, constexprs)
-        entry = self.compiled.get(key)
-        if entry is None:
-            kernel = self.fn[grid](*args, **constexprs)
-            # the launcher takes every parameter in signature order, the constexprs too (Triton >= 3.3)
-            tail = tuple(constexprs[name] for name in self.fn.arg_names[len(args):])
-            if all(hasattr(kernel, attr) for attr in ("run", "function", "packed_metadata")):
-                self.compiled[key] = (kernel, tail)
-            return
-        kernel, tail = entry
-        stream = _current_stream(key[1])
-        enter, leave = _launch_hooks()
-        metadata = kernel.launch_metadata(grid, stream, *args, *tail) if enter else None
-        kernel.run(
-            grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-            kernel.function, kernel.packed_metadata, metadata, enter, leave, *args, *tail,
-        )
+        run, function, metadata, constexpr_values = compiled
+        run(*self.grid, stream.handle, function, metadata, None, None, None, *own, *self.kept, *constexpr_values)
 
 
-def _int_width(value: int) -> str:
-    if -(1 << 31) <= value < (1 << 31):
-        return "i32"
-    return "i64" if -(1 << 63) <= value < (1 << 63) else "u64"
-
-
-def _current_device() -> int:
-    return torch.cuda.current_device()
-
-
-def _current_stream(device: int) -> int:
-    return torch._C._cuda_getCurrentRawStream(device)  # what Triton's own launches read
-
-
-def _launch_hooks():
-    """Triton's launch hooks (profilers such as proton set them), or None for each where none is set."""
+def _direct_launches() -> bool:
+    """Whether launches may call the kept compiled kernels (see _Launch): not under the interpreter, and no launch
+    hooks set (a profiler such as proton sets them; the entry point calls them)."""
+    if _interpreting():
+        return False
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    enter = getattr(runtime, "launch_enter_hook", None)
-    leave = getattr(runtime, "launch_exit_hook", None)
-    # since Triton 3.5 each is a chain of hooks that is never None, but may be empty
-    return (enter if getattr(enter, "calls", True) else None), (leave if getattr(leave, "calls", True) else None)
-
-
-if triton is not None:
-    _launch_forward = _CompiledLauncher(_forward_kernel)
-    _launch_forward_epilogue = _CompiledLauncher(_forward_epilogue_kernel)
-    _launch_backward_prologue = _CompiledLauncher(_backward_prologue_kernel)
-    _launch_backward = _CompiledLauncher(_backward_kernel)
+    for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)):
+        # since Triton 3.5 each is a chain of hooks that is never None, but may be empty
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv, without its 2 us as a constexpr function
 
 
-def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (what the buffers a call allocates have)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0  # Triton specializes pointers on 16-byte alignment
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -994,14 +969,28 @@ def _tma_reduce_applies(q: torch.Tensor) -> bool:
     return q.is_cuda and _descriptors_usable(q)
 
 
+# Triton asks its allocator for the TMA descriptors' scratch (about 128 bytes a program) at every launch of a
+# kernel that builds them. Each stream keeps one small buffer: launches on one stream run one after another, so a
+# scratch is never in use by two kernels at once, and the caching allocator is not asked 5-10 times a call. Larger
+# scratches (long sequences, where a launch's GPU time dwarfs its host time) are allocated per launch, not kept.
+_SCRATCH: dict[int, torch.Tensor] = {}
+_KEPT_SCRATCH_BYTES = 1 << 24
+
+
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # a graph being captured keeps its own memory: a buffer kept past it could be handed to another owner
+    if size > _KEPT_SCRATCH_BYTES or torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+    kept = _SCRATCH.get(stream)
+    if kept is None or kept.numel() < size:
+        kept = _SCRATCH[stream] = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+    return kept
 
 
 @contextlib.contextmanager
 def _descriptor_scratch(needed: bool):
     """Kernels that build TMA descriptors on the device write them to a global scratch buffer, which Triton asks its
-    allocator for at launch. Unless the caller installed one, lend torch's caching allocator for our launches."""
+    allocator for at launch. Unless the caller installed one, lend ours (torch's caching allocator) for our launches."""
     if not needed or _interpreting():
         yield
         return
@@ -1059,11 +1048,15 @@ def _head_groups(q: torch.Tensor, k: torch.Tensor, requested: int) -> list[_Head
     the interpreter, which has no streams, always splits, so that the tests cover the groups.
     """
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    large = q.shape[0] * q.shape[1] * num_heads >= _MIN_QUERY_ROWS_FOR_HEAD_GROUPS
-    count = max(1, min(requested, num_kv_heads)) if (q.is_cuda and large) or _interpreting() else 1
+    count = _head_group_count(q, k, requested)
     group = num_heads // num_kv_heads
     bounds = [round(i * num_kv_heads / count) for i in range(count + 1)]
     return [_HeadGroup(a, b, a * group, b * group) for a, b in zip(bounds, bounds[1:])]
+
+
+def _head_group_count(q: torch.Tensor, k: torch.Tensor, requested: int) -> int:
+    large = q.shape[0] * q.shape[1] * q.shape[2] >= _MIN_QUERY_ROWS_FOR_HEAD_GROUPS
+    return max(1, min(requested, k.shape[2])) if (q.is_cuda and large) or _interpreting() else 1
 
 
 def _rotated(items: list, shift: int, keep_first: bool = False, keep_last: bool = False) -> list:
@@ -1076,25 +1069,39 @@ def _rotated(items: list, shift: int, keep_first: bool = False, keep_last: bool 
     return items[:lo] + middle + items[hi:]
 
 
+@dataclass(frozen=True)
+class _GroupStream:
+    """The stream of one head group: the torch stream (None: the current one) and its raw CUDA handle."""
+
+    stream: object = None
+    handle: int | None = None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
 _SIDE_STREAMS: dict[int, list] = {}
 
 
 @contextlib.contextmanager
 def _group_streams(device: torch.device, count: int):
-    """One stream context per head group: the current stream and ``count - 1`` side streams, which start after the
-    work queued so far and which the current stream waits for on exit (so every tensor stays stream-ordered on the
-    current stream). Without CUDA, every group runs in turn on the caller's thread."""
-    if count == 1 or device.type != "cuda":
-        yield [contextlib.nullcontext()] * count
+    """One :class:`_GroupStream` per head group: the current stream and ``count - 1`` side streams, which start
+    after the work queued so far and which the current stream waits for on exit (so every tensor stays
+    stream-ordered on the current stream). Without CUDA, every group runs in turn on the caller's thread."""
+    if device.type != "cuda":
+        yield [_GroupStream()] * count
         return
+    if count == 1:
+        yield [_GroupStream(None, torch._C._cuda_getCurrentRawStream(device.index))]  # what Triton's launches read
+        return
+    current = torch.cuda.current_stream(device)
     side = _SIDE_STREAMS.setdefault(device.index, [])
     while len(side) < count - 1:
         side.append(torch.cuda.Stream(device))
-    current = torch.cuda.current_stream(device)
     for stream in side[: count - 1]:
         stream.wait_stream(current)
     try:
-        yield [contextlib.nullcontext()] + [torch.cuda.stream(stream) for stream in side[: count - 1]]
+        yield [_GroupStream(None, current.cuda_stream)] + [_GroupStream(s, s.cuda_stream) for s in side[: count - 1]]
     finally:
         for stream in side[: count - 1]:
             current.wait_stream(stream)
@@ -1108,81 +1115,144 @@ def _every_query_is_real(layout) -> bool:
     return layout.cache[key]
 
 
-def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
+_ROW_STATS_START: dict[torch.device, torch.Tensor] = {}
+
+
+def _row_stats_start(device: torch.device) -> torch.Tensor:
+    """(2, 1, 1, 1): a row's maximum and sum before any branch, -inf and 0, to broadcast in one copy kernel."""
+    start = _ROW_STATS_START.get(device)
+    if start is None:
+        start = _ROW_STATS_START[device] = torch.tensor([float("-inf"), 0.0], device=device).view(2, 1, 1, 1)
+    return start
+
+
+def _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) -> tuple:
+    """What fixes every launch of a call but the data (see _Launch): with the launch configuration and the number
+    of head groups, so that a changed configuration builds a new plan."""
+    return (
+        config, _head_group_count(q, k, config.head_groups), pattern, q.shape, k.shape, q.stride(), k.stride(),
+        v.stride(), q.dtype, k.dtype, _aligned(q), _aligned(k), _aligned(v), causal, softmax_scale, dropout_p,
+        q.device,
+    )
+
+
+@dataclass
+class _ForwardPlan:
+    """Every launch of a forward call, built at the first call of its key and kept in ``layout.cache``."""
+
+    launches: list[_Launch]  # the branches' launches in issue order
+    epilogue: _Launch
+    num_groups: int
+    tma: bool
+    # the branches accumulate into `out` itself (float32), or into a separate running buffer of this dtype
+    running_dtype: torch.dtype | None
+    zero_out: bool  # `out` starts at 0 (float32 accumulation, or padding queries no launch writes)
+
+
+def _forward_plan(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float) -> _ForwardPlan:
+    config = forward_config(q.shape[3], q.dtype)
+    key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p)
+    plan = layout.cache.get(key)
+    if plan is None:
+        plan = layout.cache[key] = _build_forward_plan(
+            config, q, k, v, pattern, layout, causal, softmax_scale, dropout_p
+        )
+    return plan
+
+
+def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale, dropout_p) -> _ForwardPlan:
     batch, num_queries, num_heads, head_dim = q.shape
     plans = _plans(q, k, pattern, layout)
-    row_max = torch.full((batch, num_queries, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    row_sum = torch.zeros((batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
-    config = forward_config(head_dim, q.dtype)
     # Running output across branches, in float32 unless the configuration says otherwise. A last branch with r = 1
     # covers every real query and writes the final output itself; otherwise the running output is cast at the end.
     write_final = q.dtype != torch.float32 and bool(plans) and plans[-1][1].dilation_rate == 1
     if q.dtype == torch.float32:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        running = out
+        running_dtype, zero_out = None, True
     else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if write_final and not _every_query_is_real(layout):
-            out.zero_()  # padding queries get 0
-        running_dtype = q.dtype if config.merge_in_input_dtype else torch.float32
-        running = torch.empty(q.shape, dtype=running_dtype, device=q.device) if len(plans) > 1 or not write_final else out
+        zero_out = write_final and not _every_query_is_real(layout)  # padding queries get 0
+        separate = len(plans) > 1 or not write_final
+        running_dtype = (q.dtype if config.merge_in_input_dtype else torch.float32) if separate else None
     tma = config.tensor_descriptors and _descriptors_usable(k, v)
     groups = _head_groups(q, k, config.head_groups)
     orders = [_rotated(plans, g, keep_last=write_final) for g in range(len(groups))]
-    with _group_streams(q.device, len(groups)) as streams, _descriptor_scratch(tma):
-        for position in range(len(plans)):
-            for group, order, stream in zip(groups, orders, streams):
-                branch, plan = order[position]
-                num_query_blocks = _cdiv(plan.max_rows, config.block_m)
-                with stream:
-                    _launch_forward(
-                        (num_query_blocks * plan.num_items, group.head_end - group.head_begin),
-                        q, k, v, out, running, row_max, row_sum,
-                        plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo,
-                        plan.item_end,
-                        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
-                        row_max.stride(0), row_max.stride(1),
-                        plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
-                        softmax_scale, seed, branch << 16, dropout_p,
-                        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m,
-                        BLOCK_N=config.block_n, CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0,
-                        FINAL=write_final and position == len(plans) - 1, TMA=tma,
-                        DOT_PRECISION=_dot_precision(q.dtype), num_warps=config.num_warps,
-                        num_stages=config.num_stages,
-                    )
+    out_strides = _contiguous_strides(q.shape)[:3]  # `out` and the running output
+    stats_strides = _contiguous_strides(q.shape[:3])[:2]  # row maxima and sums, (B, N, H)
+    launches = []
+    for position in range(len(plans)):
+        for g, (group, order) in enumerate(zip(groups, orders)):
+            branch, plan = order[position]
+            num_query_blocks = _cdiv(plan.max_rows, config.block_m)
+            kept = (
+                plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
+                plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
+                softmax_scale, branch << 16, dropout_p,
+            )
+            constexprs = dict(
+                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0,
+                FINAL=write_final and position == len(plans) - 1, TMA=tma, DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            grid = (num_query_blocks * plan.num_items, group.head_end - group.head_begin)
+            launches.append(_Launch(_forward_kernel, grid, kept, constexprs, group=g))
     # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
     # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
-    cast = not write_final and q.dtype != torch.float32
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
-    rows = lse.numel()
-    _launch_forward_epilogue(
-        (_cdiv(rows, 64),),
-        row_max, row_sum, lse, running, out, rows, softmax_scale * _LOG2E, BLOCK=64, HEAD_DIM=head_dim, CAST=cast,
+    rows = batch * num_queries * num_heads
+    epilogue = _Launch(
+        _forward_epilogue_kernel, (_cdiv(rows, 64),), (rows, softmax_scale * _LOG2E),
+        dict(BLOCK=64, HEAD_DIM=head_dim, CAST=not write_final and q.dtype != torch.float32),
     )
+    return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out)
+
+
+def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
+    plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
+    batch, num_queries, num_heads, _ = q.shape
+    stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
+    stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
+    row_max, row_sum = stats[0], stats[1]
+    out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    own = (q, k, v, out, running, row_max, row_sum, seed)
+    direct = _direct_launches()
+    with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
+        for launch in plan.launches:
+            launch(own, streams[launch.group], direct)
+    plan.epilogue((row_max, row_sum, lse, running, out), streams[0], direct)
     return out, lse, row_max, row_sum
 
 
-def _backward(
-    q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed
-):
-    """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
-    the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
-    unchanged, and no rounded LSE enters."""
-    _, num_queries, num_heads, head_dim = q.shape
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    grad_out = _last_dim_contiguous(grad_out)
-    scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
-    delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
-    finite_row_max = torch.empty_like(delta)  # the forward's row maxima (unscaled products q.k)
-    rows = delta.numel()
-    _launch_backward_prologue(
-        (_cdiv(rows, 64),),
-        out, grad_out, row_max, row_sum, delta if grad_lse is None else grad_lse.contiguous(), scaled_grad_out,
-        delta, finite_row_max, rows, num_heads, num_queries, *_row_strides(out), *_row_strides(grad_out),
-        BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=grad_lse is not None,
+@dataclass
+class _BackwardPlan:
+    """Every launch of a backward call, built at the first call of its key and kept in ``layout.cache``."""
+
+    prologue: _Launch
+    launches: list[_Launch]  # the branches' launches in issue order
+    num_groups: int
+    scratch: bool  # some launch builds TMA descriptors
+    zero_grad_kv: bool  # no branch writes every row of dK, dV: they start at 0
+    grad_q_dtype: torch.dtype
+
+
+def _backward_plan(q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal, softmax_scale,
+                   dropout_p) -> _BackwardPlan:
+    config = backward_config(q.shape[3], q.dtype)
+    key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) + (
+        grad_out.stride(), grad_out.dtype, _aligned(grad_out), has_grad_lse, torch.are_deterministic_algorithms_enabled(),
     )
-    grad_out, row_max = scaled_grad_out, finite_row_max
+    plan = layout.cache.get(key)
+    if plan is None:
+        plan = layout.cache[key] = _build_backward_plan(
+            config, q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
+        )
+    return plan
+
+
+def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal,
+                         softmax_scale, dropout_p) -> _BackwardPlan:
+    batch, num_queries, num_heads, head_dim = q.shape
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
     plans = _plans(q, k, pattern, layout)[::-1]
@@ -1192,48 +1262,89 @@ def _backward(
         and layout.num_queries == layout.num_keys
         and _every_query_is_real(layout)
     )
-    allocate = torch.empty if first_writes_all else torch.zeros
-    grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
-    grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
-    config = _runnable_backward_config(backward_config(head_dim, q.dtype), q)
+    config = _runnable_backward_config(config, q)
     dq_mode = config.dq_mode
-    if dq_mode == "recompute":
-        grad_q = allocate(q.shape, dtype=q.dtype, device=q.device)
-    else:  # every branch adds into one float32 buffer, cast once at the end
-        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    tma = config.tensor_descriptors and _descriptors_usable(q, k, v, grad_out)
+    # dq_mode "recompute": each branch adds dQ in q's dtype, as dK and dV; otherwise every branch adds into one
+    # float32 buffer, zeroed by the prologue and cast once at the end
+    grad_q_dtype = q.dtype if dq_mode == "recompute" else torch.float32
+    zero_grad_q = dq_mode != "recompute" or not first_writes_all
+    tma = config.tensor_descriptors and _descriptors_usable(q, k, v, scaled_grad_out)
+    rows = batch * num_queries * num_heads
+    prologue = _Launch(
+        _backward_prologue_kernel, (_cdiv(rows, 64),),
+        (rows, num_heads, num_queries, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
+        dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse, ZERO_GRAD_Q=zero_grad_q),
+    )
     groups = _head_groups(q, k, config.head_groups)
     orders = [_rotated(plans, g, keep_first=first_writes_all) for g in range(len(groups))]
-    with _group_streams(q.device, len(groups)) as streams, _descriptor_scratch(tma or dq_mode == "tma-atomic"):
-        for position in range(len(plans)):
-            for group, order, stream in zip(groups, orders, streams):
-                branch, plan = order[position]
-                class_begin = plan.kv_head_first_class[group.kv_begin]
-                num_classes = plan.kv_head_first_class[group.kv_end] - class_begin
-                num_group_heads = group.head_end - group.head_begin
-                num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
-                num_query_blocks = _cdiv(plan.max_rows, config.block_m2)
-                num_kv_programs = num_key_blocks * num_classes * plan.num_items
-                num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
-                with stream:
-                    _launch_backward(
-                        (num_kv_programs + num_q_programs,),
-                        q, k, v, grad_out, grad_q, grad_k, grad_v, row_max, delta,
-                        plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
-                        plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
-                        *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
-                        *_row_strides(grad_q), *_row_strides(grad_k),
-                        row_max.stride(0), row_max.stride(1),
-                        plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
-                        num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
-                        softmax_scale, seed, branch << 16, dropout_p,
-                        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
-                        BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2,
-                        BLOCK_N2=config.block_n2, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                        ACCUMULATE=position > 0 or not first_writes_all, INTERLEAVE=config.interleave_roles, TMA=tma,
-                        DQ_MODE=DQ_MODES.index(dq_mode), DOT_PRECISION=_dot_precision(q.dtype),
-                        num_warps=config.num_warps, num_stages=config.num_stages,
-                    )
+    q_strides = _contiguous_strides(q.shape)[:3]  # dO / sum and dQ
+    kv_strides = _contiguous_strides(k.shape)[:3]  # dK and dV
+    stats_strides = _contiguous_strides(q.shape[:3])[:2]
+    launches = []
+    for position in range(len(plans)):
+        for g, (group, order) in enumerate(zip(groups, orders)):
+            branch, plan = order[position]
+            class_begin = plan.kv_head_first_class[group.kv_begin]
+            num_classes = plan.kv_head_first_class[group.kv_end] - class_begin
+            num_group_heads = group.head_end - group.head_begin
+            num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
+            num_query_blocks = _cdiv(plan.max_rows, config.block_m2)
+            num_kv_programs = num_key_blocks * num_classes * plan.num_items
+            num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
+            kept = (
+                plan.head_offset, plan.class_kv_head, plan.class_size, plan.class_heads,
+                plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_strides, *q_strides, *kv_strides,
+                *stats_strides,
+                plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
+                num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
+                softmax_scale, branch << 16, dropout_p,
+            )
+            constexprs = dict(
+                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
+                BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2,
+                BLOCK_N2=config.block_n2, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                ACCUMULATE=position > 0 or not first_writes_all, INTERLEAVE=config.interleave_roles, TMA=tma,
+                DQ_MODE=DQ_MODES.index(dq_mode), DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            launches.append(_Launch(_backward_kernel, (num_kv_programs + num_q_programs,), kept, constexprs, group=g))
+    return _BackwardPlan(
+        prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype
+    )
+
+
+def _backward(
+    q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed
+):
+    """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
+    the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
+    unchanged, and no rounded LSE enters."""
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = _last_dim_contiguous(grad_out)
+    scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
+    plan = _backward_plan(
+        q, k, v, grad_out, scaled_grad_out, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p
+    )
+    delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    finite_row_max = torch.empty_like(delta)  # the forward's row maxima (unscaled products q.k)
+    grad_q = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed by the prologue if need be
+    allocate = torch.zeros if plan.zero_grad_kv else torch.empty
+    grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
+    grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
+    direct = _direct_launches()
+    with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.scratch):
+        grad_lse_rows = delta if grad_lse is None else grad_lse.contiguous()
+        if not _aligned(grad_lse_rows):  # the plan's kernels were compiled for 16-byte aligned rows: see _Launch
+            grad_lse_rows = grad_lse_rows.clone()
+        plan.prologue(
+            (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, grad_q),
+            streams[0], direct,
+        )
+        own = (q, k, v, scaled_grad_out, grad_q, grad_k, grad_v, finite_row_max, delta, seed)
+        for launch in plan.launches:
+            launch(own, streams[launch.group], direct)
     if grad_q.dtype != q.dtype:
         grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v
@@ -1255,7 +1366,7 @@ class _TritonDilatedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
-        seed = int(torch.randint(0, 1 << 62, (1,))) if dropout_p > 0 else 0
+        seed = int(torch.randint(1 << 32, 1 << 62, (1,))) if dropout_p > 0 else 0  # an i64: see _Launch
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)

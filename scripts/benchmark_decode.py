@@ -5,7 +5,9 @@ compiled, against a Llama of the same size with transformers' static cache, at s
 Each figure is what a user's ``generate`` costs per token: (time of generate with 1 + T new tokens - time with 1) / T,
 synchronised, greedy, after a warm-up generate of the same length (a static cache then has the timed call's shape,
 so nothing recompiles inside it). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
-in chunks (``generate(prefill_chunk_size=...)``: one xPos call spans at most about 64K positions in bf16).
+in chunks (``generate(prefill_chunk_size=...)``: one xPos call spans at most about 64K positions in bf16). On a GPU,
+compiled variants get a second row: the median decoding step's own forward (CUDA events around the compiled call
+that generate makes, and the host time of issuing it); the rest of a token's time is generate's work around it.
 
 The LongNet variants must generate the same tokens; where they do not, the row says at which step, and by how much
 the logits of the two differ there against the margin between the reference's two best tokens (a near tie in 16-bit
@@ -81,6 +83,51 @@ def variants(args, model, llama, context: int) -> dict:
     return table
 
 
+class StepTimer:
+    """Times each call of the compiled forward that ``generate`` makes for its decoding steps (it asks the model for
+    it with ``get_compiled_call``): CUDA events around the call (what one step costs on the GPU's timeline, idle gaps
+    within it included) and the host time of issuing it. What ``generate`` spends around its steps is the rest of a
+    token's time."""
+
+    def __init__(self, model, enabled: bool):
+        self.model, self.enabled, self.events, self.host = model, enabled, [], []
+
+    def __enter__(self):
+        if not self.enabled:  # CUDA events need a GPU
+            return self
+        original = self.model.get_compiled_call
+
+        def instrumented(compile_config):
+            call = original(compile_config)
+
+            def timed(*args, **kwargs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                started = time.perf_counter()
+                start.record()
+                out = call(*args, **kwargs)
+                end.record()
+                self.host.append(time.perf_counter() - started)
+                self.events.append((start, end))
+                return out
+
+            return timed
+
+        self.model.get_compiled_call = instrumented
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            del self.model.get_compiled_call  # the class's own method again
+
+    def medians_ms(self) -> tuple[float, float] | None:
+        if not self.events:
+            return None
+        sync()
+        gpu = sorted(start.elapsed_time(end) for start, end in self.events)
+        host = sorted(1e3 * t for t in self.host)
+        return gpu[len(gpu) // 2], host[len(host) // 2]
+
+
 def timed_generate(model, ids, new_tokens, prefill_chunk, **options):
     chunk = {"prefill_chunk_size": prefill_chunk} if ids.shape[1] > prefill_chunk else {}
     sync()
@@ -137,13 +184,17 @@ def main(argv=None) -> int:
             try:
                 timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())  # warm-up, compiles
                 _, one = timed_generate(net, ids, 1, args.prefill_chunk, **options())
-                out, many = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
+                with StepTimer(net, enabled=device == "cuda") as steps:
+                    out, many = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
             except Exception as error:  # report, and go on with the other variants
                 rows.append({"context": context, "variant": name, "error": repr(error)[:600]})
                 print(rows[-1], file=sys.stderr, flush=True)
                 save()
                 continue
             rows.append({"context": context, "variant": name, "ms_per_token": 1e3 * (many - one) / args.new_tokens, "prefill_s": one})
+            step = steps.medians_ms()
+            if step is not None:  # compiled variants: the forward of a decoding step itself
+                rows[-1].update(step_ms=step[0], step_host_ms=step[1])
             print(rows[-1], file=sys.stderr, flush=True)
             if net is model:
                 outputs[name] = {"tokens": out.sequences[0, context:].tolist(), "logits": [s[0].float().cpu() for s in out.logits]}
@@ -182,6 +233,11 @@ def markdown(rows, agreement, env) -> str:
             row = cell.get((context, name))
             values.append("-" if row is None else ("error" if "error" in row else f"{row['ms_per_token']:.2f}"))
         lines.append(f"| {name} | " + " | ".join(values) + " |")
+        if any("step_ms" in row for row in rows if row["variant"] == name):
+            steps = [cell.get((context, name), {}) for context in contexts]
+            lines.append(f"| {name}: the step's forward, GPU timeline / host | " + " | ".join(
+                f"{row['step_ms']:.2f} / {row['step_host_ms']:.2f}" if "step_ms" in row else "-" for row in steps
+            ) + " |")
     for entry in agreement:
         for name, d in entry["differences"].items():
             lines.append(

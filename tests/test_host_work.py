@@ -100,63 +100,85 @@ class _FakeCompiledKernel:
     def run(self, *arguments):
         self.direct_launches.append(arguments)
 
-    def launch_metadata(self, grid, stream, *args):
-        return ("metadata", grid)
-
 
 class _FakeJitFunction:
-    """A ``@triton.jit`` kernel of parameters (X, n, seed, BLOCK), not specialized on ``seed``."""
+    """A ``@triton.jit`` kernel of parameters (X, seed, n, BLOCK): the call's own X and seed first, as ours."""
 
-    arg_names = ["X", "n", "seed", "BLOCK"]
+    arg_names = ["X", "seed", "n", "BLOCK"]
 
     def __init__(self):
-        from types import SimpleNamespace
-
-        self.params = [SimpleNamespace(num=i, do_not_specialize=name == "seed") for i, name in enumerate(self.arg_names)]
-        self.compiled = []  # one kernel per launch through the JIT entry point
+        self.entry_point_launches = []  # (grid, args, constexprs) of each launch through the JIT entry point
 
     def __getitem__(self, grid):
         def launch(*args, **constexprs):
-            self.compiled.append(_FakeCompiledKernel())
-            return self.compiled[-1]
+            self.entry_point_launches.append((grid, args, constexprs))
+            return _FakeCompiledKernel()
 
         return launch
 
 
-def test_triton_launches_reuse_the_compiled_kernel_until_what_triton_specializes_on_changes(monkeypatch):
+def test_a_launch_calls_the_kernel_its_first_launch_compiled_directly():
+    """The first launch of a plan's launch goes through Triton's entry point (which compiles or finds the kernel);
+    every later one calls that kernel's launcher with the call's own arguments, the kept ones and the constexprs,
+    in signature order, on the group's stream; without direct launches (the interpreter, a profiler's hooks) every
+    launch goes through the entry point."""
     triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
-    monkeypatch.setattr(triton_backend, "_current_device", lambda: 0)
-    monkeypatch.setattr(triton_backend, "_current_stream", lambda device: 1234)
-    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (None, None))
     fn = _FakeJitFunction()
-    launch = triton_backend._CompiledLauncher(fn)
-    launch.direct = True  # what it is off the interpreter
-    storage = torch.zeros(64)
-    x, other_x, unaligned_x = storage[:32], storage[32:], storage[1:33]
+    launch = triton_backend._Launch(fn, (4, 2), (5,), dict(BLOCK=16, num_warps=4), group=1)
+    stream = triton_backend._GroupStream(None, 1234)
+    x, other_x = torch.zeros(8), torch.ones(8)
 
-    launch((4, 2), x, 5, 7, BLOCK=16, num_warps=4)
-    assert len(fn.compiled) == 1
-    launch((4, 2), other_x, 5, 123456, BLOCK=16, num_warps=4)  # new data, new seed: the same kernel
-    assert len(fn.compiled) == 1
-    assert fn.compiled[0].direct_launches == [
-        (4, 2, 1, 1234, "function handle", "packed metadata", None, None, None, other_x, 5, 123456, 16)
+    launch((x, 7), stream, direct=True)
+    assert fn.entry_point_launches == [((4, 2, 1), (x, 7, 5), dict(BLOCK=16, num_warps=4))]
+    kernel_run = launch.compiled[0]
+    launch((other_x, 123456), stream, direct=True)
+    assert len(fn.entry_point_launches) == 1
+    assert kernel_run.__self__.direct_launches == [
+        (4, 2, 1, 1234, "function handle", "packed metadata", None, None, None, other_x, 123456, 5, 16)
     ]
-    specialized_anew = [
-        ((4, 2), (unaligned_x, 5, 7), dict(BLOCK=16, num_warps=4)),  # an address no longer 16-byte aligned
-        ((4, 2), (x.half(), 5, 7), dict(BLOCK=16, num_warps=4)),  # another dtype
-        ((4, 2), (x, 6, 7), dict(BLOCK=16, num_warps=4)),  # another value of a specialized int
-        ((4, 2), (x, 5, 1 << 40), dict(BLOCK=16, num_warps=4)),  # a seed past 32 bits: an i64 parameter
-        ((4, 2), (x, 5, 7), dict(BLOCK=32, num_warps=4)),  # another constexpr
-        ((4, 2), (x, 5, 7), dict(BLOCK=16, num_warps=8)),  # another launch option
+    launch((x, 8), stream, direct=False)  # a profiler's hooks are set: they fire from the entry point
+    assert len(fn.entry_point_launches) == 2 and len(kernel_run.__self__.direct_launches) == 1
+
+    interpreted = triton_backend._Launch(fn, (3,), (5,), dict(BLOCK=16))
+    for _ in range(2):
+        interpreted((x, 7), stream, direct=False)
+    assert interpreted.compiled is None and len(fn.entry_point_launches) == 4
+
+
+def test_the_triton_backend_keeps_one_plan_per_call_kind_and_what_triton_specializes_on():
+    """Every launch of a call is planned once per key: calls of other data reuse the plan; an input no longer
+    16-byte aligned, another stride, dtype or scale, or a gradient on the LSE, gets a plan of its own."""
+    triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = TokenLayout.build(1, 48, device=device)
+
+    def plans():
+        return [v for v in layout.cache.values() if isinstance(v, (triton_backend._ForwardPlan, triton_backend._BackwardPlan))]
+
+    def call(q, k, v, scale=None, with_lse=False):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = dilated_attention(*leaves, [16, 32], [1, 2], causal=True, backend="triton", token_layout=layout,
+                                     softmax_scale=scale, return_lse=True)
+        torch.autograd.grad((out, lse) if with_lse else out, leaves,
+                            (torch.ones_like(out), torch.ones_like(lse)) if with_lse else torch.ones_like(out))
+
+    storage = torch.randn(3 * 48 * 2 * 16 + 4, device=device)
+    q, k, v = (storage[i * 1536 : (i + 1) * 1536].view(1, 48, 2, 16) for i in range(3))
+    call(q, k, v)
+    first = plans()
+    assert len(first) == 2  # one forward plan, one backward plan
+    call(torch.randn_like(q), torch.randn_like(k), torch.randn_like(v))  # new data: the same plans
+    assert plans() == first
+    unaligned = storage[1 : 1 + 1536].view(1, 48, 2, 16)  # 4 bytes past a 16-byte boundary
+    changed = [
+        (unaligned, k, v, None, False),
+        (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, False),
+        (q.half(), k.half(), v.half(), None, False),
+        (q, k, v, 0.1, False),
+        (q, k, v, None, True),
     ]
-    for number, (grid, args, constexprs) in enumerate(specialized_anew, start=2):
-        launch(grid, *args, **constexprs)
-        assert len(fn.compiled) == number, (args, constexprs)
-    launch((9,), x, 6, 8, BLOCK=16, num_warps=4)  # a kept specialization, another grid
-    assert fn.compiled[3].direct_launches == [
-        (9, 1, 1, 1234, "function handle", "packed metadata", None, None, None, x, 6, 8, 16)
-    ]
-    hook = object()
-    monkeypatch.setattr(triton_backend, "_launch_hooks", lambda: (hook, None))  # a profiler's hook gets metadata
-    launch((9,), x, 6, 8, BLOCK=16, num_warps=4)
-    assert fn.compiled[3].direct_launches[-1][6:9] == (("metadata", (9,)), hook, None)
+    for number, (cq, ck, cv, scale, with_lse) in enumerate(changed):
+        before = len(plans())
+        call(cq, ck, cv, scale, with_lse)
+        # the LSE gradient changes only the backward; the others both
+        assert len(plans()) == before + (1 if with_lse else 2), number

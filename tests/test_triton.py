@@ -447,11 +447,15 @@ def test_gpu_matches_torch_path(spec, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
-    """A second call of the same sizes launches every kernel through the compiled kernels kept from the first
-    (no new specialization), and computes the same as the PyTorch path on new data, forward and gradient."""
-    launchers = [triton_backend._launch_forward, triton_backend._launch_forward_epilogue,
-                 triton_backend._launch_backward_prologue, triton_backend._launch_backward]
+    """After the first call of some sizes, every launch of its plans keeps its compiled kernel; a second call of
+    the same sizes adds no plan, launches through those kernels, and computes the same as the PyTorch path on new
+    data, forward and gradient."""
     segment_lengths, dilation_rates = [512, 1024, 2048], [1, 2, 4]
+    layout = TokenLayout.build(1, 4096, device="cuda")
+
+    def plans():
+        kinds = (triton_backend._ForwardPlan, triton_backend._BackwardPlan)
+        return [p for p in layout.cache.values() if isinstance(p, kinds)]
 
     def call(seed, backend):
         generator = torch.Generator(device="cuda").manual_seed(seed)
@@ -460,14 +464,19 @@ def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
         if backend == "torch":
             leaves = [t.float() for t in leaves]
         leaves = [t.requires_grad_() for t in leaves]
-        out = dilated_attention(*leaves, segment_lengths, dilation_rates, causal=True, backend=backend)
+        out = dilated_attention(*leaves, segment_lengths, dilation_rates, causal=True, backend=backend,
+                                token_layout=layout)
         grad_out = torch.randn(out.shape, device="cuda", generator=generator).to(out.dtype)
         return (out, *torch.autograd.grad(out, leaves, grad_out))
 
     call(0, "triton")
-    kept = [len(launcher.compiled) for launcher in launchers]
-    assert all(kept), "the first call kept no compiled kernel"
+    kept = plans()
+    launches = [launch for p in kept for launch in (
+        [*p.launches, p.epilogue] if isinstance(p, triton_backend._ForwardPlan) else [p.prologue, *p.launches]
+    )]
+    assert len(kept) == 2 and all(launch.compiled is not None for launch in launches)
+    compiled = [launch.compiled for launch in launches]
     got, want = call(1, "triton"), call(1, "torch")
-    assert [len(launcher.compiled) for launcher in launchers] == kept, "the second call compiled again"
+    assert plans() == kept and [launch.compiled for launch in launches] == compiled
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert relative_error(g, w) <= 1.5e-2, name

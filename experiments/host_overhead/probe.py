@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -50,11 +51,77 @@ def host_profile(calls: int, n: int = 8192):
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def host_breakdown(n: int, repeats: int = 50) -> dict:
+    """Host milliseconds per call of the parts of a forward+backward (the median of ``repeats``, the GPU idle before
+    each): the public forward; the backward alone (torch.autograd.grad after a synced forward); the backend's own
+    _forward and _backward without autograd; autograd's engine around a Function that only allocates; one launch."""
+    import time
+
+    import modeling_longnet.dilated_attention_triton as tb
+    from modeling_longnet import DilatedPattern
+
+    q, k, v, g = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    layout = TokenLayout.build(1, n, n, device=q.device)
+    pattern = DilatedPattern(PAPER_W, PAPER_R)
+    scale = 64**-0.5
+
+    def median_host(fn, before=None):
+        times = []
+        for _ in range(repeats + 1):
+            state = before() if before else None
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            fn(state)
+            times.append((time.perf_counter() - started) * 1e3)
+        torch.cuda.synchronize()
+        return statistics.median(times[1:])
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def forward(_=None):
+        return dilated_attention(*leaves, PAPER_W, PAPER_R, causal=True, backend="triton", token_layout=layout)
+
+    class Allocating(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad)
+
+    x = q.detach().requires_grad_()
+    saved = tb._forward(q, k, v, pattern, layout, True, scale, 0.0, 0)
+    out, _, row_max, row_sum = saved
+    plan = tb._forward_plan(q, k, v, pattern, layout, True, scale, 0.0)
+    own = (q, k, v, out, torch.empty(q.shape, device="cuda"), row_max, row_sum, 0)
+    stream = tb._GroupStream(None, torch.cuda.current_stream().cuda_stream)
+    result = {
+        "n": n,
+        "public forward": median_host(forward),
+        "backward alone (autograd.grad after a synced forward)": median_host(
+            lambda out: torch.autograd.grad(out, leaves, g), before=forward
+        ),
+        "backend _forward (no autograd)": median_host(lambda _: tb._forward(q, k, v, pattern, layout, True, scale, 0.0, 0)),
+        "backend _backward (no autograd)": median_host(
+            lambda _: tb._backward(q, k, v, out, row_max, row_sum, g, None, pattern, layout, True, scale, 0.0, 0)
+        ),
+        "autograd engine, a Function that allocates (fwd+bwd)": median_host(
+            lambda _: torch.autograd.grad(Allocating.apply(x), x, g)
+        ),
+        "one forward branch launch": median_host(lambda _: [plan.launches[0](own, stream, True) for _ in range(10)]) / 10,
+        "torch.empty (B, N, H, D)": median_host(lambda _: [torch.empty(q.shape, device="cuda") for _ in range(10)]) / 10,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="8192,32768,131072")
     parser.add_argument("--json", default=None)
     parser.add_argument("--cprofile", type=int, default=0, help="also print where the host time of N calls goes")
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of a call's host work")
     args = parser.parse_args()
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -80,11 +147,13 @@ def main():
                 print(json.dumps({k: v for k, v in row.items() if k != "kernel_names"}), flush=True)
         del q, k, v, g
         torch.cuda.empty_cache()
+    breakdown = [host_breakdown(n) for n in (8192, 32768)] if args.breakdown else []
     if args.cprofile:
         host_profile(args.cprofile)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                       "breakdown": breakdown}, f, indent=1)
 
 
 if __name__ == "__main__":
