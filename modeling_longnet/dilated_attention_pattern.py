@@ -624,6 +624,17 @@ def _whole_rows_layout(batch_size: int, num_keys: int, num_queries: int, first_p
     )
 
 
+def _on_device(tensor: torch.Tensor, device) -> bool:
+    """Whether ``tensor`` lies on ``device`` (None: anywhere), given as a string or a torch.device; "cuda" without
+    an index means the current GPU."""
+    if device is None:
+        return True
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return tensor.device == device
+
+
 def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, num_queries: int, device):
     """``(starts, lengths, compaction)`` of the one document per row; a row with holes is compacted (its real
     tokens moved to its end), and then every row is."""
@@ -633,7 +644,7 @@ def _documents_from_mask(mask: torch.Tensor, batch_size: int, num_keys: int, num
         raise ValueError(
             f"`attention_mask` must have shape (batch, key_length) = {(batch_size, num_keys)}, got {tuple(mask.shape)}"
         )
-    if device is not None and mask.device != device:
+    if not _on_device(mask, device):
         raise ValueError(f"`attention_mask` is on {mask.device} but the queries are on {device}")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("`attention_mask` must hold 1 for real tokens and 0 for padding, got other values")
@@ -659,7 +670,7 @@ def _documents_from_cu_seqlens(cu_seqlens, batch_size: int, num_keys: int, devic
         raise ValueError(f"`cu_seqlens` packs documents into one row: the batch size must be 1, got {batch_size}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"`cu_seqlens` must be 1-D with documents + 1 entries, got shape {tuple(cu_seqlens.shape)}")
-    if device is not None and cu_seqlens.device != device:
+    if not _on_device(cu_seqlens, device):
         raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the queries are on {device}")
     cu = cu_seqlens.cpu().long()
     if int(cu[0]) != 0 or int(cu[-1]) != num_keys:

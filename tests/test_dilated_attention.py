@@ -157,6 +157,18 @@ def test_token_layout_reuse_equals_direct_call():
     assert torch.equal(first, direct) and torch.equal(again, direct)
 
 
+def test_token_layout_takes_the_device_as_a_string_and_names_a_mask_elsewhere():
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :13] = 0
+    by_name = TokenLayout.build(2, 40, attention_mask=mask, device="cpu")
+    by_device = TokenLayout.build(2, 40, attention_mask=mask, device=torch.device("cpu"))
+    assert torch.equal(by_name.doc_length, by_device.doc_length)
+    cu_seqlens = torch.tensor([0, 15, 40], dtype=torch.int32)
+    assert TokenLayout.build(1, 40, cu_seqlens=cu_seqlens, device="cpu").num_documents == 2
+    with pytest.raises(ValueError, match="`attention_mask` is on cpu but the queries are on meta"):
+        TokenLayout.build(2, 40, attention_mask=mask, device="meta")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # dropout
 # ---------------------------------------------------------------------------------------------------------
