@@ -231,6 +231,10 @@ class ForwardConfig:
     # Keep the running output of the branches before the last in the input dtype instead of float32: half the
     # bytes of the merges, one more rounding per branch.
     merge_in_input_dtype: bool = False
+    # Where the kv heads form one head group (small problems): every branch in one launch, each storing its
+    # partial result in a float32 slot of its own, mixed by one merge launch, instead of one launch per branch
+    # merging into the running output, each launch ending in its own tail of long programs.
+    group_branches: bool = False
 
     def __post_init__(self):
         if self.head_groups < 1:
@@ -255,6 +259,10 @@ class BackwardConfig:
     # "tma-atomic": the same, adding whole tiles with TMA reduce-adds (Hopper, GPU only).
     dq_mode: str = "recompute"
     head_groups: int = 1  # as ForwardConfig.head_groups
+    # Where the kv heads form one head group (small problems): every branch in one launch, dK, dV and dQ added
+    # atomically into float32 buffers, instead of one launch per branch, each ending in its own tail of long
+    # programs. Not in torch's deterministic mode (atomic additions arrive in any order).
+    group_branches: bool = False
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
@@ -393,7 +401,10 @@ if triton is not None:
 
     # Run-time integers that differ from branch to branch would each compile a new specialization otherwise.
     @triton.jit(
-        do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
+        do_not_specialize=[
+            "dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base", "num_branches",
+            "slot_out_stride", "slot_stats_stride",
+        ]
     )
     def _forward_kernel(
         Q, K, V, Out, Acc, RowMax, RowSum, seed,  # the call's own tensors and seed first: see _Launch
@@ -405,17 +416,49 @@ if triton is not None:
         stride_lb, stride_ln,
         dilation, query_begin, num_query_blocks, head_begin,
         softmax_scale, stream_base, dropout_p,
+        BranchTable, num_branches, slot_out_stride, slot_stats_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
-        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPED: tl.constexpr,
     ):
-        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1)."""
+        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1).
+
+        GROUPED: every branch in this one launch, on a 1-D grid (:func:`_grouped_forward_launch`). Program ``pid``
+        belongs to the branch whose row of ``BranchTable`` (``_GROUPED_FORWARD_COLUMNS``) holds the largest first
+        program not above it; the branch stores its own partial result (output, row maximum and sum) in its slot
+        of Acc, RowMax and RowSum, ``slot_out_stride`` and ``slot_stats_stride`` elements apart, and
+        ``_forward_merge_kernel`` mixes the slots. (Branches cannot merge into shared rows in one launch: they
+        would race.)"""
         # Formed here and in the backward kernel by the same float32 product, so that both kernels' exponents agree
         # bit for bit. (Passed in as a second argument instead, it cost the backward 40 more spilled registers and
         # 20% of its time on an H200: docs/triton_notes.md.)
         qk_scale = softmax_scale * 1.4426950408889634  # log2(e)
-        pid = tl.program_id(0)
-        head = head_begin + tl.program_id(1)
+        if GROUPED:
+            pid = tl.program_id(0)
+            branch = 0
+            for i in range(1, num_branches):
+                branch += (pid >= tl.load(BranchTable + i * 7)).to(tl.int32)
+            entry = BranchTable + branch * 7
+            pid -= tl.load(entry)
+            dilation = tl.load(entry + 1)
+            num_query_blocks = tl.load(entry + 2)
+            first_item = tl.load(entry + 3)
+            programs_per_head = num_query_blocks * tl.load(entry + 4)
+            stream_base = tl.load(entry + 5)
+            HeadOffset += tl.load(entry + 6)
+            ItemRow += first_item
+            ItemBase += first_item
+            ItemKeyLo += first_item
+            ItemQueryLo += first_item
+            ItemEnd += first_item
+            Acc += branch.to(tl.int64) * slot_out_stride
+            RowMax += branch.to(tl.int64) * slot_stats_stride
+            RowSum += branch.to(tl.int64) * slot_stats_stride
+            head = pid // programs_per_head
+            pid = pid % programs_per_head
+        else:
+            pid = tl.program_id(0)
+            head = head_begin + tl.program_id(1)
         item = pid // num_query_blocks
         # the last query blocks see the most keys under causality: start them first
         query_block = num_query_blocks - 1 - pid % num_query_blocks
@@ -571,6 +614,45 @@ if triton is not None:
             running = tl.where(seen[:, None], running, 0.0)
             tl.store(Output + offsets, running.to(Output.dtype.element_ty), mask=valid[:, None])
 
+    @triton.jit(do_not_specialize=["num_rows", "num_slots", "slot_out_stride", "slot_stats_stride"])
+    def _forward_merge_kernel(
+        Partial, SlotMax, SlotSum, RowMax, RowSum, Lse, Output, num_rows, num_slots, slot_out_stride,
+        slot_stats_stride, softmax_scale,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """The end of a grouped forward (see _forward_kernel's GROUPED), over the (batch, query, head) rows: the
+        branches' partial outputs mixed by their weights ``sum * exp2((max - largest) * scale)``, which add up to
+        one (a convex combination at any logit scale, as the sequential merge); the mixed row maximum and sum for
+        the backward, the LSE, and the output in its dtype. A slot whose sum is 0 never saw the row (the sums start
+        at 0; its output rows hold garbage, never read); a row no branch saw gets output 0, maximum -inf, LSE -inf."""
+        qk_scale = softmax_scale * 1.4426950408889634  # as the forward kernel forms it
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = rows < num_rows
+        largest = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for slot in range(num_slots):
+            slot_sum = tl.load(SlotSum + slot * slot_stats_stride + rows, mask=valid, other=0.0)
+            slot_max = tl.load(SlotMax + slot * slot_stats_stride + rows, mask=valid, other=0.0)
+            largest = tl.where(slot_sum > 0, tl.maximum(largest, slot_max), largest)
+        shift = tl.where(largest == float("-inf"), 0.0, largest)
+        offsets = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        for slot in range(num_slots):
+            slot_sum = tl.load(SlotSum + slot * slot_stats_stride + rows, mask=valid, other=0.0)
+            slot_max = tl.load(SlotMax + slot * slot_stats_stride + rows, mask=valid, other=0.0)
+            seen = slot_sum > 0
+            weight = tl.where(seen, slot_sum * tl.math.exp2((slot_max - shift) * qk_scale), 0.0)
+            partial = tl.load(Partial + slot * slot_out_stride + offsets, mask=seen[:, None], other=0.0)
+            acc += partial * weight[:, None]
+            total += weight
+        seen = total > 0
+        out = acc / tl.where(seen, total, 1.0)[:, None]
+        tl.store(Output + offsets, out.to(Output.dtype.element_ty), mask=valid[:, None])
+        tl.store(RowMax + rows, largest, mask=valid)
+        tl.store(RowSum + rows, total, mask=valid)
+        lse = (largest * qk_scale + tl.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453
+        tl.store(Lse + rows, tl.where(seen, lse, float("-inf")), mask=valid)
+
     @triton.jit
     def _backward_kv_steps(
         dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
@@ -679,7 +761,7 @@ if triton is not None:
     @triton.jit(
         do_not_specialize=[
             "dilation", "query_begin", "head_begin", "num_heads", "class_begin", "num_key_blocks", "num_query_blocks",
-            "num_classes", "num_kv_programs", "num_q_programs", "seed", "stream_base",
+            "num_classes", "num_kv_programs", "num_q_programs", "seed", "stream_base", "num_branches",
         ]
     )
     def _backward_kernel(
@@ -693,11 +775,11 @@ if triton is not None:
         stride_dkb, stride_dkn, stride_dkh,
         stride_lb, stride_ln,
         dilation, query_begin, head_begin, num_heads, class_begin, num_key_blocks, num_query_blocks, num_classes,
-        num_kv_programs, num_q_programs, softmax_scale, stream_base, dropout_p,
+        num_kv_programs, num_q_programs, softmax_scale, stream_base, dropout_p, BranchTable, num_branches,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr, INTERLEAVE: tl.constexpr,
-        TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPED: tl.constexpr,
     ):
         """One branch's share of dQ, dK, dV; the first num_kv_programs programs do dK/dV, the rest dQ.
 
@@ -706,10 +788,37 @@ if triton is not None:
 
         ACCUMULATE adds to what earlier branches stored; without it this branch is the first and writes every row.
         With DQ_MODE 1 or 2 there are no dQ programs: the dK/dV programs add dQ into DQ, a zeroed float32 buffer.
+
+        GROUPED: every branch in this one launch (:class:`_GroupedTables`). Program ``pid`` belongs to the branch
+        whose row of ``BranchTable`` (``_GROUPED_COLUMNS``) holds the largest program start not above it; that row
+        gives the branch's scalars and where its items and classes begin in the concatenated tables. Branches then
+        add into the same rows concurrently, so dK and dV are added atomically to zeroed float32 buffers, like dQ.
         """
         pid = tl.program_id(0)
         qk_scale = softmax_scale * 1.4426950408889634  # log2(e), as in the forward: the same product
         offs_d = tl.arange(0, HEAD_DIM)
+        if GROUPED:
+            branch = 0
+            for i in range(1, num_branches):
+                branch += (pid >= tl.load(BranchTable + i * 8)).to(tl.int32)
+            entry = BranchTable + branch * 8
+            pid -= tl.load(entry)
+            dilation = tl.load(entry + 1)
+            num_key_blocks = tl.load(entry + 2)
+            num_classes = tl.load(entry + 3)
+            num_kv_programs = tl.load(entry + 4)
+            first_item = tl.load(entry + 5)
+            first_class = tl.load(entry + 6)
+            stream_base = tl.load(entry + 7)
+            ItemRow += first_item
+            ItemBase += first_item
+            ItemKeyLo += first_item
+            ItemQueryLo += first_item
+            ItemEnd += first_item
+            ClassKvHead += first_class
+            ClassSize += first_class
+            ClassHeads += first_class * GROUP
+            HeadOffset += branch * num_heads
         if INTERLEAVE:
             # the heaviest programs of both roles come first, side by side, instead of all dQ work trailing
             paired = 2 * tl.minimum(num_kv_programs, num_q_programs)
@@ -795,11 +904,15 @@ if triton is not None:
             # one writer per row in this launch: add this branch's share to what earlier branches left
             grad_offsets = batch * stride_dkb + kv_head * stride_dkh + key_index[:, None] * stride_dkn + offs_d[None, :]
             dk = dk * softmax_scale
-            if ACCUMULATE:
-                dk += tl.load(DK + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
-                dv += tl.load(DV + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
-            tl.store(DK + grad_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
-            tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
+            if GROUPED:
+                tl.atomic_add(DK + grad_offsets, dk, mask=key_valid[:, None], sem="relaxed")
+                tl.atomic_add(DV + grad_offsets, dv, mask=key_valid[:, None], sem="relaxed")
+            else:
+                if ACCUMULATE:
+                    dk += tl.load(DK + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
+                    dv += tl.load(DV + grad_offsets, mask=key_valid[:, None], other=0.0).to(tl.float32)
+                tl.store(DK + grad_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
+                tl.store(DV + grad_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
         elif DQ_MODE == 0:
             # ---- dQ of one query block of one (item, head) ----
             pid = pid - num_kv_programs
@@ -1147,6 +1260,7 @@ class _ForwardPlan:
     # the branches accumulate into `out` itself (float32), or into a separate running buffer of this dtype
     running_dtype: torch.dtype | None
     zero_out: bool  # `out` starts at 0 (float32 accumulation, or padding queries no launch writes)
+    grouped_slots: int = 0  # a grouped forward (one launch, then `epilogue` merges): its branches' slots; else 0
 
 
 def _forward_plan(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float) -> _ForwardPlan:
@@ -1177,6 +1291,25 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
     orders = [_rotated(plans, g, keep_last=write_final) for g in range(len(groups))]
     out_strides = _contiguous_strides(q.shape)[:3]  # `out` and the running output
     stats_strides = _contiguous_strides(q.shape[:3])[:2]  # row maxima and sums, (B, N, H)
+    rows = batch * num_queries * num_heads
+    constexprs = dict(
+        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, TMA=tma, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.group_branches and len(groups) == 1 and len(plans) > 1:
+        tables, branch_table, num_programs = _grouped_forward_launch(plans, config, num_heads, q.device)
+        kept = (
+            *tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
+            1, layout.query_begin, 1, 0, softmax_scale, 0, dropout_p,  # the table gives the branches' own
+            branch_table, len(plans), rows * head_dim, 2 * rows,
+        )
+        launch = _Launch(_forward_kernel, (num_programs,), kept, dict(constexprs, MERGE=False, FINAL=False, GROUPED=True))
+        merge = _Launch(
+            _forward_merge_kernel, (_cdiv(rows, 64),), (rows, len(plans), rows * head_dim, 2 * rows, softmax_scale),
+            dict(BLOCK=64, HEAD_DIM=head_dim),
+        )
+        return _ForwardPlan([launch], merge, 1, tma, torch.float32, False, grouped_slots=len(plans))
     launches = []
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
@@ -1186,19 +1319,15 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
                 plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
                 plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
-                softmax_scale, branch << 16, dropout_p,
+                softmax_scale, branch << 16, dropout_p, plan.head_offset, 1, 0, 0,  # no branch table: any int32
             )
-            constexprs = dict(
-                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                CAUSAL=causal, DROPOUT=dropout_p > 0, MERGE=position > 0,
-                FINAL=write_final and position == len(plans) - 1, TMA=tma, DOT_PRECISION=_dot_precision(q.dtype),
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
+            final = write_final and position == len(plans) - 1
             grid = (num_query_blocks * plan.num_items, group.head_end - group.head_begin)
-            launches.append(_Launch(_forward_kernel, grid, kept, constexprs, group=g))
+            launches.append(_Launch(
+                _forward_kernel, grid, kept, dict(constexprs, MERGE=position > 0, FINAL=final, GROUPED=False), group=g
+            ))
     # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
     # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
-    rows = batch * num_queries * num_heads
     epilogue = _Launch(
         _forward_epilogue_kernel, (_cdiv(rows, 64),), (rows, softmax_scale * _LOG2E),
         dict(BLOCK=64, HEAD_DIM=head_dim, CAST=not write_final and q.dtype != torch.float32),
@@ -1206,9 +1335,45 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
     return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out)
 
 
+def _grouped_forward_launch(plans, config: ForwardConfig, num_heads: int, device):
+    """The branch table and the concatenated head-offset and item tables of one forward launch of all ``plans``
+    (branch index, plan); slot i of the partial results is the table's row i. The branches whose programs see the
+    most keys come first, so that the launch ends on short programs. Returns (kept tables, table, programs)."""
+    ordered = sorted(plans, key=lambda branch_plan: -branch_plan[1].max_rows)
+    rows, program, item = [], 0, 0
+    for slot, (branch, plan) in enumerate(ordered):
+        num_query_blocks = _cdiv(plan.max_rows, config.block_m)
+        rows.append([program, plan.dilation_rate, num_query_blocks, item, plan.num_items, branch << 16, slot * num_heads])
+        program += num_query_blocks * plan.num_items * num_heads
+        item += plan.num_items
+    assert len(rows[0]) == len(_GROUPED_FORWARD_COLUMNS)
+    tables = tuple(
+        torch.cat([getattr(plan, name) for _, plan in ordered])
+        for name in ("head_offset", "item_row", "item_base", "item_key_lo", "item_query_lo", "item_end")
+    )
+    return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
+
+
+# The columns of a grouped forward's branch table (int32, one row per branch, in launch order)
+_GROUPED_FORWARD_COLUMNS = (
+    "first program", "dilation", "query blocks", "first item", "items", "stream base", "first head offset"
+)
+
+
 def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
     plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     batch, num_queries, num_heads, _ = q.shape
+    direct = _direct_launches()
+    if plan.grouped_slots:  # every branch into its own slot in one launch, then one merge launch
+        out = torch.empty_like(q)
+        stats = torch.empty((3, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
+        row_max, row_sum, lse = stats.unbind()
+        partial = torch.empty((plan.grouped_slots, *q.shape), dtype=torch.float32, device=q.device)
+        slot_stats = torch.zeros((plan.grouped_slots, 2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
+        with _group_streams(q.device, 1) as streams, _descriptor_scratch(plan.tma):
+            plan.launches[0]((q, k, v, out, partial, slot_stats[0, 0], slot_stats[0, 1], seed), streams[0], direct)
+            plan.epilogue((partial, slot_stats[0, 0], slot_stats[0, 1], row_max, row_sum, lse, out), streams[0], direct)
+        return out, lse, row_max, row_sum
     stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
     stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
     row_max, row_sum = stats[0], stats[1]
@@ -1216,7 +1381,6 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
     lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     own = (q, k, v, out, running, row_max, row_sum, seed)
-    direct = _direct_launches()
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
             launch(own, streams[launch.group], direct)
@@ -1234,6 +1398,37 @@ class _BackwardPlan:
     scratch: bool  # some launch builds TMA descriptors
     zero_grad_kv: bool  # no branch writes every row of dK, dV: they start at 0
     grad_q_dtype: torch.dtype
+    grouped: bool = False  # one launch of every branch: dQ, dK, dV in one zeroed float32 buffer, cast at the end
+
+
+# The columns of a grouped launch's branch table (int32, one row per branch, in launch order): what the kernel
+# reads instead of its per-branch arguments (see _backward_kernel's GROUPED).
+_GROUPED_COLUMNS = (
+    "first program", "dilation", "key blocks", "classes", "programs", "first item", "first class", "stream base"
+)
+
+
+def _grouped_launch(plans, config: BackwardConfig, device):
+    """The branch table and the concatenated item, head-offset and class tables of one launch of all ``plans``
+    (branch index, plan); the branches whose programs run longest (most rows per (item, head)) first, so that the
+    launch ends on short programs. Returns (kept tables, branch table, number of programs)."""
+    ordered = sorted(plans, key=lambda branch_plan: -branch_plan[1].max_rows)
+    rows, program, item, cls = [], 0, 0, 0
+    for branch, plan in ordered:
+        num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
+        programs = num_key_blocks * plan.num_classes * plan.num_items
+        rows.append([program, plan.dilation_rate, num_key_blocks, plan.num_classes, programs, item, cls, branch << 16])
+        program, item, cls = program + programs, item + plan.num_items, cls + plan.num_classes
+    assert len(rows[0]) == len(_GROUPED_COLUMNS)
+
+    def concatenated(name):
+        return torch.cat([getattr(plan, name) for _, plan in ordered])
+
+    tables = tuple(concatenated(name) for name in (
+        "head_offset", "class_kv_head", "class_size", "class_heads",
+        "item_row", "item_base", "item_key_lo", "item_query_lo", "item_end",
+    ))
+    return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
 
 
 def _backward_plan(q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal, softmax_scale,
@@ -1263,11 +1458,15 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
         and _every_query_is_real(layout)
     )
     config = _runnable_backward_config(config, q)
+    groups = _head_groups(q, k, config.head_groups)
+    grouped = config.group_branches and len(groups) == 1 and len(plans) > 1
+    if grouped and config.dq_mode == "recompute":
+        config = dataclasses.replace(config, dq_mode="atomic")
     dq_mode = config.dq_mode
     # dq_mode "recompute": each branch adds dQ in q's dtype, as dK and dV; otherwise every branch adds into one
-    # float32 buffer, zeroed by the prologue and cast once at the end
+    # float32 buffer, zeroed by the prologue (grouped: with dK and dV, by the allocation) and cast once at the end
     grad_q_dtype = q.dtype if dq_mode == "recompute" else torch.float32
-    zero_grad_q = dq_mode != "recompute" or not first_writes_all
+    zero_grad_q = not grouped and (dq_mode != "recompute" or not first_writes_all)
     tma = config.tensor_descriptors and _descriptors_usable(q, k, v, scaled_grad_out)
     rows = batch * num_queries * num_heads
     prologue = _Launch(
@@ -1275,11 +1474,28 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
         (rows, num_heads, num_queries, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
         dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse, ZERO_GRAD_Q=zero_grad_q),
     )
-    groups = _head_groups(q, k, config.head_groups)
     orders = [_rotated(plans, g, keep_first=first_writes_all) for g in range(len(groups))]
     q_strides = _contiguous_strides(q.shape)[:3]  # dO / sum and dQ
     kv_strides = _contiguous_strides(k.shape)[:3]  # dK and dV
     stats_strides = _contiguous_strides(q.shape[:3])[:2]
+    constexprs = dict(
+        GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
+        BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2,
+        BLOCK_N2=config.block_n2, CAUSAL=causal, DROPOUT=dropout_p > 0,
+        INTERLEAVE=config.interleave_roles, TMA=tma,
+        DQ_MODE=DQ_MODES.index(dq_mode), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if grouped:
+        tables, branch_table, num_programs = _grouped_launch(plans, config, q.device)
+        kept = (
+            *tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_strides, *q_strides, *kv_strides,
+            *stats_strides,
+            1, layout.query_begin, 0, num_heads, 0, 1, 1, 1, num_programs, 0,  # the table gives the branches' own
+            softmax_scale, 0, dropout_p, branch_table, len(plans),
+        )
+        launch = _Launch(_backward_kernel, (num_programs,), kept, dict(constexprs, ACCUMULATE=True, GROUPED=True))
+        return _BackwardPlan(prologue, [launch], 1, tma or dq_mode == "tma-atomic", False, torch.float32, grouped=True)
     launches = []
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
@@ -1298,17 +1514,13 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
                 *stats_strides,
                 plan.dilation_rate, layout.query_begin, group.head_begin, num_group_heads, class_begin,
                 num_key_blocks, num_query_blocks, num_classes, num_kv_programs, num_q_programs,
-                softmax_scale, branch << 16, dropout_p,
+                softmax_scale, branch << 16, dropout_p, plan.head_offset, 1,  # no branch table: any int32 tensor
             )
-            constexprs = dict(
-                GROUP=num_heads // k.shape[2], HEAD_DIM=head_dim,
-                BLOCK_N1=config.block_n1, BLOCK_M1=config.block_m1, BLOCK_M2=config.block_m2,
-                BLOCK_N2=config.block_n2, CAUSAL=causal, DROPOUT=dropout_p > 0,
-                ACCUMULATE=position > 0 or not first_writes_all, INTERLEAVE=config.interleave_roles, TMA=tma,
-                DQ_MODE=DQ_MODES.index(dq_mode), DOT_PRECISION=_dot_precision(q.dtype),
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-            launches.append(_Launch(_backward_kernel, (num_kv_programs + num_q_programs,), kept, constexprs, group=g))
+            accumulate = position > 0 or not first_writes_all
+            launches.append(_Launch(
+                _backward_kernel, (num_kv_programs + num_q_programs,), kept,
+                dict(constexprs, ACCUMULATE=accumulate, GROUPED=False), group=g,
+            ))
     return _BackwardPlan(
         prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype
     )
@@ -1329,10 +1541,14 @@ def _backward(
     )
     delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
     finite_row_max = torch.empty_like(delta)  # the forward's row maxima (unscaled products q.k)
-    grad_q = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed by the prologue if need be
-    allocate = torch.zeros if plan.zero_grad_kv else torch.empty
-    grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
-    grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
+    if plan.grouped:  # every branch adds into one float32 buffer, cast once at the end
+        grads = torch.zeros(q.numel() + 2 * k.numel(), dtype=torch.float32, device=q.device)
+        grad_q, grad_k, grad_v = _split_grads(grads, q, k)
+    else:
+        grad_q = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed by the prologue if need be
+        allocate = torch.zeros if plan.zero_grad_kv else torch.empty
+        grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
+        grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
     direct = _direct_launches()
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.scratch):
         grad_lse_rows = delta if grad_lse is None else grad_lse.contiguous()
@@ -1345,18 +1561,32 @@ def _backward(
         own = (q, k, v, scaled_grad_out, grad_q, grad_k, grad_v, finite_row_max, delta, seed)
         for launch in plan.launches:
             launch(own, streams[launch.group], direct)
+    if plan.grouped:
+        return _split_grads(grads.to(q.dtype), q, k)  # one cast kernel for the three (none for float32)
     if grad_q.dtype != q.dtype:
         grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v
 
 
+def _split_grads(grads: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    """dQ, dK, dV as contiguous views of one flat buffer holding them in turn."""
+    q_size, k_size = q.numel(), k.numel()
+    return (
+        grads[:q_size].view(q.shape),
+        grads[q_size : q_size + k_size].view(k.shape),
+        grads[q_size + k_size :].view(k.shape),
+    )
+
+
 def _runnable_backward_config(config: BackwardConfig, q: torch.Tensor) -> BackwardConfig:
-    """``config``, with dQ recomputed where its atomic scheme may not run: atomic additions make dQ depend on the
-    order in which programs finish, so torch's deterministic mode gets the recomputing path; the TMA reduce-add
-    needs a Hopper GPU whose descriptors address q's rows."""
-    if config.dq_mode != "recompute" and (
-        torch.are_deterministic_algorithms_enabled() or (config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q))
-    ):
+    """``config``, with dQ recomputed where its atomic scheme may not run: atomic additions make the gradients
+    depend on the order in which programs finish, so torch's deterministic mode gets the recomputing path, one
+    launch per branch; the TMA reduce-add needs a Hopper GPU whose descriptors address q's rows."""
+    if torch.are_deterministic_algorithms_enabled():
+        if config.dq_mode == "recompute":
+            return dataclasses.replace(config, group_branches=False)
+        return dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute", group_branches=False)
+    if config.dq_mode == "tma-atomic" and not _tma_reduce_applies(q):
         return dataclasses.replace(config, tensor_descriptors=False, dq_mode="recompute")
     return config
 

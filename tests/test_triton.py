@@ -59,20 +59,24 @@ def kernel_variants(draw):
         backward_descriptors=draw(st.booleans()),
         dq_mode=draw(st.sampled_from(["recompute", "atomic"])),
         head_groups=draw(st.integers(1, 3)),
+        group_branches=draw(st.booleans()),
     )
 
 
-def kernel_variant(forward_descriptors=False, backward_descriptors=False, dq_mode="recompute", head_groups=2):
+def kernel_variant(
+    forward_descriptors=False, backward_descriptors=False, dq_mode="recompute", head_groups=2, group_branches=False
+):
     """A context in which the kernels run with this variant of their default launch configurations."""
     forward = triton_backend.forward_config
     backward = triton_backend.backward_config
     patches = mock.patch.multiple(
         triton_backend,
         forward_config=lambda *a: dataclasses.replace(
-            forward(*a), tensor_descriptors=forward_descriptors, head_groups=head_groups
+            forward(*a), tensor_descriptors=forward_descriptors, head_groups=head_groups, group_branches=group_branches
         ),
         backward_config=lambda *a: dataclasses.replace(
-            backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode, head_groups=head_groups
+            backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode, head_groups=head_groups,
+            group_branches=group_branches,
         ),
     )
     return patches
@@ -210,6 +214,53 @@ def test_deterministic_mode_recomputes_dq_instead_of_adding_it_atomically():
     assert triton_backend._runnable_backward_config(
         dataclasses.replace(triton_backend.backward_config(16, torch.float32), dq_mode="atomic"), q
     ).dq_mode == "atomic"  # outside deterministic mode the atomic scheme stays
+
+
+def test_grouped_launches_run_every_branch_at_once_and_match_the_reference():
+    """Small problems can run every branch in one launch (``group_branches``): the forward's branches each store
+    a partial result that one merge launch mixes, the backward adds dQ, dK, dV atomically in float32. Values, LSE
+    and gradients are the reference's. Deterministic mode keeps one backward launch per branch (atomic sums
+    depend on the order in which programs finish)."""
+    torch.manual_seed(0)
+    segments, rates = [16, 32, 48], [1, 2, 3]
+    q64, k64, v64 = (torch.randn(2, 70, 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :9] = 0  # a left-padded row: items that start mid-segment
+    grad = torch.randn(2, 70, 4, 16, dtype=torch.float64)
+    layout = TokenLayout.build(2, 70, 70, attention_mask=mask.to(DEVICE), device=DEVICE)
+    ref, ref_lse = reference_dilated_attention(
+        q64, k64, v64, segments, rates, causal=True, attention_mask=mask, return_lse=True
+    )
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad)
+
+    def gradients():
+        out, lse = dilated_attention(
+            q, k, v, segments, rates, causal=True, backend="triton", token_layout=layout, return_lse=True
+        )
+        assert relative_error(out, ref) <= 1e-5 and not out[1, :9].cpu().any()  # padding queries get 0
+        assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        assert relative_error(lse.cpu()[finite], ref_lse[finite]) <= 1e-5
+        return torch.autograd.grad(out, (q, k, v), grad.float().to(DEVICE))
+
+    with kernel_variant(head_groups=1, group_branches=True):
+        got = gradients()
+        forward_plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._ForwardPlan)]
+        assert [(p.grouped_slots, len(p.launches)) for p in forward_plans] == [(3, 1)]
+        plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._BackwardPlan)]
+        assert [(p.grouped, len(p.launches)) for p in plans] == [(True, 1)]
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            forced = gradients()
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._BackwardPlan)]
+    assert sorted((p.grouped, len(p.launches)) for p in plans) == [(False, 3), (True, 1)]
+    for name, g, f, w in zip("qkv", got, forced, want):
+        assert relative_error(g, w) <= 1e-5, name
+        assert relative_error(f, w) <= 1e-5, name
 
 
 def test_unaligned_rows_fall_back_from_descriptors_to_pointers():
@@ -414,7 +465,13 @@ gpu_cases = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec", gpu_cases, ids=["paper-causal", "gqa-mask", "packed-mqa"])
-def test_gpu_matches_torch_path(spec, dtype):
+@pytest.mark.parametrize("group_branches", [False, True], ids=["launch-per-branch", "grouped"])
+def test_gpu_matches_torch_path(spec, dtype, group_branches, monkeypatch):
+    for name in ("forward_config", "backward_config"):
+        default = getattr(triton_backend, name)
+        monkeypatch.setattr(
+            triton_backend, name, lambda *a, d=default: dataclasses.replace(d(*a), group_branches=group_branches)
+        )
     torch.manual_seed(0)
     b, n, h, hkv, d = spec["batch"], spec["num_keys"], spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     q = torch.randn(b, n, h, d, device="cuda")
