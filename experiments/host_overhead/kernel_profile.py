@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from benchmark import Problem, make_method, parse_args as benchmark_args, time_back_to_back, time_call  # noqa: E402
+from benchmark import Problem, host_time, make_method, parse_args as benchmark_args, time_back_to_back, time_call  # noqa: E402
 
 import modeling_longnet.dilated_attention_triton as tb  # noqa: E402
 
@@ -103,10 +103,11 @@ def main():
                 row = {"n": n, "method": method, "mode": "fwd+bwd" if backward else "fwd", **profile_call(run)}
                 row["single_ms"] = round(time_call(run, 20, 0.2), 4)
                 row["back_to_back_ms"] = round(time_back_to_back(run), 4)
+                row["host_ms"] = round(host_time(run), 4)
                 row["graph_ms"] = graph_replay_ms(run)
                 rows.append(row)
                 print(f"N={n} {method} {row['mode']}: single {row['single_ms']} ms, back to back "
-                      f"{row['back_to_back_ms']} ms, graph {row['graph_ms']} ms; busy {row['busy_us']:.0f} us, "
+                      f"{row['back_to_back_ms']} ms, host {row['host_ms']} ms, graph {row['graph_ms']} ms; busy {row['busy_us']:.0f} us, "
                       f"span {row['span_us']:.0f} us, {len(row['kernels'])} kernels", flush=True)
                 for name, us in row["kernels"]:
                     print(f"    {us:8.1f} us  {name}")
