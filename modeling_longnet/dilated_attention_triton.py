@@ -1366,8 +1366,8 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     direct = _direct_launches()
     if plan.grouped_slots:  # every branch into its own slot in one launch, then one merge launch
         out = torch.empty_like(q)
-        stats = torch.empty((3, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
-        row_max, row_sum, lse = stats.unbind()
+        row_max, row_sum = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device).unbind()
+        lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
         partial = torch.empty((plan.grouped_slots, *q.shape), dtype=torch.float32, device=q.device)
         slot_stats = torch.zeros((plan.grouped_slots, 2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
         with _group_streams(q.device, 1) as streams, _descriptor_scratch(plan.tma):
@@ -1376,10 +1376,10 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
         return out, lse, row_max, row_sum
     stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
     stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
-    row_max, row_sum = stats[0], stats[1]
+    row_max, row_sum = stats.unbind()
     out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
     own = (q, k, v, out, running, row_max, row_sum, seed)
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
@@ -1539,8 +1539,8 @@ def _backward(
     plan = _backward_plan(
         q, k, v, grad_out, scaled_grad_out, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p
     )
-    delta = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)
-    finite_row_max = torch.empty_like(delta)  # the forward's row maxima (unscaled products q.k)
+    # delta and the forward's row maxima made finite (unscaled products q.k), in one allocation
+    delta, finite_row_max = torch.empty((2, *row_max.shape), dtype=torch.float32, device=q.device).unbind()
     if plan.grouped:  # every branch adds into one float32 buffer, cast once at the end
         grads = torch.zeros(q.numel() + 2 * k.numel(), dtype=torch.float32, device=q.device)
         grad_q, grad_k, grad_v = _split_grads(grads, q, k)
