@@ -32,10 +32,13 @@ reading. For 16-bit inputs that sum is kept in the gradient's own dtype (each br
 float32 first); a row touched by k branches carries k roundings instead of one (bfloat16 gradients measured within
 3e-3 of float32, see docs/benchmarks.md).
 
-Launch order: branches cannot share a launch (each adds into rows the others write), so each launch ends with a
-tail of long programs on few SMs. Heads can: for large problems the kv heads are split into two groups, each
+Launch order: branches cannot share a launch as long as each adds into rows the others write, so each launch ends
+with a tail of long programs on few SMs. Heads can: for large problems the kv heads are split into two groups, each
 running its branches on its own CUDA stream in a rotated order, so that one group's programs fill the other's
-tails (``ForwardConfig.head_groups``; about 4% at N = 128K, docs/triton_notes.md).
+tails (``ForwardConfig.head_groups``; about 4% at N = 128K, docs/triton_notes.md). For small problems the backward
+runs every branch in one launch instead, adding dK and dV atomically into float32 buffers as it does dQ
+(``BackwardConfig.group_branches``; on an H100 8K took 1.28 -> 1.00 ms, docs/benchmarks.md run 14). The forward
+done so, each branch into a float32 slot of its own and one merge launch after, measured slower at every size.
 
 Tiles of rows can be loaded through Hopper's tensor-memory accelerator: a (segment, head) is an arithmetic
 progression of rows, which one descriptor per program and tensor describes (row stride ``r * stride``), built on
@@ -231,10 +234,6 @@ class ForwardConfig:
     # Keep the running output of the branches before the last in the input dtype instead of float32: half the
     # bytes of the merges, one more rounding per branch.
     merge_in_input_dtype: bool = False
-    # Where the kv heads form one head group (small problems): every branch in one launch, each storing its
-    # partial result in a float32 slot of its own, mixed by one merge launch, instead of one launch per branch
-    # merging into the running output, each launch ending in its own tail of long programs.
-    group_branches: bool = False
 
     def __post_init__(self):
         if self.head_groups < 1:
@@ -259,9 +258,9 @@ class BackwardConfig:
     # "tma-atomic": the same, adding whole tiles with TMA reduce-adds (Hopper, GPU only).
     dq_mode: str = "recompute"
     head_groups: int = 1  # as ForwardConfig.head_groups
-    # Where the kv heads form one head group (small problems): every branch in one launch, dK, dV and dQ added
-    # atomically into float32 buffers, instead of one launch per branch, each ending in its own tail of long
-    # programs. Not in torch's deterministic mode (atomic additions arrive in any order).
+    # For small problems (at most _MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES query rows): every branch in one launch, dK,
+    # dV and dQ added atomically into float32 buffers, instead of one launch per branch, each ending in its own
+    # tail of long programs. Not in torch's deterministic mode (atomic additions arrive in any order).
     group_branches: bool = False
 
     def __post_init__(self):
@@ -296,7 +295,9 @@ def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     if head_dim < 64:
         return BackwardConfig(128, 32, 64, 64, 4, 3, head_groups=2)
     if head_dim == 64:  # TMA on Hopper; elsewhere (or deterministic) _backward drops to pointers and recomputed dQ
-        return BackwardConfig(128, 32, 64, 64, 4, 3, tensor_descriptors=True, dq_mode="tma-atomic", head_groups=2)
+        return BackwardConfig(
+            128, 32, 64, 64, 4, 3, tensor_descriptors=True, dq_mode="tma-atomic", head_groups=2, group_branches=True
+        )
     if head_dim <= 128:  # TMA reduce-adds of dQ lose here: 21.5 against 16.5 ms at 128K (v6)
         return BackwardConfig(64, 32, 64, 32, 4, 3, head_groups=2)
     return BackwardConfig(64, 16, 64, 16, 8, 1, head_groups=2)
@@ -401,10 +402,7 @@ if triton is not None:
 
     # Run-time integers that differ from branch to branch would each compile a new specialization otherwise.
     @triton.jit(
-        do_not_specialize=[
-            "dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base", "num_branches",
-            "slot_out_stride", "slot_stats_stride",
-        ]
+        do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
     )
     def _forward_kernel(
         Q, K, V, Out, Acc, RowMax, RowSum, seed,  # the call's own tensors and seed first: see _Launch
@@ -416,49 +414,17 @@ if triton is not None:
         stride_lb, stride_ln,
         dilation, query_begin, num_query_blocks, head_begin,
         softmax_scale, stream_base, dropout_p,
-        BranchTable, num_branches, slot_out_stride, slot_stats_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
-        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPED: tl.constexpr,
+        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1).
-
-        GROUPED: every branch in this one launch, on a 1-D grid (:func:`_grouped_forward_launch`). Program ``pid``
-        belongs to the branch whose row of ``BranchTable`` (``_GROUPED_FORWARD_COLUMNS``) holds the largest first
-        program not above it; the branch stores its own partial result (output, row maximum and sum) in its slot
-        of Acc, RowMax and RowSum, ``slot_out_stride`` and ``slot_stats_stride`` elements apart, and
-        ``_forward_merge_kernel`` mixes the slots. (Branches cannot merge into shared rows in one launch: they
-        would race.)"""
+        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1)."""
         # Formed here and in the backward kernel by the same float32 product, so that both kernels' exponents agree
         # bit for bit. (Passed in as a second argument instead, it cost the backward 40 more spilled registers and
         # 20% of its time on an H200: docs/triton_notes.md.)
         qk_scale = softmax_scale * 1.4426950408889634  # log2(e)
-        if GROUPED:
-            pid = tl.program_id(0)
-            branch = 0
-            for i in range(1, num_branches):
-                branch += (pid >= tl.load(BranchTable + i * 7)).to(tl.int32)
-            entry = BranchTable + branch * 7
-            pid -= tl.load(entry)
-            dilation = tl.load(entry + 1)
-            num_query_blocks = tl.load(entry + 2)
-            first_item = tl.load(entry + 3)
-            programs_per_head = num_query_blocks * tl.load(entry + 4)
-            stream_base = tl.load(entry + 5)
-            HeadOffset += tl.load(entry + 6)
-            ItemRow += first_item
-            ItemBase += first_item
-            ItemKeyLo += first_item
-            ItemQueryLo += first_item
-            ItemEnd += first_item
-            Acc += branch.to(tl.int64) * slot_out_stride
-            RowMax += branch.to(tl.int64) * slot_stats_stride
-            RowSum += branch.to(tl.int64) * slot_stats_stride
-            head = pid // programs_per_head
-            pid = pid % programs_per_head
-        else:
-            pid = tl.program_id(0)
-            head = head_begin + tl.program_id(1)
+        pid = tl.program_id(0)
+        head = head_begin + tl.program_id(1)
         item = pid // num_query_blocks
         # the last query blocks see the most keys under causality: start them first
         query_block = num_query_blocks - 1 - pid % num_query_blocks
@@ -614,45 +580,6 @@ if triton is not None:
             running = tl.where(seen[:, None], running, 0.0)
             tl.store(Output + offsets, running.to(Output.dtype.element_ty), mask=valid[:, None])
 
-    @triton.jit(do_not_specialize=["num_rows", "num_slots", "slot_out_stride", "slot_stats_stride"])
-    def _forward_merge_kernel(
-        Partial, SlotMax, SlotSum, RowMax, RowSum, Lse, Output, num_rows, num_slots, slot_out_stride,
-        slot_stats_stride, softmax_scale,
-        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ):
-        """The end of a grouped forward (see _forward_kernel's GROUPED), over the (batch, query, head) rows: the
-        branches' partial outputs mixed by their weights ``sum * exp2((max - largest) * scale)``, which add up to
-        one (a convex combination at any logit scale, as the sequential merge); the mixed row maximum and sum for
-        the backward, the LSE, and the output in its dtype. A slot whose sum is 0 never saw the row (the sums start
-        at 0; its output rows hold garbage, never read); a row no branch saw gets output 0, maximum -inf, LSE -inf."""
-        qk_scale = softmax_scale * 1.4426950408889634  # as the forward kernel forms it
-        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = rows < num_rows
-        largest = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for slot in range(num_slots):
-            slot_sum = tl.load(SlotSum + slot * slot_stats_stride + rows, mask=valid, other=0.0)
-            slot_max = tl.load(SlotMax + slot * slot_stats_stride + rows, mask=valid, other=0.0)
-            largest = tl.where(slot_sum > 0, tl.maximum(largest, slot_max), largest)
-        shift = tl.where(largest == float("-inf"), 0.0, largest)
-        offsets = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        for slot in range(num_slots):
-            slot_sum = tl.load(SlotSum + slot * slot_stats_stride + rows, mask=valid, other=0.0)
-            slot_max = tl.load(SlotMax + slot * slot_stats_stride + rows, mask=valid, other=0.0)
-            seen = slot_sum > 0
-            weight = tl.where(seen, slot_sum * tl.math.exp2((slot_max - shift) * qk_scale), 0.0)
-            partial = tl.load(Partial + slot * slot_out_stride + offsets, mask=seen[:, None], other=0.0)
-            acc += partial * weight[:, None]
-            total += weight
-        seen = total > 0
-        out = acc / tl.where(seen, total, 1.0)[:, None]
-        tl.store(Output + offsets, out.to(Output.dtype.element_ty), mask=valid[:, None])
-        tl.store(RowMax + rows, largest, mask=valid)
-        tl.store(RowSum + rows, total, mask=valid)
-        lse = (largest * qk_scale + tl.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453
-        tl.store(Lse + rows, tl.where(seen, lse, float("-inf")), mask=valid)
-
     @triton.jit
     def _backward_kv_steps(
         dk, dv, k, v, q_rows, do_rows, dq_rows, max_rows_ptr, delta_rows_ptr, key_rows, lo, hi, query_lo, query_end,
@@ -789,7 +716,7 @@ if triton is not None:
         ACCUMULATE adds to what earlier branches stored; without it this branch is the first and writes every row.
         With DQ_MODE 1 or 2 there are no dQ programs: the dK/dV programs add dQ into DQ, a zeroed float32 buffer.
 
-        GROUPED: every branch in this one launch (:class:`_GroupedTables`). Program ``pid`` belongs to the branch
+        GROUPED: every branch in this one launch (:func:`_grouped_launch`). Program ``pid`` belongs to the branch
         whose row of ``BranchTable`` (``_GROUPED_COLUMNS``) holds the largest program start not above it; that row
         gives the branch's scalars and where its items and classes begin in the concatenated tables. Branches then
         add into the same rows concurrently, so dK and dV are added atomically to zeroed float32 buffers, like dQ.
@@ -1260,7 +1187,6 @@ class _ForwardPlan:
     # the branches accumulate into `out` itself (float32), or into a separate running buffer of this dtype
     running_dtype: torch.dtype | None
     zero_out: bool  # `out` starts at 0 (float32 accumulation, or padding queries no launch writes)
-    grouped_slots: int = 0  # a grouped forward (one launch, then `epilogue` merges): its branches' slots; else 0
 
 
 def _forward_plan(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float) -> _ForwardPlan:
@@ -1297,19 +1223,6 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
         CAUSAL=causal, DROPOUT=dropout_p > 0, TMA=tma, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if config.group_branches and len(groups) == 1 and len(plans) > 1:
-        tables, branch_table, num_programs = _grouped_forward_launch(plans, config, num_heads, q.device)
-        kept = (
-            *tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
-            1, layout.query_begin, 1, 0, softmax_scale, 0, dropout_p,  # the table gives the branches' own
-            branch_table, len(plans), rows * head_dim, 2 * rows,
-        )
-        launch = _Launch(_forward_kernel, (num_programs,), kept, dict(constexprs, MERGE=False, FINAL=False, GROUPED=True))
-        merge = _Launch(
-            _forward_merge_kernel, (_cdiv(rows, 64),), (rows, len(plans), rows * head_dim, 2 * rows, softmax_scale),
-            dict(BLOCK=64, HEAD_DIM=head_dim),
-        )
-        return _ForwardPlan([launch], merge, 1, tma, torch.float32, False, grouped_slots=len(plans))
     launches = []
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
@@ -1319,13 +1232,11 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
                 plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
                 plan.dilation_rate, layout.query_begin, num_query_blocks, group.head_begin,
-                softmax_scale, branch << 16, dropout_p, plan.head_offset, 1, 0, 0,  # no branch table: any int32
+                softmax_scale, branch << 16, dropout_p,
             )
             final = write_final and position == len(plans) - 1
             grid = (num_query_blocks * plan.num_items, group.head_end - group.head_begin)
-            launches.append(_Launch(
-                _forward_kernel, grid, kept, dict(constexprs, MERGE=position > 0, FINAL=final, GROUPED=False), group=g
-            ))
+            launches.append(_Launch(_forward_kernel, grid, kept, dict(constexprs, MERGE=position > 0, FINAL=final), group=g))
     # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
     # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
     epilogue = _Launch(
@@ -1335,45 +1246,10 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
     return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out)
 
 
-def _grouped_forward_launch(plans, config: ForwardConfig, num_heads: int, device):
-    """The branch table and the concatenated head-offset and item tables of one forward launch of all ``plans``
-    (branch index, plan); slot i of the partial results is the table's row i. The branches whose programs see the
-    most keys come first, so that the launch ends on short programs. Returns (kept tables, table, programs)."""
-    ordered = sorted(plans, key=lambda branch_plan: -branch_plan[1].max_rows)
-    rows, program, item = [], 0, 0
-    for slot, (branch, plan) in enumerate(ordered):
-        num_query_blocks = _cdiv(plan.max_rows, config.block_m)
-        rows.append([program, plan.dilation_rate, num_query_blocks, item, plan.num_items, branch << 16, slot * num_heads])
-        program += num_query_blocks * plan.num_items * num_heads
-        item += plan.num_items
-    assert len(rows[0]) == len(_GROUPED_FORWARD_COLUMNS)
-    tables = tuple(
-        torch.cat([getattr(plan, name) for _, plan in ordered])
-        for name in ("head_offset", "item_row", "item_base", "item_key_lo", "item_query_lo", "item_end")
-    )
-    return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
-
-
-# The columns of a grouped forward's branch table (int32, one row per branch, in launch order)
-_GROUPED_FORWARD_COLUMNS = (
-    "first program", "dilation", "query blocks", "first item", "items", "stream base", "first head offset"
-)
-
-
 def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
     plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     batch, num_queries, num_heads, _ = q.shape
     direct = _direct_launches()
-    if plan.grouped_slots:  # every branch into its own slot in one launch, then one merge launch
-        out = torch.empty_like(q)
-        row_max, row_sum = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device).unbind()
-        lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
-        partial = torch.empty((plan.grouped_slots, *q.shape), dtype=torch.float32, device=q.device)
-        slot_stats = torch.zeros((plan.grouped_slots, 2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
-        with _group_streams(q.device, 1) as streams, _descriptor_scratch(plan.tma):
-            plan.launches[0]((q, k, v, out, partial, slot_stats[0, 0], slot_stats[0, 1], seed), streams[0], direct)
-            plan.epilogue((partial, slot_stats[0, 0], slot_stats[0, 1], row_max, row_sum, lse, out), streams[0], direct)
-        return out, lse, row_max, row_sum
     stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
     stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
     row_max, row_sum = stats.unbind()
@@ -1400,6 +1276,12 @@ class _BackwardPlan:
     grad_q_dtype: torch.dtype
     grouped: bool = False  # one launch of every branch: dQ, dK, dV in one zeroed float32 buffer, cast at the end
 
+
+# Where every branch's backward shares one launch (BackwardConfig.group_branches), measured on an H100 (run 14,
+# docs/benchmarks.md; paper's branches, H = 12, D = 64, bf16, GPU time from CUDA-graph replay): 8K 1.28 -> 1.00 ms
+# forward+backward, 16K 2.21 -> 2.00, 32K 3.96 -> 3.97, 64K 7.20 -> 7.58. Where launches are long, their tails
+# matter less than the float32 dK, dV buffers and atomic additions cost.
+_MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES = 1 << 18  # batch x queries x heads
 
 # The columns of a grouped launch's branch table (int32, one row per branch, in launch order): what the kernel
 # reads instead of its per-branch arguments (see _backward_kernel's GROUPED).
@@ -1459,7 +1341,10 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
     )
     config = _runnable_backward_config(config, q)
     groups = _head_groups(q, k, config.head_groups)
-    grouped = config.group_branches and len(groups) == 1 and len(plans) > 1
+    grouped = (
+        config.group_branches and len(groups) == 1 and len(plans) > 1
+        and batch * num_queries * num_heads <= _MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES
+    )
     if grouped and config.dq_mode == "recompute":
         config = dataclasses.replace(config, dq_mode="atomic")
     dq_mode = config.dq_mode

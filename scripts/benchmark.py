@@ -266,8 +266,8 @@ def host_time(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def kernels_per_call(fn) -> tuple[int, list[str]]:
-    """The CUDA kernels one call launches (torch.profiler): how many, and their names."""
+def call_kernels(fn) -> list:
+    """The CUDA kernel events of one call of ``fn`` after a warm-up call (torch.profiler), in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -275,7 +275,12 @@ def kernels_per_call(fn) -> tuple[int, list[str]]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernels_per_call(fn) -> tuple[int, list[str]]:
+    """The CUDA kernels one call launches: how many, and their names."""
+    events = call_kernels(fn)
     return len(events), sorted({e.name[:60] for e in events})
 
 
@@ -384,6 +389,19 @@ def make_method(name: str, problem: Problem, backward: bool):
     return run
 
 
+def drawn_problem(n: int, args: argparse.Namespace, pattern: DilatedPattern) -> Problem:
+    """The problem of size ``n``: q, k, v and an output gradient drawn on the GPU from a generator seeded by n."""
+    problem = Problem(n, args, pattern)
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    problem.tensors.update(
+        q=torch.randn(problem.shape_q, device="cuda", dtype=args.dtype, generator=gen),
+        k=torch.randn(problem.shape_kv, device="cuda", dtype=args.dtype, generator=gen),
+        v=torch.randn(problem.shape_kv, device="cuda", dtype=args.dtype, generator=gen),
+        grad=torch.randn(problem.shape_q, device="cuda", dtype=args.dtype, generator=gen),
+    )
+    return problem
+
+
 def free_problem(problem: Problem):
     problem.tensors.clear()
     torch.cuda.empty_cache()
@@ -399,15 +417,7 @@ def benchmark(args, progress=print) -> list[dict]:
         if problem is None or problem.n != n:
             if problem is not None:
                 free_problem(problem)
-            problem = Problem(n, args, pattern)
-            gen = torch.Generator(device="cuda").manual_seed(n)
-            problem.tensors.update(
-                q=torch.randn(problem.shape_q, device="cuda", dtype=args.dtype, generator=gen),
-                k=torch.randn(problem.shape_kv, device="cuda", dtype=args.dtype, generator=gen),
-                v=torch.randn(problem.shape_kv, device="cuda", dtype=args.dtype, generator=gen),
-                grad=torch.randn(problem.shape_q, device="cuda", dtype=args.dtype, generator=gen),
-            )
-            benchmark._problem = problem
+            problem = benchmark._problem = drawn_problem(n, args, pattern)
         flops = required_forward_flops(n, args.batch, args.heads, args.head_dim, pattern, args.causal)
         flops *= 3.5 if mode == "fwd+bwd" else 1.0
         row = dict(n=n, method=method, mode=mode, flops=flops)

@@ -9,6 +9,7 @@ sizes against the PyTorch path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from unittest import mock
@@ -72,7 +73,7 @@ def kernel_variant(
     patches = mock.patch.multiple(
         triton_backend,
         forward_config=lambda *a: dataclasses.replace(
-            forward(*a), tensor_descriptors=forward_descriptors, head_groups=head_groups, group_branches=group_branches
+            forward(*a), tensor_descriptors=forward_descriptors, head_groups=head_groups
         ),
         backward_config=lambda *a: dataclasses.replace(
             backward(*a), tensor_descriptors=backward_descriptors, dq_mode=dq_mode, head_groups=head_groups,
@@ -80,6 +81,17 @@ def kernel_variant(
         ),
     )
     return patches
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic mode on, then as it was."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def triton_attention(q, k, v, case, **kwargs):
@@ -194,33 +206,25 @@ def test_deterministic_mode_recomputes_dq_instead_of_adding_it_atomically():
         recomputed = gradients()
     with kernel_variant(dq_mode="atomic"):
         added = gradients()
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms():
             forced = gradients()
-        finally:
-            torch.use_deterministic_algorithms(deterministic)
     assert relative_error(added[0], recomputed[0]) <= 1e-6
     for first, second in zip(forced, recomputed):
         assert torch.equal(first, second)
     for atomic_mode in ("atomic", "tma-atomic"):
         config = dataclasses.replace(triton_backend.backward_config(16, torch.float32), dq_mode=atomic_mode)
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms():
             chosen = triton_backend._runnable_backward_config(config, q)
-        finally:
-            torch.use_deterministic_algorithms(deterministic)
-        assert chosen.dq_mode == "recompute" and not chosen.tensor_descriptors
+        assert chosen.dq_mode == "recompute" and not chosen.tensor_descriptors and not chosen.group_branches
     assert triton_backend._runnable_backward_config(
         dataclasses.replace(triton_backend.backward_config(16, torch.float32), dq_mode="atomic"), q
     ).dq_mode == "atomic"  # outside deterministic mode the atomic scheme stays
 
 
-def test_grouped_launches_run_every_branch_at_once_and_match_the_reference():
-    """Small problems can run every branch in one launch (``group_branches``): the forward's branches each store
-    a partial result that one merge launch mixes, the backward adds dQ, dK, dV atomically in float32. Values, LSE
-    and gradients are the reference's. Deterministic mode keeps one backward launch per branch (atomic sums
-    depend on the order in which programs finish)."""
+def test_grouped_backward_is_one_launch_of_every_branch_and_matches_the_reference():
+    """Small problems run every branch's backward programs in one launch (BackwardConfig.group_branches), adding
+    dQ, dK, dV atomically in float32; the gradients are the reference's. Deterministic mode keeps one launch per
+    branch (atomic sums depend on the order in which programs finish), and so do problems over the size limit."""
     torch.manual_seed(0)
     segments, rates = [16, 32, 48], [1, 2, 3]
     q64, k64, v64 = (torch.randn(2, 70, 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -246,21 +250,23 @@ def test_grouped_launches_run_every_branch_at_once_and_match_the_reference():
 
     with kernel_variant(head_groups=1, group_branches=True):
         got = gradients()
-        forward_plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._ForwardPlan)]
-        assert [(p.grouped_slots, len(p.launches)) for p in forward_plans] == [(3, 1)]
         plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._BackwardPlan)]
         assert [(p.grouped, len(p.launches)) for p in plans] == [(True, 1)]
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms():
             forced = gradients()
-        finally:
-            torch.use_deterministic_algorithms(deterministic)
     plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._BackwardPlan)]
     assert sorted((p.grouped, len(p.launches)) for p in plans) == [(False, 3), (True, 1)]
-    for name, g, f, w in zip("qkv", got, forced, want):
+    layout = TokenLayout.build(2, 70, 70, attention_mask=mask.to(DEVICE), device=DEVICE)  # plans kept apart
+    with kernel_variant(head_groups=1, group_branches=True), mock.patch.object(
+        triton_backend, "_MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES", 2 * 70 * 4 - 1
+    ):
+        over_the_limit = gradients()
+    plans = [p for p in layout.cache.values() if isinstance(p, triton_backend._BackwardPlan)]
+    assert [(p.grouped, len(p.launches)) for p in plans] == [(False, 3)]
+    for name, g, f, o, w in zip("qkv", got, forced, over_the_limit, want):
         assert relative_error(g, w) <= 1e-5, name
         assert relative_error(f, w) <= 1e-5, name
+        assert relative_error(o, w) <= 1e-5, name
 
 
 def test_unaligned_rows_fall_back_from_descriptors_to_pointers():
@@ -467,11 +473,10 @@ gpu_cases = [
 @pytest.mark.parametrize("spec", gpu_cases, ids=["paper-causal", "gqa-mask", "packed-mqa"])
 @pytest.mark.parametrize("group_branches", [False, True], ids=["launch-per-branch", "grouped"])
 def test_gpu_matches_torch_path(spec, dtype, group_branches, monkeypatch):
-    for name in ("forward_config", "backward_config"):
-        default = getattr(triton_backend, name)
-        monkeypatch.setattr(
-            triton_backend, name, lambda *a, d=default: dataclasses.replace(d(*a), group_branches=group_branches)
-        )
+    default = triton_backend.backward_config
+    monkeypatch.setattr(
+        triton_backend, "backward_config", lambda *a: dataclasses.replace(default(*a), group_branches=group_branches)
+    )
     torch.manual_seed(0)
     b, n, h, hkv, d = spec["batch"], spec["num_keys"], spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     q = torch.randn(b, n, h, d, device="cuda")

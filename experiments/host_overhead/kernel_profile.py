@@ -1,9 +1,9 @@
 """Where a small call's GPU time goes (issue 14, 8K-32K): each CUDA kernel's duration in one call (torch.profiler),
 their sum (the GPU's busy time), the span from the first kernel's start to the last one's end, and the replay time
 of the call captured in a CUDA graph (the GPU time with no host in the way), for the Triton backend and the FA2
-floor (the same FLOPs on pre-gathered segments, benchmark.py's floor-fa2). Method "triton-grouped" is the Triton
-backend with ``group_branches`` in both configurations (every branch in one launch, forward and backward); each row
-also gives the single synced call and back-to-back times.
+floor (the same FLOPs on pre-gathered segments, benchmark.py's floor-fa2). Method "triton-per-branch" is the Triton
+backward with one launch per branch (``BackwardConfig.group_branches`` off; the default groups small problems); each
+row also gives the single synced call, back-to-back and host times.
 
     python experiments/host_overhead/kernel_profile.py --sizes 8192,16384,32768 --json out.json
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from benchmark import Problem, host_time, make_method, parse_args as benchmark_args, time_back_to_back, time_call  # noqa: E402
+from benchmark import call_kernels, drawn_problem, host_time, make_method, parse_args as benchmark_args, time_back_to_back, time_call  # noqa: E402
 
 import modeling_longnet.dilated_attention_triton as tb  # noqa: E402
 
@@ -28,14 +28,7 @@ from modeling_longnet import DilatedPattern  # noqa: E402
 
 
 def profile_call(run) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = call_kernels(run)
     starts = [e.time_range.start for e in kernels]
     ends = [e.time_range.end for e in kernels]
     return {
@@ -75,31 +68,27 @@ def graph_replay_ms(run, replays: int = 50) -> float | str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="8192,16384,32768")
-    parser.add_argument("--methods", default="triton,triton-grouped,floor-fa2")
+    parser.add_argument("--methods", default="triton,triton-per-branch,floor-fa2")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     bargs = benchmark_args([])
+    if isinstance(bargs.dtype, str):
+        bargs.dtype = getattr(torch, bargs.dtype)
     pattern = DilatedPattern(bargs.segment_lengths, bargs.dilation_rates)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        problem = Problem(n, bargs, pattern)
-        gen = torch.Generator(device="cuda").manual_seed(n)
-        problem.tensors.update(
-            q=torch.randn(problem.shape_q, device="cuda", dtype=bargs.dtype, generator=gen),
-            k=torch.randn(problem.shape_kv, device="cuda", dtype=bargs.dtype, generator=gen),
-            v=torch.randn(problem.shape_kv, device="cuda", dtype=bargs.dtype, generator=gen),
-            grad=torch.randn(problem.shape_q, device="cuda", dtype=bargs.dtype, generator=gen),
-        )
-        default_forward, default_backward = tb.forward_config, tb.backward_config
+        problem = drawn_problem(n, bargs, pattern)
+        default_backward = tb.backward_config
         for method in args.methods.split(","):
-            grouped = method == "triton-grouped"
-            tb.forward_config, tb.backward_config = (
-                (lambda *a: dataclasses.replace(default_forward(*a), group_branches=True),
-                 lambda *a: dataclasses.replace(default_backward(*a), group_branches=True))
-                if grouped else (default_forward, default_backward)
+            per_branch = method == "triton-per-branch"
+            tb.backward_config = (
+                (lambda *a: dataclasses.replace(default_backward(*a), group_branches=False))
+                if per_branch else default_backward
             )
             for backward in (False, True):
-                run = make_method("triton" if grouped else method, problem, backward)
+                if per_branch and not backward:
+                    continue  # the forward is the default's
+                run = make_method("triton" if per_branch else method, problem, backward)
                 row = {"n": n, "method": method, "mode": "fwd+bwd" if backward else "fwd", **profile_call(run)}
                 row["single_ms"] = round(time_call(run, 20, 0.2), 4)
                 row["back_to_back_ms"] = round(time_back_to_back(run), 4)
@@ -114,7 +103,7 @@ def main():
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump(rows, f, indent=1)
-        tb.forward_config, tb.backward_config = default_forward, default_backward
+        tb.backward_config = default_backward
         problem.tensors.clear()
         torch.cuda.empty_cache()
 
