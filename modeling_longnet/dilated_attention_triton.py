@@ -726,7 +726,7 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         if GROUPED:
             branch = 0
-            for i in range(1, num_branches):
+            for i in range(1, num_branches):  # rows of 8 = len(_GROUPED_COLUMNS)
                 branch += (pid >= tl.load(BranchTable + i * 8)).to(tl.int32)
             entry = BranchTable + branch * 8
             pid -= tl.load(entry)
@@ -1341,9 +1341,9 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
     )
     config = _runnable_backward_config(config, q)
     groups = _head_groups(q, k, config.head_groups)
+    rows = batch * num_queries * num_heads
     grouped = (
-        config.group_branches and len(groups) == 1 and len(plans) > 1
-        and batch * num_queries * num_heads <= _MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES
+        config.group_branches and len(groups) == 1 and len(plans) > 1 and rows <= _MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES
     )
     if grouped and config.dq_mode == "recompute":
         config = dataclasses.replace(config, dq_mode="atomic")
@@ -1353,7 +1353,6 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
     grad_q_dtype = q.dtype if dq_mode == "recompute" else torch.float32
     zero_grad_q = not grouped and (dq_mode != "recompute" or not first_writes_all)
     tma = config.tensor_descriptors and _descriptors_usable(q, k, v, scaled_grad_out)
-    rows = batch * num_queries * num_heads
     prologue = _Launch(
         _backward_prologue_kernel, (_cdiv(rows, 64),),
         (rows, num_heads, num_queries, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
