@@ -200,8 +200,11 @@ class SegmentRingLayer(CacheLayerMixin):
             return index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
 
         def write():
-            self.keys.scatter_(2, per_token(ring_step.write_slots, key_states), key_states)
-            self.values.scatter_(2, per_token(ring_step.write_slots, value_states), value_states)
+            # An index_put_ (not a scatter_): inductor writes it into the ring in place, where a compiled scatter_
+            # on a graph input rewrote the whole ring and copied it back (run 17, H100: 1.6 of a 2.6 ms step at 4K)
+            rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None]
+            self.keys[rows, :, ring_step.write_slots] = key_states.transpose(1, 2)
+            self.values[rows, :, ring_step.write_slots] = value_states.transpose(1, 2)
             self.cumulative_length.add_(key_states.shape[-2])
 
         if ring_step.in_place:

@@ -21,7 +21,8 @@ checked here, so that they cannot disagree on logical positions. The layers, fro
 * the backends, each importing only that floor: ``dilated_attention_torch`` (readable, any device),
   ``dilated_attention_triton`` (fused kernels), ``dilated_attention_cudnn`` (cuDNN's attention kernels on each
   branch's segments), ``dilated_attention_flash`` (flash-attn, optional),
-  ``dilated_attention_dense`` (dense masks from a :class:`PositionLayout`: decoding steps, no host work);
+  ``dilated_attention_dense`` (dense masks from a :class:`PositionLayout`: decoding steps, no host work),
+  ``dilated_attention_decode`` (a decoding step read straight from a static cache's ring, one fused kernel);
 * this module, which imports them; the model and sequence parallelism import this module.
 """
 
@@ -48,6 +49,8 @@ from .dilated_attention_pattern import (
     packed_documents,
     pattern_coverage,
 )
+from .dilated_attention_decode import ring_decode_attention
+from .dilated_attention_decode import supports as ring_decode_supports
 from .dilated_attention_dense import dilated_attention_dense, selected_keys_attention
 from .dilated_attention_torch import dilated_attention_torch
 

@@ -67,7 +67,15 @@ from .configuration_longnet import (
     check_relative_position_buckets,
     is_finite_positive,
 )
-from .dilated_attention import BACKEND_REQUIREMENTS, OFFSET_MODES, TokenLayout, available_backends, dilated_attention
+from .dilated_attention import (
+    BACKEND_REQUIREMENTS,
+    OFFSET_MODES,
+    TokenLayout,
+    available_backends,
+    dilated_attention,
+    ring_decode_attention,
+    ring_decode_supports,
+)
 from .dilated_attention_pattern import LayoutInputs, PositionLayout, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
@@ -241,6 +249,13 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 2):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+def xpos_rates(head_dim: int, scale_base: float, device=None) -> torch.Tensor:
+    """``log(zeta_d) / scale_base`` per dimension (rotate_half order), float32: a score's factor is
+    ``exp((n - m) * rate_d)`` for a query at n and a key at m (every rate is negative: the score decays)."""
+    zeta = (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) + 0.4 * head_dim) / (1.4 * head_dim)
+    return torch.cat([zeta.log(), zeta.log()]) / scale_base
+
+
 def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_ids=None, span_bound=None):
     """xPos (Sun et al. 2022): scales rotated queries by ``zeta ** (n / scale_base)`` and keys by
     ``zeta ** (-m / scale_base)``, so that each score decays as ``zeta ** ((n - m) / scale_base)``.
@@ -254,8 +269,7 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_i
     ``span_bound``: what bounds that span where the key count does not (keys chosen along dilated rows).
     """
     num_queries, num_keys, head_dim = query.shape[1], key.shape[1], query.shape[-1]
-    zeta = (torch.arange(0, head_dim, 2, device=query.device, dtype=torch.float) + 0.4 * head_dim) / (1.4 * head_dim)
-    rates = torch.cat([zeta.log(), zeta.log()]) / scale_base  # negative, per dimension in rotate_half order
+    rates = xpos_rates(head_dim, scale_base, query.device)
     query_positions = position_ids.to(device=query.device, dtype=torch.float)
     if key_position_ids is not None:
         key_positions = key_position_ids.to(device=query.device, dtype=torch.float)
@@ -541,15 +555,21 @@ class DilatedAttention(nn.Module):
             and query.shape[2] == self.num_heads
         )
 
+    def _fuses_ring_decode(self, query) -> bool:
+        """A step that reads ring candidates does so in one fused kernel (``dilated_attention_decode``) where the
+        Triton kernels are this module's attention: ``"triton"``, or ``"auto"`` on a GPU."""
+        implementation = self.attn_implementation
+        return (implementation == "triton" or (implementation == "auto" and query.is_cuda)) and ring_decode_supports(query)
+
     def attend(
         self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None,
         static_key_order=None, ring_step=None, key_position_ids=None, **kwargs,
     ):
-        span_bound = None
         """Projections, positions, KV cache, the attention function, output projection: ``(output, weights)``.
         ``static_key_order``: the slot order in which a StaticCache's buffers are read (see
         :func:`~modeling_longnet.cache_longnet.static_key_order`); ``ring_step``: a LongNetStaticCache's plan of
         the step; ``key_position_ids``: the keys' logical positions where a mask leaves holes among them (xPos)."""
+        span_bound = None
         batch, seq_len, _ = hidden_states.shape
         # -1 heads: under tensor parallelism the projections give this rank's share of the heads
         query = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
@@ -564,6 +584,8 @@ class DilatedAttention(nn.Module):
             key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, **step)
             if static_key_order is not None:
                 key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
+            if self._reads_ring_candidates(ring_step, query) and self._fuses_ring_decode(query):
+                return self._output(self._ring_decode(query, key, value, ring_step, position_ids), batch, seq_len), None
             if self._reads_ring_candidates(ring_step, query):  # only the keys the pattern can show, per head
                 candidates = ring_candidates(
                     ring_step, self.segment_lengths, self.dilation_rates, self.offsets, self.num_heads, cache.slots
@@ -586,10 +608,33 @@ class DilatedAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             **kwargs,
         )
+        return self._output(attn_output, batch, seq_len), attn_weights
+
+    def _output(self, attn_output, batch: int, seq_len: int) -> torch.Tensor:
         attn_output = attn_output.reshape(batch, seq_len, -1)
         if self.sub_norm is not None:
             attn_output = self.sub_norm(attn_output)
-        return self.o_proj(attn_output), attn_weights
+        return self.o_proj(attn_output)
+
+    def _ring_decode(self, query, key_ring, value_ring, ring_step, position_ids) -> torch.Tensor:
+        """The step's attention read straight from the ring (keys kept without their xPos decay, which the kernel
+        applies by each candidate's distance to the query's xPos position). The positions are laid out once per
+        step, for every layer."""
+        key = ("ring_decode", self.use_xpos, self.head_dim, self.xpos_scale_base)
+        if key not in ring_step.derived:
+            batch = query.shape[0]
+            inputs = {
+                "query_positions": ring_step.query_positions[:, 0].contiguous(),
+                "query_real": ring_step.positions.query_real[:, 0].contiguous(),
+            }
+            if self.use_xpos:
+                inputs["decay_rates"] = xpos_rates(self.head_dim, self.xpos_scale_base, query.device)
+                inputs["decay_positions"] = position_ids[:, -1].expand(batch).contiguous()
+            ring_step.derived[key] = inputs
+        return ring_decode_attention(
+            query, key_ring, value_ring, segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+            offsets=self.offsets, softmax_scale=self.scaling, **ring_step.derived[key],
+        )
 
 
 def _new_tokens_mask(attention_mask, batch: int, num_queries: int):

@@ -4,10 +4,12 @@ compiled, against a Llama of the same size with transformers' static cache, at s
 
 Each figure is what a user's ``generate`` costs per token: (time of generate with 1 + T new tokens - time with 1) / T,
 synchronised, greedy, after a warm-up generate of the same length (a static cache then has the timed call's shape,
-so nothing recompiles inside it). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
+so nothing recompiles inside it), each time the median of ``--repeats`` alternating calls (a 1M prefill varies by
+more than 32 tokens take). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
 in chunks (``generate(prefill_chunk_size=...)``: one xPos call spans at most about 64K positions in bf16). On a GPU,
-compiled variants get a second row: the median decoding step's own forward (CUDA events around the compiled call
-that generate makes, and the host time of issuing it); the rest of a token's time is generate's work around it.
+compiled variants get a second row: the median decoding step's own forward (CUDA events around the compiled calls
+of one token per row that generate makes, and the host time of issuing them; prefill chunks are not counted); the
+rest of a token's time is generate's work around it.
 
 The LongNet variants must generate the same tokens; where they do not, the row says at which step, and by how much
 the logits of the two differ there against the margin between the reference's two best tokens (a near tie in 16-bit
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -40,6 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="4K,64K,256K,1M", help="prompt lengths, comma-separated (K = 1024)")
     parser.add_argument("--new-tokens", type=int, default=32, help="T: tokens timed per variant and context")
+    parser.add_argument("--repeats", type=int, default=3, help="generate calls of 1 and of 1 + T tokens, alternating; medians")
     add_model_options(parser)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--prefill-chunk", type=parse_size, default=32768, help="prefill longer prompts in chunks of this")
@@ -101,6 +105,9 @@ class StepTimer:
             call = original(compile_config)
 
             def timed(*args, **kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if ids is None or ids.shape[-1] != 1:  # a prefill chunk, not a decoding step: not timed
+                    return call(*args, **kwargs)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 started = time.perf_counter()
                 start.record()
@@ -183,9 +190,13 @@ def main(argv=None) -> int:
         for name, (net, options) in variants(args, model, llama, context).items():
             try:
                 timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())  # warm-up, compiles
-                _, one = timed_generate(net, ids, 1, args.prefill_chunk, **options())
+                ones, manys = [], []
                 with StepTimer(net, enabled=device == "cuda") as steps:
-                    out, many = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
+                    for _ in range(args.repeats):  # alternating; medians, since a long prefill varies by more than T tokens take
+                        ones.append(timed_generate(net, ids, 1, args.prefill_chunk, **options())[1])
+                        out, seconds = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
+                        manys.append(seconds)
+                one, many = statistics.median(ones), statistics.median(manys)
             except Exception as error:  # report, and go on with the other variants
                 rows.append({"context": context, "variant": name, "error": repr(error)[:600]})
                 print(rows[-1], file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ the forward under autograd. ``fullgraph=True`` fails on any graph break, so thes
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -161,6 +162,29 @@ def test_compiled_generation_with_a_static_cache_gives_the_tokens_of_uncached_gr
     assert hasattr(model, "_compiled_call"), "generate did not compile"
     assert type(getattr(got, CACHE_KWARG)).__name__ == cache
     assert torch.equal(got.sequences, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a decoding step recompiled"
+
+
+def test_compiled_generation_with_triton_runs_the_fused_decoding_kernel_inside_the_graph():
+    """With the Triton kernels (the interpreter here) a compiled decoding step with the static bounded cache reads the
+    ring through the fused decoding kernel, a custom op inside the one graph, and picks the tokens of uncached
+    greedy generation."""
+    decode = pytest.importorskip("modeling_longnet.dilated_attention_decode")
+    if decode.triton is None or not decode._interpreting():
+        pytest.skip("the fused kernel takes CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
+    model = tiny_model(position_encoding="xpos").eval()
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(1))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, use_cache=False, **options)
+    model.set_attn_implementation("triton")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with mock.patch.object(decode, "_launch", wraps=decode._launch) as launches:
+        got = model.generate(ids, compile_config=cpu_compile_config(), **{CACHE_KWARG: LongNetStaticCache(model.config)}, **options)
+    assert hasattr(model, "_compiled_call"), "generate did not compile"
+    assert torch.equal(got, expected)
+    # every step after the prefill, in every layer (the warm-up runs of the compiled step may add one step's worth)
+    assert launches.call_count >= 7 * model.config.num_hidden_layers
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a decoding step recompiled"
 
 

@@ -4,7 +4,9 @@ and per-step work, and the errors."""
 
 from __future__ import annotations
 
+import importlib
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from modeling_longnet import (
     LongNetForCausalLM,
     LongNetStaticCache,
 )
+from modeling_longnet import modeling_longnet as modeling
 
 # transformers 5.24 renamed `past_key_values` to `cache`; generate takes the name of the installed version
 CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -293,24 +296,38 @@ def test_every_cache_fed_in_chunks_equals_one_forward_over_any_mask(mask, chunk,
 
 
 @pytest.mark.parametrize(
-    "segment_lengths, dilation_rates, offsets",
-    [([4, 8, 16], [1, 2, 4], "grouped"), ([6, 10, 15], [4, 3, 2], "grouped"), ([5, 12], [2, 5], "interleaved"),
-     ([16], [3], "interleaved")],
+    "segment_lengths, dilation_rates, offsets, implementation",
+    # the fused kernel (triton) on two of the patterns: the interpreter takes about 25 s per test
+    [([4, 8, 16], [1, 2, 4], "grouped", "torch"), ([6, 10, 15], [4, 3, 2], "grouped", "torch"),
+     ([5, 12], [2, 5], "interleaved", "torch"), ([16], [3], "interleaved", "torch"),
+     ([6, 10, 15], [4, 3, 2], "grouped", "triton"), ([5, 12], [2, 5], "interleaved", "triton")],
     ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else v,
 )
-def test_decoding_steps_read_the_candidates_of_any_pattern(segment_lengths, dilation_rates, offsets):
+def test_decoding_steps_read_the_candidates_of_any_pattern(segment_lengths, dilation_rates, offsets, implementation):
     """One token per step: the ring gives each head only the positions its pattern can show (segments that are
-    not multiples of their rate included); the logits equal one uncached forward pass, past several wraps."""
+    not multiples of their rate included); the logits equal one uncached forward pass, past several wraps. With
+    the Triton kernels (the interpreter here) every step runs the fused decoding kernel instead of the gathers."""
+    if implementation == "triton" and not ring_decode_runs():
+        pytest.skip("the fused kernel takes CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
     model = tiny_model(position_encoding="xpos", xpos_scale_base=8.0, segment_lengths=segment_lengths,
                        dilation_rates=dilation_rates, dilation_offsets=offsets)
     ids, mask = prompt(batch=2, length=45, seed=5), torch.ones(2, 45, dtype=torch.long)
     mask[0, :6] = 0
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation(implementation)
         cache = LongNetStaticCache(model.config)
-        steps = [model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], **{CACHE_KWARG: cache}, use_cache=True).logits for i in range(45)]
+        with mock.patch.object(modeling, "ring_decode_attention", wraps=modeling.ring_decode_attention) as fused:
+            steps = [model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], **{CACHE_KWARG: cache}, use_cache=True).logits for i in range(45)]
+    assert fused.call_count == (45 * model.config.num_hidden_layers if implementation == "triton" else 0)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def ring_decode_runs() -> bool:
+    """The fused kernel takes the CPU tensors of these tests: Triton's interpreter (a GPU has test_ring_decode's)."""
+    decode = importlib.import_module("modeling_longnet.dilated_attention_decode")
+    return decode.triton is not None and decode._interpreting()
 
 
 def test_beam_search_with_the_static_bounded_cache_equals_beam_search_without_cache():

@@ -14,7 +14,7 @@ PACKAGE_DIR = Path(modeling_longnet.__file__).parent
 FLOOR = "dilated_attention_pattern"
 BACKENDS = (
     "dilated_attention_torch", "dilated_attention_triton", "dilated_attention_cudnn", "dilated_attention_flash",
-    "dilated_attention_dense",
+    "dilated_attention_dense", "dilated_attention_decode",
 )
 
 
