@@ -12,30 +12,18 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchmark import host_time  # noqa: E402
+
 import modeling_longnet.dilated_attention_triton as tb  # noqa: E402
 from modeling_longnet import DilatedPattern, TokenLayout  # noqa: E402
 
 PAPER_W, PAPER_R = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
-
-
-def median_host_ms(fn, repeats: int = 50) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def main():
@@ -59,8 +47,8 @@ def main():
     def forward():
         return tb._forward(q, k, v, pattern, layout, True, scale, 0.0, 0)
 
-    print(f"N={n} _forward host {median_host_ms(forward):.3f} ms; _backward host {median_host_ms(backward):.3f} ms; "
-          f"inside torch.cuda.device {median_host_ms(backward_in_device):.3f} ms", flush=True)
+    print(f"N={n} _forward host {host_time(forward):.3f} ms; _backward host {host_time(backward):.3f} ms; "
+          f"inside torch.cuda.device {host_time(backward_in_device):.3f} ms", flush=True)
     for name, fn in (("_backward", backward), ("_forward", forward)):
         fn()
         torch.cuda.synchronize()
