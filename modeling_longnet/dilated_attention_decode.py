@@ -69,6 +69,10 @@ def supports(q: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pattern_constants(segment_lengths, dilation_rates, offsets: str, num_heads: int, block: int) -> dict:
     """The branches, where each branch's blocks start in the grid's first dimension (one more entry: the end),
     and each branch's head offsets, as tuples: compile-time constants of the kernel (one compiled kernel per
@@ -76,7 +80,7 @@ def _pattern_constants(segment_lengths, dilation_rates, offsets: str, num_heads:
     warm-up would belong to the graph's private pool)."""
     first_blocks = [0]
     for w, r in zip(segment_lengths, dilation_rates):
-        first_blocks.append(first_blocks[-1] + -(-(-(-w // r)) // block))
+        first_blocks.append(first_blocks[-1] + _cdiv(_cdiv(w, r), block))  # ceil(w / r) candidates, in blocks
     return dict(
         SEGMENTS=tuple(segment_lengths),
         RATES=tuple(dilation_rates),
