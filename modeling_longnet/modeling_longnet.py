@@ -586,9 +586,10 @@ class DilatedAttention(nn.Module):
             key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, **step)
             if static_key_order is not None:
                 key, value = key.index_select(2, static_key_order), value.index_select(2, static_key_order)
-            if self._reads_ring_candidates(ring_step, query) and self._fuses_ring_decode(query):
-                return self._output(self._ring_decode(query, key, value, ring_step, position_ids), batch, seq_len), None
             if self._reads_ring_candidates(ring_step, query):  # only the keys the pattern can show, per head
+                if self._fuses_ring_decode(query):  # read where they lie in the ring, by one kernel
+                    attn_output = self._ring_decode(query, key, value, ring_step, position_ids)
+                    return self._output(attn_output, batch, seq_len), None
                 candidates = ring_candidates(
                     ring_step, self.segment_lengths, self.dilation_rates, self.offsets, self.num_heads, cache.slots
                 )

@@ -53,7 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=None, help="semicolon-separated subset of the variant names (as in the table)")
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 

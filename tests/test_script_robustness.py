@@ -311,6 +311,15 @@ def test_bad_arguments_are_refused_before_torch_is_imported(no_torch, tmp_path, 
     assert result.returncode == (2 if name.startswith(("convert", "benchmark")) else 1)  # their argparse convention
 
 
+@pytest.mark.parametrize("option", ["--new-tokens", "--repeats"])
+def test_the_decoding_benchmark_refuses_counts_below_one(capsys, option):
+    """benchmark_decode.py divides by --new-tokens and takes medians of --repeats calls: 0 is refused by name."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark_decode").parse_args([option, "0"])
+    assert exit_info.value.code == 2
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_a_hub_id_that_is_nowhere_fails_at_once(no_torch, tmp_path):
     """An id of one '/' (or none) that is not a local folder may be a Hub id: one quick question to the Hub (or
     to its cache, offline), then a plain answer, before torch is imported."""
