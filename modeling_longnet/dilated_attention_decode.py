@@ -24,31 +24,20 @@ run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set (for tests).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .dilated_attention_pattern import head_offsets
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the model then gathers the candidates with PyTorch operations
-    triton = None
+from .triton_support import LOG2E, cdiv, interpreting, tl, triton
 
 __all__ = ["ring_decode_attention", "supports"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 # Keys per program: 64 rows of k and v (16 KB at D = 64 in 16 bits) leave the paper's pattern about 180 blocks per
 # (row, head), enough programs to fill a GPU with one row of 12 heads.
 _BLOCK_N = 64
 _COMBINE_BLOCK = 256  # blocks the mix reads at once: every block of the paper's pattern (182) in one step
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -61,16 +50,12 @@ def supports(q: torch.Tensor) -> bool:
         return False
     if q.is_cuda:
         return torch.cuda.get_device_capability(q.device)[0] >= 8
-    return _interpreting()
+    return interpreting()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The pattern as the kernel's compile-time constants
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pattern_constants(segment_lengths, dilation_rates, offsets: str, num_heads: int, block: int) -> dict:
@@ -80,7 +65,7 @@ def _pattern_constants(segment_lengths, dilation_rates, offsets: str, num_heads:
     warm-up would belong to the graph's private pool)."""
     first_blocks = [0]
     for w, r in zip(segment_lengths, dilation_rates):
-        first_blocks.append(first_blocks[-1] + _cdiv(_cdiv(w, r), block))  # ceil(w / r) candidates, in blocks
+        first_blocks.append(first_blocks[-1] + cdiv(cdiv(w, r), block))  # ceil(w / r) candidates, in blocks
     return dict(
         SEGMENTS=tuple(segment_lengths),
         RATES=tuple(dilation_rates),
@@ -200,7 +185,7 @@ def _launch(q, key_ring, value_ring, query_positions, query_real, decay_position
     block_max = torch.empty(batch * num_heads * num_blocks, dtype=torch.float32, device=q.device)
     block_sum = torch.empty_like(block_max)
     decay = decay_rates is not None
-    scale_log2 = softmax_scale * _LOG2E
+    scale_log2 = softmax_scale * LOG2E
     _ring_decode_block_kernel[(num_blocks, batch * num_heads)](
         q, key_ring, value_ring, query_positions, query_real,
         decay_positions if decay else query_positions, decay_rates if decay else block_max,

@@ -48,6 +48,8 @@ __all__ = [
 
 
 def _as_int_tuple(values, name: str) -> tuple[int, ...]:
+    if type(values) in (list, tuple) and values and all(type(v) is int and 0 < v <= MAX_BRANCH_VALUE for v in values):
+        return tuple(values)  # the common case, without the cost of the abstract classes' checks (every call)
     if isinstance(values, Integral) and not isinstance(values, bool):
         values = (values,)
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):

@@ -63,31 +63,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package works without Triton, on the PyTorch backend
-    triton = None
+from .triton_support import LOG2E, cdiv, interpreting, tl, triton
 
 __all__ = ["check_supported", "dilated_attention_triton", "is_available", "supports"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_available() -> bool:
     """Triton is installed and can run: on a CUDA GPU, or under the interpreter (TRITON_INTERPRET=1)."""
-    return triton is not None and (torch.cuda.is_available() or _interpreting())
+    return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
 def _unsupported_reason(q: torch.Tensor, pattern, layout, dropout_p: float) -> str | None:
@@ -104,7 +95,7 @@ def _unsupported_reason(q: torch.Tensor, pattern, layout, dropout_p: float) -> s
         major, _ = torch.cuda.get_device_capability(q.device)
         if major < 8:
             return f"backend='triton' needs a GPU of compute capability 8.0 or newer, got {major}.x; use backend='torch'"
-    elif not _interpreting():
+    elif not interpreting():
         return f"backend='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got a tensor on {q.device}"
     return None
 
@@ -272,7 +263,7 @@ class BackwardConfig:
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     """The forward launch configuration; measured choices are recorded in docs/triton_notes.md."""
-    if _interpreting():  # small blocks and two head groups exercise the multi-block and multi-group paths
+    if interpreting():  # small blocks and two head groups exercise the multi-block and multi-group paths
         return ForwardConfig(16, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:  # matrix products on the FMA units: small tiles, no spills
         return ForwardConfig(64, 32, 8, 2) if head_dim <= 64 else ForwardConfig(32, 16, 4, 2)
@@ -288,7 +279,7 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
 
 
 def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
-    if _interpreting():
+    if interpreting():
         return BackwardConfig(32, 16, 32, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:
         return BackwardConfig(32, 16, 32, 16, 4, 2) if head_dim <= 64 else BackwardConfig(16, 16, 16, 16, 4, 1)
@@ -520,17 +511,18 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_rows", "num_queries"])
     def _backward_prologue_kernel(
-        Output, GradOutput, RowMax, RowSum, GradLse, ScaledGradOutput, Delta, FiniteRowMax, GradQ,
-        num_rows, num_heads, num_queries,
+        Output, GradOutput, RowMax, RowSum, GradLse, ScaledGradOutput, Delta, FiniteRowMax, Zeroed,
+        num_rows, num_heads, num_queries, num_zeroed_rows,
         stride_ob, stride_on, stride_oh, stride_gb, stride_gn, stride_gh,
-        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, ZERO_GRAD_Q: tl.constexpr,
+        BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, ZEROED_BLOCKS: tl.constexpr,
     ):
         """What the backward kernels read, in one pass over the (batch, query, head) rows instead of nine
         elementwise ops: dO / sum (contiguous, rounded to dO's dtype), delta = rowsum(that * O) - dLSE / sum, and
         the row maxima made finite as nan_to_num does (-inf, a query no branch saw, becomes 0). A row of sum 0
-        keeps dO as it is: it sees nothing. Without HAS_GRAD_LSE, GradLse is any float32 pointer, never read. With
-        ZERO_GRAD_Q it also zeroes the contiguous dQ buffer that the branches add into (one launch fewer than a
-        memset); without it GradQ is never written."""
+        keeps dO as it is: it sees nothing. Without HAS_GRAD_LSE, GradLse is any float32 pointer, never read. It
+        also zeroes the gradient buffer that the branches add into, ``Zeroed`` (``num_zeroed_rows`` contiguous rows
+        of HEAD_DIM: dQ, or dQ, dK and dV in turn), ZEROED_BLOCKS blocks of BLOCK rows per program (one launch
+        fewer than a memset); with ZEROED_BLOCKS = 0 it writes nothing there."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = rows < num_rows
         head = rows % num_heads
@@ -548,9 +540,11 @@ if triton is not None:
         # fp16 dQ at |x| ~ 3e4
         scaled = (do.to(tl.float32) * inverse_sum[:, None]).to(ScaledGradOutput.dtype.element_ty)
         tl.store(ScaledGradOutput + rows[:, None] * HEAD_DIM + offs_d[None, :], scaled, mask=valid[:, None])
-        if ZERO_GRAD_Q:
-            zeros = tl.zeros((BLOCK, HEAD_DIM), dtype=GradQ.dtype.element_ty)
-            tl.store(GradQ + rows[:, None] * HEAD_DIM + offs_d[None, :], zeros, mask=valid[:, None])
+        for block in tl.static_range(ZEROED_BLOCKS):
+            zeroed_rows = (tl.program_id(0).to(tl.int64) * ZEROED_BLOCKS + block) * BLOCK + tl.arange(0, BLOCK)
+            zeros = tl.zeros((BLOCK, HEAD_DIM), dtype=Zeroed.dtype.element_ty)
+            in_buffer = zeroed_rows < num_zeroed_rows
+            tl.store(Zeroed + zeroed_rows[:, None] * HEAD_DIM + offs_d[None, :], zeros, mask=in_buffer[:, None])
         delta = tl.sum(o * scaled.to(tl.float32), 1)
         if HAS_GRAD_LSE:  # d LSE / d s = P: a gradient on the LSE enters dS like -delta
             delta -= tl.load(GradLse + rows, mask=valid, other=0.0) * inverse_sum
@@ -954,7 +948,7 @@ class _Launch:
 def _direct_launches() -> bool:
     """Whether launches may call the kept compiled kernels (see _Launch): not under the interpreter, and no launch
     hooks set (a profiler such as proton sets them; the entry point calls them)."""
-    if _interpreting():
+    if interpreting():
         return False
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)):
@@ -962,10 +956,6 @@ def _direct_launches() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return False
     return True
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv, without its 2 us as a constexpr function
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -1031,7 +1021,7 @@ def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _descriptor_scratch(needed: bool):
     """Kernels that build TMA descriptors on the device write them to a global scratch buffer, which Triton asks its
     allocator for at launch. Unless the caller installed one, lend ours (torch's caching allocator) for our launches."""
-    if not needed or _interpreting():
+    if not needed or interpreting():
         yield
         return
     from triton.runtime import _allocation
@@ -1096,7 +1086,7 @@ def _head_groups(q: torch.Tensor, k: torch.Tensor, requested: int) -> list[_Head
 
 def _head_group_count(q: torch.Tensor, k: torch.Tensor, requested: int) -> int:
     large = q.shape[0] * q.shape[1] * q.shape[2] >= _MIN_QUERY_ROWS_FOR_HEAD_GROUPS
-    return max(1, min(requested, k.shape[2])) if (q.is_cuda and large) or _interpreting() else 1
+    return max(1, min(requested, k.shape[2])) if (q.is_cuda and large) or interpreting() else 1
 
 
 def _rotated(items: list, shift: int, keep_first: bool = False, keep_last: bool = False) -> list:
@@ -1227,7 +1217,7 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
             branch, plan = order[position]
-            num_query_blocks = _cdiv(plan.max_rows, config.block_m)
+            num_query_blocks = cdiv(plan.max_rows, config.block_m)
             kept = (
                 plan.head_offset, plan.item_row, plan.item_base, plan.item_key_lo, plan.item_query_lo, plan.item_end,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides, *stats_strides,
@@ -1240,7 +1230,7 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
     # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
     # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
     epilogue = _Launch(
-        _forward_epilogue_kernel, (_cdiv(rows, 64),), (rows, softmax_scale * _LOG2E),
+        _forward_epilogue_kernel, (cdiv(rows, 64),), (rows, softmax_scale * LOG2E),
         dict(BLOCK=64, HEAD_DIM=head_dim, CAST=not write_final and q.dtype != torch.float32),
     )
     return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out)
@@ -1255,11 +1245,11 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     row_max, row_sum = stats.unbind()
     out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
     own = (q, k, v, out, running, row_max, row_sum, seed)
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
             launch(own, streams[launch.group], direct)
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
     plan.epilogue((row_max, row_sum, lse, running, out), streams[0], direct)
     return out, lse, row_max, row_sum
 
@@ -1297,7 +1287,7 @@ def _grouped_launch(plans, config: BackwardConfig, device):
     ordered = sorted(plans, key=lambda branch_plan: -branch_plan[1].max_rows)
     rows, program, item, cls = [], 0, 0, 0
     for branch, plan in ordered:
-        num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
+        num_key_blocks = cdiv(plan.max_rows, config.block_n1)
         programs = num_key_blocks * plan.num_classes * plan.num_items
         rows.append([program, plan.dilation_rate, num_key_blocks, plan.num_classes, programs, item, cls, branch << 16])
         program, item, cls = program + programs, item + plan.num_items, cls + plan.num_classes
@@ -1313,7 +1303,7 @@ def _grouped_launch(plans, config: BackwardConfig, device):
     return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
 
 
-def _backward_plan(q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal, softmax_scale,
+def _backward_plan(q, k, v, grad_out, has_grad_lse, pattern, layout, causal, softmax_scale,
                    dropout_p) -> _BackwardPlan:
     config = backward_config(q.shape[3], q.dtype)
     key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) + (
@@ -1322,12 +1312,12 @@ def _backward_plan(q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, la
     plan = layout.cache.get(key)
     if plan is None:
         plan = layout.cache[key] = _build_backward_plan(
-            config, q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
+            config, q, k, v, grad_out, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
         )
     return plan
 
 
-def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_lse, pattern, layout, causal,
+def _build_backward_plan(config, q, k, v, grad_out, has_grad_lse, pattern, layout, causal,
                          softmax_scale, dropout_p) -> _BackwardPlan:
     batch, num_queries, num_heads, head_dim = q.shape
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
@@ -1349,14 +1339,22 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
         config = dataclasses.replace(config, dq_mode="atomic")
     dq_mode = config.dq_mode
     # dq_mode "recompute": each branch adds dQ in q's dtype, as dK and dV; otherwise every branch adds into one
-    # float32 buffer, zeroed by the prologue (grouped: with dK and dV, by the allocation) and cast once at the end
+    # float32 buffer, cast once at the end. The prologue zeroes what the branches add into: that dQ buffer, or
+    # (grouped) the one float32 buffer of dQ, dK and dV; nothing where the first branch writes every row itself.
     grad_q_dtype = q.dtype if dq_mode == "recompute" else torch.float32
-    zero_grad_q = not grouped and (dq_mode != "recompute" or not first_writes_all)
-    tma = config.tensor_descriptors and _descriptors_usable(q, k, v, scaled_grad_out)
+    if grouped:
+        zeroed_rows = (q.numel() + 2 * k.numel()) // head_dim
+    else:
+        zeroed_rows = rows if dq_mode != "recompute" or not first_writes_all else 0
+    num_prologue_programs = cdiv(rows, 64)
+    # scaled_grad_out, which the kernels read too, is a fresh contiguous buffer: 16-byte aligned rows at every
+    # supported head_dim, so descriptors address it
+    tma = config.tensor_descriptors and _descriptors_usable(q, k, v)
     prologue = _Launch(
-        _backward_prologue_kernel, (_cdiv(rows, 64),),
-        (rows, num_heads, num_queries, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
-        dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse, ZERO_GRAD_Q=zero_grad_q),
+        _backward_prologue_kernel, (num_prologue_programs,),
+        (rows, num_heads, num_queries, zeroed_rows, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
+        dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse,
+             ZEROED_BLOCKS=cdiv(zeroed_rows, num_prologue_programs * 64)),
     )
     orders = [_rotated(plans, g, keep_first=first_writes_all) for g in range(len(groups))]
     q_strides = _contiguous_strides(q.shape)[:3]  # dO / sum and dQ
@@ -1387,8 +1385,8 @@ def _build_backward_plan(config, q, k, v, grad_out, scaled_grad_out, has_grad_ls
             class_begin = plan.kv_head_first_class[group.kv_begin]
             num_classes = plan.kv_head_first_class[group.kv_end] - class_begin
             num_group_heads = group.head_end - group.head_begin
-            num_key_blocks = _cdiv(plan.max_rows, config.block_n1)
-            num_query_blocks = _cdiv(plan.max_rows, config.block_m2)
+            num_key_blocks = cdiv(plan.max_rows, config.block_n1)
+            num_query_blocks = cdiv(plan.max_rows, config.block_m2)
             num_kv_programs = num_key_blocks * num_classes * plan.num_items
             num_q_programs = num_query_blocks * num_group_heads * plan.num_items if dq_mode == "recompute" else 0
             kept = (
@@ -1419,17 +1417,17 @@ def _backward(
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = _last_dim_contiguous(grad_out)
+    plan = _backward_plan(q, k, v, grad_out, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p)
     scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
-    plan = _backward_plan(
-        q, k, v, grad_out, scaled_grad_out, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p
-    )
     # delta and the forward's row maxima made finite (unscaled products q.k), in one allocation
     delta, finite_row_max = torch.empty((2, *row_max.shape), dtype=torch.float32, device=q.device).unbind()
-    if plan.grouped:  # every branch adds into one float32 buffer, cast once at the end
-        grads = torch.zeros(q.numel() + 2 * k.numel(), dtype=torch.float32, device=q.device)
-        grad_q, grad_k, grad_v = _split_grads(grads, q, k)
+    sizes = (q.numel(), k.numel(), v.numel())
+    if plan.grouped:  # every branch adds into one float32 buffer (zeroed by the prologue), cast once at the end
+        grads = torch.empty(sum(sizes), dtype=torch.float32, device=q.device)
+        grad_q, grad_k, grad_v = grads.split_with_sizes(sizes)  # flat: the kernels take strides of their own
+        zeroed = grads
     else:
-        grad_q = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed by the prologue if need be
+        grad_q = zeroed = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed if need be
         allocate = torch.zeros if plan.zero_grad_kv else torch.empty
         grad_k = allocate(k.shape, dtype=k.dtype, device=k.device)
         grad_v = allocate(v.shape, dtype=v.dtype, device=v.device)
@@ -1439,27 +1437,18 @@ def _backward(
         if not _aligned(grad_lse_rows):  # the plan's kernels were compiled for 16-byte aligned rows: see _Launch
             grad_lse_rows = grad_lse_rows.clone()
         plan.prologue(
-            (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, grad_q),
+            (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, zeroed),
             streams[0], direct,
         )
         own = (q, k, v, scaled_grad_out, grad_q, grad_k, grad_v, finite_row_max, delta, seed)
         for launch in plan.launches:
             launch(own, streams[launch.group], direct)
-    if plan.grouped:
-        return _split_grads(grads.to(q.dtype), q, k)  # one cast kernel for the three (none for float32)
+    if plan.grouped:  # one cast kernel for the three (none for float32)
+        grad_q, grad_k, grad_v = grads.to(q.dtype).split_with_sizes(sizes)
+        return grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape)
     if grad_q.dtype != q.dtype:
         grad_q = grad_q.to(q.dtype)
     return grad_q, grad_k, grad_v
-
-
-def _split_grads(grads: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-    """dQ, dK, dV as contiguous views of one flat buffer holding them in turn."""
-    q_size, k_size = q.numel(), k.numel()
-    return (
-        grads[:q_size].view(q.shape),
-        grads[q_size : q_size + k_size].view(k.shape),
-        grads[q_size + k_size :].view(k.shape),
-    )
 
 
 def _runnable_backward_config(config: BackwardConfig, q: torch.Tensor) -> BackwardConfig:
@@ -1475,13 +1464,21 @@ def _runnable_backward_config(config: BackwardConfig, q: torch.Tensor) -> Backwa
     return config
 
 
+def _on_device_of(t: torch.Tensor):
+    """Makes ``t``'s GPU the current device, where Triton launches, if it is not already (entering and leaving
+    ``torch.cuda.device`` costs host time at every call; autograd runs a backward on its tensors' device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 class _TritonDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
         seed = int(torch.randint(1 << 32, 1 << 62, (1,))) if dropout_p > 0 else 0  # an i64: see _Launch
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        with _on_device_of(q):
             out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
@@ -1493,7 +1490,7 @@ class _TritonDilatedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, row_max, row_sum = ctx.saved_tensors
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        with _on_device_of(q):
             grads = _backward(
                 q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal,
                 ctx.softmax_scale, ctx.dropout_p, ctx.seed,

@@ -2,10 +2,13 @@
 """Decoding speed: ms per generated token of a LongNet (the paper's 12 x 768 by default) with each cache, eager and
 compiled, against a Llama of the same size with transformers' static cache, at several context lengths, in one run.
 
-Each figure is what a user's ``generate`` costs per token: (time of generate with 1 + T new tokens - time with 1) / T,
-synchronised, greedy, after a warm-up generate of the same length (a static cache then has the timed call's shape,
-so nothing recompiles inside it), each time the median of ``--repeats`` alternating calls (a 1M prefill varies by
-more than 32 tokens take). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
+Each figure is what a user's ``generate`` costs per token, measured two ways in the same calls, greedy, after a
+warm-up generate of the same length (a static cache then has the timed call's shape, so nothing recompiles inside
+it): the median interval between the starts of consecutive decoding steps within a generate call (generate waits
+for each token before it asks for the next, so an interval is a token's whole cost: the step and generate's own
+work around it), and in brackets (time of generate with 1 + T new tokens - time with 1) / T, synchronised, each time
+the median of ``--repeats`` alternating calls. The interval is the headline: the subtraction carries the noise of
+two prefills (a 1M prefill varies by more than 32 tokens take). Every call gets a fresh cache. Prompts longer than ``--prefill-chunk`` are prefilled
 in chunks (``generate(prefill_chunk_size=...)``: one xPos call spans at most about 64K positions in bf16). On a GPU,
 compiled variants get a second row: the median decoding step's own forward (CUDA events around the compiled calls
 of one token per row that generate makes, and the host time of issuing them; prefill chunks are not counted); the
@@ -23,20 +26,13 @@ arithmetic flips on rounding; a real difference does not look like one).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 
-import torch
-import torch._dynamo.config
-import torch._inductor.config
-from benchmark_support import CACHE_ARGUMENT, add_model_options, environment, llama_twin, parse_size, sync
-from transformers import CompileConfig, LlamaForCausalLM
-
-from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache
-
-
+from benchmark_support import add_model_options, cache_argument, environment, llama_twin, parse_size, refuse_below_one, sync
 
 
 def parse_args(argv=None):
@@ -54,10 +50,19 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
-    for name in ("new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    refuse_below_one(parser, args, "new_tokens", "repeats")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
+import torch._dynamo.config  # noqa: E402
+import torch._inductor.config  # noqa: E402
+from transformers import CompileConfig, LlamaForCausalLM  # noqa: E402
+
+from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache  # noqa: E402
 
 
 
@@ -75,10 +80,11 @@ def variants(args, model, llama, context: int) -> dict:
         cache.early_initialization(1, config.num_key_value_heads, config.head_dim, dtype=model.dtype, device=model.device)
         return cache
 
+    cache = cache_argument()
     table = {
-        "LongNet, bounded cache, eager": (model, lambda: {CACHE_ARGUMENT: LongNetBoundedCache(model.config)}),
-        "LongNet, static bounded cache, eager": (model, lambda: {CACHE_ARGUMENT: ring(), "disable_compile": True}),
-        "LongNet, static bounded cache, compiled": (model, lambda: {CACHE_ARGUMENT: ring(), "compile_config": compiled}),
+        "LongNet, bounded cache, eager": (model, lambda: {cache: LongNetBoundedCache(model.config)}),
+        "LongNet, static bounded cache, eager": (model, lambda: {cache: ring(), "disable_compile": True}),
+        "LongNet, static bounded cache, compiled": (model, lambda: {cache: ring(), "compile_config": compiled}),
     }
     if context <= args.llama_max_context:  # transformers' StaticCache holds every token, as the Llama's does
         table["LongNet, StaticCache, compiled"] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})
@@ -92,28 +98,51 @@ def variants(args, model, llama, context: int) -> dict:
 
 
 class StepTimer:
-    """Times each call of the compiled forward that ``generate`` makes for its decoding steps (it asks the model for
-    it with ``get_compiled_call``): CUDA events around the call (what one step costs on the GPU's timeline, idle gaps
-    within it included) and the host time of issuing it. What ``generate`` spends around its steps is the rest of a
-    token's time."""
+    """Times the decoding steps ``generate`` makes: the calls of one token per row, eager (the model's forward) or
+    compiled (the call ``generate`` asks the model for with ``get_compiled_call``); prefill chunks are not counted.
+    For each step: its start on the host clock, whence the intervals between consecutive steps of one generate call
+    (a token's whole cost); for compiled steps on a GPU, CUDA events around the call (what the step costs on the
+    GPU's timeline, idle gaps within it included) and the host time of issuing it."""
 
-    def __init__(self, model, enabled: bool):
-        self.model, self.enabled, self.events, self.host = model, enabled, [], []
+    def __init__(self, model, gpu: bool):
+        self.model, self.gpu = model, gpu
+        self.events, self.host, self.intervals, self.last_start = [], [], [], None
+
+    def begin_generate(self) -> None:
+        """A generate call starts: the interval to its first step would span a prefill, not a token."""
+        self.last_start = None
+
+    def _started(self) -> float:
+        started = time.perf_counter()
+        if self.last_start is not None:
+            self.intervals.append(started - self.last_start)
+        self.last_start = started
+        return started
 
     def __enter__(self):
-        if not self.enabled:  # CUDA events need a GPU
-            return self
-        original = self.model.get_compiled_call
+        original_compiled_call, original_forward = self.model.get_compiled_call, self.model.forward
+
+        def one_token(args, kwargs) -> bool:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            return ids is not None and ids.shape[-1] == 1
+
+        @functools.wraps(original_forward)  # generate reads the forward's signature (logits_to_keep)
+        def forward(*args, **kwargs):  # eager steps; traced alike by a compiler, which leaves this branch out
+            if not torch.compiler.is_compiling() and one_token(args, kwargs):
+                self._started()
+            return original_forward(*args, **kwargs)
 
         def instrumented(compile_config):
-            call = original(compile_config)
+            call = original_compiled_call(compile_config)
 
             def timed(*args, **kwargs):
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                if ids is None or ids.shape[-1] != 1:  # a prefill chunk, not a decoding step: not timed
+                if not one_token(args, kwargs):
+                    return call(*args, **kwargs)
+                if not self.gpu:  # no CUDA events: the step's start only
+                    self._started()
                     return call(*args, **kwargs)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                started = time.perf_counter()
+                started = self._started()
                 start.record()
                 out = call(*args, **kwargs)
                 end.record()
@@ -123,12 +152,14 @@ class StepTimer:
 
             return timed
 
-        self.model.get_compiled_call = instrumented
+        self.model.get_compiled_call, self.model.forward = instrumented, forward
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            del self.model.get_compiled_call  # the class's own method again
+        del self.model.get_compiled_call, self.model.forward  # the class's own methods again
+
+    def interval_ms(self) -> float | None:
+        return 1e3 * statistics.median(self.intervals) if self.intervals else None
 
     def medians_ms(self) -> tuple[float, float] | None:
         if not self.events:
@@ -195,9 +226,11 @@ def main(argv=None) -> int:
             try:
                 timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())  # warm-up, compiles
                 ones, manys = [], []
-                with StepTimer(net, enabled=device == "cuda") as steps:
+                with StepTimer(net, gpu=device == "cuda") as steps:
                     for _ in range(args.repeats):  # alternating; medians, since a long prefill varies by more than T tokens take
+                        steps.begin_generate()
                         ones.append(timed_generate(net, ids, 1, args.prefill_chunk, **options())[1])
+                        steps.begin_generate()
                         out, seconds = timed_generate(net, ids, 1 + args.new_tokens, args.prefill_chunk, **options())
                         manys.append(seconds)
                 one, many = statistics.median(ones), statistics.median(manys)
@@ -206,7 +239,8 @@ def main(argv=None) -> int:
                 print(rows[-1], file=sys.stderr, flush=True)
                 save()
                 continue
-            rows.append({"context": context, "variant": name, "ms_per_token": 1e3 * (many - one) / args.new_tokens, "prefill_s": one})
+            rows.append({"context": context, "variant": name, "ms_per_token": steps.interval_ms(),
+                         "ms_per_token_by_subtraction": 1e3 * (many - one) / args.new_tokens, "prefill_s": one})
             step = steps.medians_ms()
             if step is not None:  # compiled variants: the forward of a decoding step itself
                 rows[-1].update(step_ms=step[0], step_host_ms=step[1])
@@ -231,13 +265,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def per_token(row) -> str:
+    """A row's ms per token: the median step interval, and in brackets the subtraction of two generate times."""
+    interval = "-" if row["ms_per_token"] is None else f"{row['ms_per_token']:.2f}"  # T = 1 has no interval
+    return f"{interval} ({row['ms_per_token_by_subtraction']:.2f})"
+
+
 def markdown(rows, agreement, env) -> str:
     contexts = sorted({row["context"] for row in rows})
     names = list(dict.fromkeys(row["variant"] for row in rows))
     cell = {(row["context"], row["variant"]): row for row in rows}
     lines = [
         f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, preset "
-        f"{env['preset']}, attn {env['attn']}, T = {env['new_tokens']}, {env['date']}. ms per generated token.",
+        f"{env['preset']}, attn {env['attn']}, T = {env['new_tokens']}, {env['date']}. ms per generated token: the "
+        "median interval between decoding steps (in brackets: the difference of generate times with 1 + T and 1 new "
+        "tokens, over T).",
         "",
         "| variant | " + " | ".join(f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts) + " |",
         "|---|" + "---|" * len(contexts),
@@ -246,7 +288,7 @@ def markdown(rows, agreement, env) -> str:
         values = []
         for context in contexts:
             row = cell.get((context, name))
-            values.append("-" if row is None else ("error" if "error" in row else f"{row['ms_per_token']:.2f}"))
+            values.append("-" if row is None else ("error" if "error" in row else per_token(row)))
         lines.append(f"| {name} | " + " | ".join(values) + " |")
         if any("step_ms" in row for row in rows if row["variant"] == name):
             steps = [cell.get((context, name), {}) for context in contexts]

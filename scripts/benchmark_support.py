@@ -1,19 +1,18 @@
 """What the model-level benchmark scripts share: sizes on the command line, a synchronised clock, and the Llama of
-the same sizes that a LongNet is timed against."""
+the same sizes that a LongNet is timed against.
+
+The command-line helpers come first and need nothing heavy: the scripts check their arguments before they import
+torch or transformers (a bad command line is refused in a moment), so those are imported where they are used."""
 
 from __future__ import annotations
 
 import datetime
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from transformers import LlamaConfig
-from transformers.modeling_outputs import BaseModelOutputWithPast
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
-from modeling_longnet import LongNetConfig
-
-# generate's name for a cache object: `cache` from transformers 5.24, `past_key_values` before
-CACHE_ARGUMENT = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    from modeling_longnet import LongNetConfig
 
 
 def parse_size(text: str) -> int:
@@ -23,7 +22,29 @@ def parse_size(text: str) -> int:
     return int(text[:-1] if scale > 1 else text) * scale
 
 
+def add_model_options(parser) -> None:
+    """The options that pick the LongNet both benchmarks time (its Llama twin takes its sizes)."""
+    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
+    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+
+
+def refuse_below_one(parser, args, *names: str) -> None:
+    """``parser.error`` naming the first of the int options ``names`` (dest names) that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def cache_argument() -> str:
+    """generate's name for a cache object: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def sync() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -31,6 +52,8 @@ def sync() -> None:
 def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
     """A Llama with the LongNet's sizes (width, depth, heads, MLP, vocabulary) and dense SDPA attention; unlike
     ``llama_config_from_longnet`` it does not ask for Llama blocks (the paper's model has xPos and sub-LN)."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -39,14 +62,11 @@ def llama_twin(config: LongNetConfig, max_positions: int) -> LlamaConfig:
     )
 
 
-def add_model_options(parser) -> None:
-    """The options that pick the LongNet both benchmarks time (its Llama twin takes its sizes)."""
-    parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
-    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
-
-
 def environment(args, **extra) -> dict:
     """What a result depends on: the card, the versions, the model and the date, and ``extra``."""
+    import torch
+    import transformers
+
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,

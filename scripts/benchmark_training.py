@@ -21,12 +21,7 @@ import statistics
 import sys
 import time
 
-import torch
-from benchmark_support import add_model_options, environment, llama_twin, parse_size, sync
-from transformers import LlamaForCausalLM
-
-from modeling_longnet import LongNetConfig, LongNetForCausalLM
-from modeling_longnet.modeling_longnet import chunked_causal_lm_loss
+from benchmark_support import add_model_options, environment, llama_twin, parse_size, refuse_below_one, sync
 
 
 def parse_args(argv=None):
@@ -44,7 +39,25 @@ def parse_args(argv=None):
     parser.add_argument("--llama-max-n", type=parse_size, default=131072, help="the Llama twin only up to this length")
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.n = [parse_size(x) for x in args.n.split(",")]
+    except ValueError:
+        parser.error(f"--n: {args.n!r} is not a comma-separated list of sizes (e.g. 32K,128K,1M)")
+    if not all(n > 0 for n in args.n):
+        parser.error(f"--n: every length must be positive, got {args.n}")
+    refuse_below_one(parser, args, "steps", "loss_chunk")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # a bad command line is refused here, before the slow imports below
+
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from modeling_longnet import LongNetConfig, LongNetForCausalLM  # noqa: E402
+from modeling_longnet.modeling_longnet import chunked_causal_lm_loss  # noqa: E402
 
 
 def training_step(model, forward, optimizer, ids, args, device) -> float:
@@ -79,7 +92,7 @@ def measure(name, model, forward, n, args, device) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lengths = [parse_size(n) for n in args.n.split(",")]
+    lengths = args.n
     torch.manual_seed(0)
     config = LongNetConfig.from_preset(args.preset, attn_implementation=args.attn, position_encoding=args.position_encoding)
     models = {"LongNet": LongNetForCausalLM(config).to(device).train()}

@@ -170,7 +170,7 @@ def test_compiled_generation_with_triton_runs_the_fused_decoding_kernel_inside_t
     ring through the fused decoding kernel, a custom op inside the one graph, and picks the tokens of uncached
     greedy generation."""
     decode = pytest.importorskip("modeling_longnet.dilated_attention_decode")
-    if decode.triton is None or not decode._interpreting():
+    if decode.triton is None or not decode.interpreting():
         pytest.skip("the fused kernel takes CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)")
     model = tiny_model(position_encoding="xpos").eval()
     ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(1))

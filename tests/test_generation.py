@@ -327,7 +327,7 @@ def test_decoding_steps_read_the_candidates_of_any_pattern(segment_lengths, dila
 def ring_decode_runs() -> bool:
     """The fused kernel takes the CPU tensors of these tests: Triton's interpreter (a GPU has test_ring_decode's)."""
     decode = importlib.import_module("modeling_longnet.dilated_attention_decode")
-    return decode.triton is not None and decode._interpreting()
+    return decode.triton is not None and decode.interpreting()
 
 
 def test_beam_search_with_the_static_bounded_cache_equals_beam_search_without_cache():

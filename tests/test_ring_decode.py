@@ -19,7 +19,7 @@ from cases import relative_error
 from reference import reference_dilated_attention
 
 decode = pytest.importorskip("modeling_longnet.dilated_attention_decode")
-if decode.triton is None or not (torch.cuda.is_available() or decode._interpreting()):
+if decode.triton is None or not (torch.cuda.is_available() or decode.interpreting()):
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
