@@ -285,14 +285,14 @@ def dilated_attention(
                 f"(B, N_k, H, D), valid (B, H, N_k); got q {tuple(q.shape)}, k {tuple(k.shape)}, valid "
                 f"{tuple(token_layout.valid.shape)}"
             )
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_off(q.device.type):
             out, lse = selected_keys_attention(
                 q, k, v, token_layout, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
             )
         return (out, lse) if return_lse else out
     if isinstance(token_layout, PositionLayout):  # traced or not: plain tensor operations, no table, no host read
         _check_position_layout(token_layout, batch, num_keys, num_queries)
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_off(q.device.type):
             out, lse = dilated_attention_dense(
                 q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
             )
@@ -320,8 +320,9 @@ def dilated_attention(
     if compaction is not None:  # a mask with holes: the backends see each row's real tokens together, at its end
         q = compaction.gather(q, compaction.query_order)
         k, v = (compaction.gather(t, compaction.key_order) for t in (k, v))
-    # The backends choose their own precision (float32 accumulation for 16-bit inputs): autocast must not recast it.
-    with torch.autocast(q.device.type, enabled=False):
+    # The backends choose their own precision (float32 accumulation for 16-bit inputs): autocast must not recast it
+    # (entering and leaving the context costs about 10 us: only where autocast is on).
+    with _autocast_off(q.device.type):
         out, lse = run(
             q, k, v, pattern, token_layout, causal=causal, softmax_scale=float(softmax_scale), dropout_p=float(dropout_p)
         )
@@ -340,6 +341,13 @@ def _check_position_layout(layout, batch, num_keys, num_queries):
     for name, (tensor, shape) in shapes.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"PositionLayout.{name} must have shape {shape} for these q, k, v; got {tuple(tensor.shape)}")
+
+
+def _autocast_off(device_type: str):
+    """A context in which autocast is off on ``device_type``: ``torch.autocast(enabled=False)`` where it is on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _autocast_inputs(q, k, v):

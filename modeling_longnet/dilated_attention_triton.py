@@ -1472,14 +1472,22 @@ def _on_device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _forward_call(q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
+    """One forward on q, k, v with contiguous rows: ``(q, k, v, seed, out, lse, row_max, row_sum)``."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
+    seed = int(torch.randint(1 << 32, 1 << 62, (1,))) if dropout_p > 0 else 0  # an i64: see _Launch
+    with _on_device_of(q):
+        out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
+    return q, k, v, seed, out, lse, row_max, row_sum
+
+
 class _TritonDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
-        seed = int(torch.randint(1 << 32, 1 << 62, (1,))) if dropout_p > 0 else 0  # an i64: see _Launch
-        with _on_device_of(q):
-            out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
+        q, k, v, seed, out, lse, row_max, row_sum = _forward_call(
+            q, k, v, pattern, layout, causal, softmax_scale, dropout_p
+        )
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
@@ -1501,4 +1509,8 @@ class _TritonDilatedAttention(torch.autograd.Function):
 def dilated_attention_triton(q, k, v, pattern, layout, *, causal: bool, softmax_scale: float, dropout_p: float):
     """The Triton backend of :func:`~modeling_longnet.dilated_attention.dilated_attention`: ``(out, lse)``."""
     check_supported(q, pattern, layout, dropout_p)
-    return _TritonDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _TritonDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
+    # No gradient to record (inference, a prefill): the Function's forward without the 15-20 us of host time that
+    # Function.apply costs even then
+    return _forward_call(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)[4:6]

@@ -434,6 +434,32 @@ def test_unsupported_head_dim_and_dtype_raise_naming_the_parameter():
         dilated_attention(q, q, q, [4], [1], backend="triton")
 
 
+def test_calls_without_a_gradient_skip_autograd_and_compute_the_same():
+    """A call that records no gradient (inference, torch.no_grad) runs the forward without the autograd Function
+    (whose apply costs host time even then): the same output and LSE bit for bit, and nothing to backpropagate;
+    a call where any one of q, k, v wants a gradient records it."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 40, 4, 16, device=DEVICE)
+    k, v = (torch.randn(1, 40, 2, 16, device=DEVICE) for _ in range(2))
+    args = ([8, 32], [1, 3])
+
+    def call(*tensors):
+        return dilated_attention(*tensors, *args, causal=True, backend="triton", return_lse=True)
+
+    plain_out, plain_lse = call(q, k, v)
+    assert plain_out.grad_fn is None and plain_lse.grad_fn is None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        no_grad_out, _ = call(*leaves)
+    assert no_grad_out.grad_fn is None
+    for wants in range(3):  # only one of q, k, v wants its gradient
+        tensors = [t.clone().requires_grad_(i == wants) for i, t in enumerate((q, k, v))]
+        out, lse = call(*tensors)
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse) and torch.equal(no_grad_out, plain_out)
+        (grad,) = torch.autograd.grad(out.sum(), [tensors[wants]])
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_supports_answers_without_raising():
     pattern = core.DilatedPattern([4], [1])
     layout = TokenLayout.build(1, 8, 8)
