@@ -454,7 +454,11 @@ def benchmark(args, progress=print) -> list[dict]:
         if skip is not None:
             row["skipped"] = skip
         results.append(row)
-        shown = f"{row['ms']:.2f} ms ({row['ms_back_to_back']:.2f} back to back), {row['tflops']:.0f} TFLOP/s, peak +{row['peak_bytes'] / 2**30:.2f} GiB" if "ms" in row else f"skipped: {skip}"
+        shown = (
+            f"{row['ms']:.2f} ms ({row['ms_back_to_back']:.2f} back to back), {row['tflops']:.0f} TFLOP/s, peak "
+            f"+{row['peak_bytes'] / 2**30:.2f} GiB, host {row['host_ms']:.3f} ms, {row['kernels']} kernels"
+            if "ms" in row else f"skipped: {skip}"
+        )
         progress(f"[{index}/{len(steps)}] N={size_label(n)} {method} {mode}: {shown}")
     if getattr(benchmark, "_problem", None) is not None:
         free_problem(benchmark._problem)
