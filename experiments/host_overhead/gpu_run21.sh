@@ -19,7 +19,7 @@ mkdir -p /tmp/before && tar xzf experiments/host_overhead/carry/before_73da1a1.t
   --json $OUT/kernels_before.json --markdown $OUT/kernels_before.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190)
 grep -A6 "Host ms" $OUT/kernels_before.md
 echo "== (d) benchmark after (t=$SECONDS s)"
-PYTHONPATH=$PWD timeout $((570 - SECONDS)) python3 scripts/benchmark.py --n 8K,16K,32K,128K,1M --methods triton,floor-fa2 \
+PYTHONPATH=$PWD timeout $((${LIMIT:-570} - SECONDS)) python3 scripts/benchmark.py --n 8K,16K,32K,128K,1M --methods triton,floor-fa2 \
   --json $OUT/kernels.json --markdown $OUT/kernels.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190
 grep -A12 "Host ms" $OUT/kernels.md
 echo "done (t=$SECONDS s)"
