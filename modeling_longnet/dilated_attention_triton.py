@@ -75,7 +75,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-
 def is_available() -> bool:
     """Triton is installed and can run: on a CUDA GPU, or under the interpreter (TRITON_INTERPRET=1)."""
     return triton is not None and (torch.cuda.is_available() or interpreting())
