@@ -1472,19 +1472,19 @@ def _on_device_of(t: torch.Tensor):
 
 
 def _forward_call(q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
-    """One forward on q, k, v with contiguous rows: ``(q, k, v, seed, out, lse, row_max, row_sum)``."""
+    """One forward: ``((q, k, v) with contiguous rows, the dropout seed, (out, lse, row_max, row_sum))``."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     # One seed per call, from torch's default generator: torch.manual_seed reproduces the dropout mask.
     seed = int(torch.randint(1 << 32, 1 << 62, (1,))) if dropout_p > 0 else 0  # an i64: see _Launch
     with _on_device_of(q):
-        out, lse, row_max, row_sum = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
-    return q, k, v, seed, out, lse, row_max, row_sum
+        results = _forward(q, k, v, pattern, layout, causal, softmax_scale, dropout_p, seed)
+    return (q, k, v), seed, results
 
 
 class _TritonDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pattern, layout, causal, softmax_scale, dropout_p):
-        q, k, v, seed, out, lse, row_max, row_sum = _forward_call(
+        (q, k, v), seed, (out, lse, row_max, row_sum) = _forward_call(
             q, k, v, pattern, layout, causal, softmax_scale, dropout_p
         )
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
@@ -1512,4 +1512,5 @@ def dilated_attention_triton(q, k, v, pattern, layout, *, causal: bool, softmax_
         return _TritonDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     # No gradient to record (inference, a prefill): the Function's forward without the 15-20 us of host time that
     # Function.apply costs even then
-    return _forward_call(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)[4:6]
+    _, _, (out, lse, _, _) = _forward_call(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
+    return out, lse

@@ -15,8 +15,8 @@ core's backends) and ``"eager"`` (dense attention weights, for ``output_attentio
 bias; memory quadratic in the length). Choose one with ``from_pretrained(..., attn_implementation=name)`` or
 ``model.set_attn_implementation(name)``. One case skips the function: a decoding step of one token per row with a
 ``LongNetStaticCache``, under ``"triton"`` or ``"auto"`` on a GPU, runs the fused decoding kernel of
-``dilated_attention_decode`` over the cache's ring (other functions get each head's candidate keys, gathered). Another module (sequence parallelism, say) substitutes its own
-without editing the model::
+``dilated_attention_decode`` over the cache's ring (other functions get each head's candidate keys, gathered).
+Another module (sequence parallelism, say) substitutes its own without editing the model::
 
     ALL_DILATED_ATTENTION_FUNCTIONS.register("my_attention", my_attention)
     model.set_attn_implementation("my_attention")
