@@ -29,6 +29,7 @@ checked here, so that they cannot disagree on logical positions. The layers, fro
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from numbers import Real
 from typing import Sequence
@@ -81,6 +82,8 @@ def _largest_finite(dtype: torch.dtype) -> float:
 
 
 def _check_qkv(q, k, v) -> None:
+    if _well_formed(q, k, v):  # the common case in one expression (about half the host time of the checks below)
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
@@ -119,6 +122,19 @@ def _check_qkv(q, k, v) -> None:
         )
 
 
+def _well_formed(q, k, v) -> bool:
+    """Whether every check of :func:`_check_qkv` passes (it then has nothing to say)."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return False
+    q_shape, k_shape = q.shape, k.shape
+    return (
+        len(q_shape) == 4 and k_shape == v.shape and len(k_shape) == 4
+        and q.is_floating_point() and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
+        and q_shape[0] == k_shape[0] > 0 and q_shape[3] == k_shape[3] > 0 and 0 < q_shape[1] <= k_shape[1]
+        and k_shape[2] > 0 and q_shape[2] % k_shape[2] == 0 and q_shape[2] > 0
+    )
+
+
 @dataclass(frozen=True)
 class _Backend:
     check_supported: object  # (q, pattern, layout, dropout_p) -> None, or a ValueError naming the parameter
@@ -133,19 +149,25 @@ def _optional_backend(name: str) -> _Backend | None:
     transformers copies into a saved model exactly the files named by such lines, so the backends travel with
     remote code.
     """
-    try:
-        if name == "triton":
-            from .dilated_attention_triton import check_supported, is_available, supports
-            from .dilated_attention_triton import dilated_attention_triton as run
-        elif name == "cudnn":
-            from .dilated_attention_cudnn import check_supported, is_available, supports
-            from .dilated_attention_cudnn import dilated_attention_cudnn as run
-        else:
-            from .dilated_attention_flash import check_supported, is_available, supports
-            from .dilated_attention_flash import dilated_attention_flash as run
-    except ImportError:
+    module = _BACKEND_MODULES.get(name)
+    if module is None:  # imported once (the import statements cost about 2 us at every call)
+        try:
+            if name == "triton":
+                from .dilated_attention_triton import dilated_attention_triton as run
+            elif name == "cudnn":
+                from .dilated_attention_cudnn import dilated_attention_cudnn as run
+            else:
+                from .dilated_attention_flash import dilated_attention_flash as run
+        except ImportError:
+            return None
+        module = _BACKEND_MODULES[name] = sys.modules[run.__module__]
+    # looked up at each call, not kept: whether the backend runs here may change (a test switches the interpreter)
+    if not module.is_available():
         return None
-    return _Backend(check_supported, supports, run) if is_available() else None
+    return _Backend(module.check_supported, module.supports, getattr(module, f"dilated_attention_{name}"))
+
+
+_BACKEND_MODULES: dict = {}
 
 
 def available_backends() -> list[str]:
@@ -354,10 +376,11 @@ def _autocast_inputs(q, k, v):
     """Under autocast, attention runs in the autocast dtype, as ``scaled_dot_product_attention`` does (rotary
     positions computed in float32 often leave q and k in float32 while v comes out of a bf16 projection)."""
     tensors = (q, k, v)
-    if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors) and q.device.type in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(q.device.type):
-            dtype = torch.get_autocast_dtype(q.device.type)
-            return tuple(t.to(dtype) for t in tensors)
+    if not isinstance(q, torch.Tensor) or (device_type := q.device.type) not in ("cpu", "cuda"):
+        return tensors
+    if torch.is_autocast_enabled(device_type) and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) for t in tensors)
     return tensors
 
 

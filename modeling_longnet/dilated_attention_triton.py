@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +92,24 @@ def _unsupported_reason(q: torch.Tensor, pattern, layout, dropout_p: float) -> s
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"backend='triton' supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={q.shape[-1]}; use backend='torch'"
     if q.is_cuda:
-        major, _ = torch.cuda.get_device_capability(q.device)
+        major, _ = _capability(q.device)
         if major < 8:
             return f"backend='triton' needs a GPU of compute capability 8.0 or newer, got {major}.x; use backend='torch'"
     elif not interpreting():
         return f"backend='triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got a tensor on {q.device}"
     return None
+
+
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, asked of the driver once per device (2-3 us a call, twice per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITIES.get(index)
+    if capability is None:
+        capability = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return capability
 
 
 def supports(q: torch.Tensor, pattern, layout, dropout_p: float) -> bool:
@@ -262,7 +275,18 @@ class BackwardConfig:
 
 def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     """The forward launch configuration; measured choices are recorded in docs/triton_notes.md."""
-    if interpreting():  # small blocks and two head groups exercise the multi-block and multi-group paths
+    return _forward_config(head_dim, dtype, interpreting())
+
+
+def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    """The backward launch configuration; measured choices are recorded in docs/triton_notes.md."""
+    return _backward_config(head_dim, dtype, interpreting())
+
+
+# Built once per argument: a frozen dataclass with checks costs 3-6 us of host time to construct, at every call.
+@functools.lru_cache(maxsize=None)
+def _forward_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> ForwardConfig:
+    if interpreted:  # small blocks and two head groups exercise the multi-block and multi-group paths
         return ForwardConfig(16, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:  # matrix products on the FMA units: small tiles, no spills
         return ForwardConfig(64, 32, 8, 2) if head_dim <= 64 else ForwardConfig(32, 16, 4, 2)
@@ -277,8 +301,9 @@ def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     return ForwardConfig(64, 32, 4, 2, head_groups=2)
 
 
-def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
-    if interpreting():
+@functools.lru_cache(maxsize=None)
+def _backward_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> BackwardConfig:
+    if interpreted:
         return BackwardConfig(32, 16, 32, 16, 4, 1, head_groups=2)
     if dtype == torch.float32:
         return BackwardConfig(32, 16, 32, 16, 4, 2) if head_dim <= 64 else BackwardConfig(16, 16, 16, 16, 4, 1)
@@ -984,7 +1009,7 @@ def _descriptors_usable(*tensors: torch.Tensor) -> bool:
     the interpreter runs), and every base address and row, head and batch stride is a multiple of 16 bytes."""
     if not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if tensors[0].is_cuda and _capability(tensors[0].device)[0] < 9:
         return False
     return all(
         t.data_ptr() % 16 == 0 and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
@@ -1269,8 +1294,10 @@ class _BackwardPlan:
 # Where every branch's backward shares one launch (BackwardConfig.group_branches), measured on an H100 (run 14,
 # docs/benchmarks.md; paper's branches, H = 12, D = 64, bf16, GPU time from CUDA-graph replay): 8K 1.28 -> 1.00 ms
 # forward+backward, 16K 2.21 -> 2.00, 32K 3.96 -> 3.97, 64K 7.20 -> 7.58. Where launches are long, their tails
-# matter less than the float32 dK, dV buffers and atomic additions cost.
-_MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES = 1 << 18  # batch x queries x heads
+# matter less than the float32 dK, dV buffers and atomic additions cost. At 32K the GPU time is a tie, but a single
+# call is not: one launch in place of five cut its host time and ended it sooner (run 21, host_timeline.py: 4.38 ->
+# 4.19 ms, FA2 floor 4.11), so 32K at H = 12 is grouped too.
+_MAX_QUERY_ROWS_FOR_GROUPED_BRANCHES = 1 << 19  # batch x queries x heads
 
 # The columns of a grouped launch's branch table (int32, one row per branch, in launch order): what the kernel
 # reads instead of its per-branch arguments (see _backward_kernel's GROUPED).
@@ -1506,8 +1533,8 @@ class _TritonDilatedAttention(torch.autograd.Function):
 
 
 def dilated_attention_triton(q, k, v, pattern, layout, *, causal: bool, softmax_scale: float, dropout_p: float):
-    """The Triton backend of :func:`~modeling_longnet.dilated_attention.dilated_attention`: ``(out, lse)``."""
-    check_supported(q, pattern, layout, dropout_p)
+    """The Triton backend of :func:`~modeling_longnet.dilated_attention.dilated_attention`: ``(out, lse)``. Like the
+    other backends it takes what the dispatcher has already checked (``check_supported`` / ``supports``)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _TritonDilatedAttention.apply(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     # No gradient to record (inference, a prefill): the Function's forward without the 15-20 us of host time that
