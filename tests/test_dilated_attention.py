@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import math
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from cases import attention_cases, call_kwargs, make_inputs, relative_error
 from memory_probe import LargestTensor
@@ -17,6 +18,7 @@ from modeling_longnet import DilatedPattern, TokenLayout, available_backends, di
 
 # the package exports the function under the module's name, so reach the module through importlib
 torch_backend_module = importlib.import_module("modeling_longnet.dilated_attention_torch")
+dispatcher = importlib.import_module("modeling_longnet.dilated_attention")
 
 # ---------------------------------------------------------------------------------------------------------
 # random cases
@@ -405,6 +407,44 @@ def test_bad_tensors(change, error, match):
     q, k, v = change(*_qkv())
     with pytest.raises(error, match=match):
         dilated_attention(q, k, v, [4], [1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.tuples(*[st.sampled_from([0, 1, 1, 2, 2, 3, 3, 3])] * 6),  # batch, queries, keys, kv heads, group, head_dim
+    change=st.sampled_from(["none"] * 4 + ["q dims", "k dims", "v shape", "k batch", "q heads", "dtype", "int dtype"]),
+)
+def test_the_checks_fast_path_accepts_exactly_what_the_checks_accept(sizes, change):
+    """_check_qkv first tries one expression for the common case (host time per call); it must pass exactly the
+    inputs that the named checks pass, or a bad input would get through unnamed. Sizes of 0 and one changed
+    property make bad inputs of every kind; unchanged sizes above 0 make good ones."""
+    batch, queries, keys, kv_heads, group, head_dim = sizes
+    q_shape, k_shape = [batch, queries, kv_heads * group, head_dim], [batch, keys, kv_heads, head_dim]
+    v_shape, dtypes = list(k_shape), [torch.float32] * 3
+    if change == "q dims":
+        q_shape = q_shape[1:]
+    elif change == "k dims":
+        k_shape = v_shape = k_shape + [1]
+    elif change == "v shape":
+        v_shape[3] += 1
+    elif change == "k batch":
+        k_shape[0] = v_shape[0] = batch + 1
+    elif change == "q heads":
+        q_shape[2] += 1
+    elif change == "dtype":
+        dtypes[1] = torch.float16
+    elif change == "int dtype":
+        dtypes = [torch.int32] * 3
+    q, k, v = (torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip((q_shape, k_shape, v_shape), dtypes))
+    fast = dispatcher._well_formed(q, k, v)
+    event(f"well formed: {fast}")
+    try:
+        with mock.patch.object(dispatcher, "_well_formed", lambda *tensors: False):
+            dispatcher._check_qkv(q, k, v)
+        named_checks_pass = True
+    except (TypeError, ValueError):
+        named_checks_pass = False
+    assert fast == named_checks_pass
 
 
 @pytest.mark.parametrize(
