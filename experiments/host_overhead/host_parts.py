@@ -4,7 +4,9 @@ backend's ``_forward``, 0.14-0.29 ms more to the first launch).
 
 Each function of the path is wrapped with a timer (inclusive time per call; nested functions are inside their
 callers); every call is issued with the GPU idle (synchronized before it). Medians in us over --repeats calls. Then
-the cost of the primitive operations the path uses, and cProfile's own-time ranking of a forward+backward.
+the cost of the primitive operations the path uses; the same after a torch.profiler session; the standalone layer
+and the paper's model's training step (each attention call's host time inside it); cProfile's own-time ranking of
+a forward+backward.
 
     python experiments/host_overhead/host_parts.py --n 32K
 """
@@ -181,6 +183,17 @@ def main():
         torch.cuda.synchronize()
     table(f"N={n // 1024}K forward+backward, prepared layout, after one torch.profiler session", forward_backward, args.repeats)
     table(f"N={n // 1024}K forward, prepared layout, after one torch.profiler session", forward, args.repeats)
+
+    # the original LongNet layer's interface (issue 14: the same speed from the function, the layer and the model)
+    from modeling_longnet import DilatedAttention
+
+    layer = DilatedAttention(768, 12, list(PAPER_R), list(PAPER_W), causal=True, attn_implementation="triton")
+    layer = layer.to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        table(f"N={n // 1024}K the layer DilatedAttention(768, 12, ...), forward (no grad)", lambda: layer(x), args.repeats)
+    table(f"N={n // 1024}K the layer, forward+backward", lambda: layer(x).sum().backward(), args.repeats)
+    del layer, x
 
     model_step(n, args.repeats // 10)
 
