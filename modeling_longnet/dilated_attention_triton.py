@@ -13,7 +13,8 @@ largest product q.k (unscaled) and its sum of exponentials ``exp2((q.k - max) * 
 rounded log-sum-exp, which at logits of 1e9 would carry an error of e^64 into the weights), and mixes by weights
 that add up to one, so the output stays a convex combination of value rows at any logit scale. A branch writes each (position, head) at most once, so the
 merge needs no atomics; a branch with r = 1 covers every query and runs last, writing the final output in the
-input dtype.
+input dtype (and, where every query is a real token, the LSE: the forward is then one launch per branch and one
+copy that starts the row statistics).
 
 Backward, one launch per branch, exact (no ``no_grad`` shortcut): ``P = exp(s - max) / sum`` with the *merged*
 row maximum and sum is exactly the mixed softmax's entry, so ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)
@@ -420,7 +421,7 @@ if triton is not None:
         do_not_specialize=["dilation", "query_begin", "num_query_blocks", "head_begin", "seed", "stream_base"]
     )
     def _forward_kernel(
-        Q, K, V, Out, Acc, RowMax, RowSum, seed,  # the call's own tensors and seed first: see _Launch
+        Q, K, V, Out, Acc, RowMax, RowSum, Lse, seed,  # the call's own tensors and seed first: see _Launch
         HeadOffset, ItemRow, ItemBase, ItemKeyLo, ItemQueryLo, ItemEnd,
         stride_qb, stride_qn, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -431,9 +432,11 @@ if triton is not None:
         softmax_scale, stream_base, dropout_p,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MERGE: tl.constexpr, FINAL: tl.constexpr,
-        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_LSE: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1)."""
+        """One branch's partial attention for the heads [head_begin, head_begin + grid dimension 1). With STORE_LSE
+        (the last branch, which covers every query) it also stores the LSE of the mixture, which the epilogue
+        launch would otherwise form; Lse is (B, N, H) float32 with the row statistics' strides."""
         # Formed here and in the backward kernel by the same float32 product, so that both kernels' exponents agree
         # bit for bit. (Passed in as a second argument instead, it cost the backward 40 more spilled registers and
         # 20% of its time on an H200: docs/triton_notes.md.)
@@ -528,6 +531,10 @@ if triton is not None:
             row_sum = total
         tl.store(max_ptrs, row_max, mask=query_valid)
         tl.store(sum_ptrs, row_sum, mask=query_valid)
+        if STORE_LSE:  # as _forward_epilogue_kernel forms it; every query stored here saw at least itself
+            lse = (row_max * qk_scale + tl.log2(tl.where(row_sum > 0.0, row_sum, 1.0))) * 0.6931471805599453
+            lse_ptrs = Lse + batch * stride_lb + query_index * stride_ln + head
+            tl.store(lse_ptrs, tl.where(row_sum > 0.0, lse, float("-inf")), mask=query_valid)
         if FINAL:
             tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=query_valid[:, None])
         else:
@@ -1195,7 +1202,7 @@ class _ForwardPlan:
     """Every launch of a forward call, built at the first call of its key and kept in ``layout.cache``."""
 
     launches: list[_Launch]  # the branches' launches in issue order
-    epilogue: _Launch
+    epilogue: _Launch | None  # None: the last launches store the LSE and the final output themselves
     num_groups: int
     tma: bool
     # the branches accumulate into `out` itself (float32), or into a separate running buffer of this dtype
@@ -1226,6 +1233,8 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
         zero_out = write_final and not _every_query_is_real(layout)  # padding queries get 0
         separate = len(plans) > 1 or not write_final
         running_dtype = (q.dtype if config.merge_in_input_dtype else torch.float32) if separate else None
+    # Where the last (r = 1) launch of each head group sees every query, it stores the LSE too: no epilogue launch.
+    lse_in_final = write_final and _every_query_is_real(layout)
     tma = config.tensor_descriptors and _descriptors_usable(k, v)
     groups = _head_groups(q, k, config.head_groups)
     orders = [_rotated(plans, g, keep_last=write_final) for g in range(len(groups))]
@@ -1250,10 +1259,11 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
             )
             final = write_final and position == len(plans) - 1
             grid = (num_query_blocks * plan.num_items, group.head_end - group.head_begin)
-            launches.append(_Launch(_forward_kernel, grid, kept, dict(constexprs, MERGE=position > 0, FINAL=final), group=g))
+            kind = dict(MERGE=position > 0, FINAL=final, STORE_LSE=final and lse_in_final)
+            launches.append(_Launch(_forward_kernel, grid, kept, dict(constexprs, **kind), group=g))
     # positions no branch wrote hold garbage in `running` (row_sum = 0): the epilogue gives them 0 as it casts.
     # row_max holds unscaled products q.k: the LSE in natural units is (max * scale * log2 e + log2 sum) * ln 2.
-    epilogue = _Launch(
+    epilogue = None if lse_in_final else _Launch(
         _forward_epilogue_kernel, (cdiv(rows, 64),), (rows, softmax_scale * LOG2E),
         dict(BLOCK=64, HEAD_DIM=head_dim, CAST=not write_final and q.dtype != torch.float32),
     )
@@ -1269,12 +1279,13 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     row_max, row_sum = stats.unbind()
     out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
-    own = (q, k, v, out, running, row_max, row_sum, seed)
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
+    own = (q, k, v, out, running, row_max, row_sum, lse, seed)
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
             launch(own, streams[launch.group], direct)
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
-    plan.epilogue((row_max, row_sum, lse, running, out), streams[0], direct)
+    if plan.epilogue is not None:
+        plan.epilogue((row_max, row_sum, lse, running, out), streams[0], direct)
     return out, lse, row_max, row_sum
 
 
