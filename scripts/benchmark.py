@@ -6,7 +6,8 @@ lengths; the tables give the median time of a single synced call (what one user 
 calls issued back to back, the rate over the FLOPs the definition requires (SPEC.md: per branch, every (segment,
 head) is a dense attention of about w/r rows; causal counts half; backward counts 2.5x forward), the peak memory
 above the inputs, the host time of one call (issued with the GPU idle, not waited for) and the CUDA kernels it
-launches.
+launches (counted with torch.profiler once every timing is taken: a profiler session can leave later calls slower
+on the host).
 
 The *floor* runs the same attention FLOPs as batched SDPA calls on segments already gathered into contiguous
 tensors (FlashAttention-2 and cuDNN backends of ``scaled_dot_product_attention``): what any kernel of that class
@@ -441,7 +442,6 @@ def benchmark(args, progress=print) -> list[dict]:
                 row["ms"] = time_call(run, args.min_repeats, args.min_time)
                 row["ms_back_to_back"] = time_back_to_back(run)
                 row["host_ms"] = host_time(run)
-                row["kernels"] = kernels_per_call(run)[0]
                 row["peak_bytes"] = peak_memory(run)
                 row["tflops"] = flops / row["ms"] * 1e-9
             except torch.OutOfMemoryError:
@@ -456,14 +456,37 @@ def benchmark(args, progress=print) -> list[dict]:
         results.append(row)
         shown = (
             f"{row['ms']:.2f} ms ({row['ms_back_to_back']:.2f} back to back), {row['tflops']:.0f} TFLOP/s, peak "
-            f"+{row['peak_bytes'] / 2**30:.2f} GiB, host {row['host_ms']:.3f} ms, {row['kernels']} kernels"
+            f"+{row['peak_bytes'] / 2**30:.2f} GiB, host {row['host_ms']:.3f} ms"
             if "ms" in row else f"skipped: {skip}"
         )
         progress(f"[{index}/{len(steps)}] N={size_label(n)} {method} {mode}: {shown}")
+    count_kernels(args, pattern, results, progress)
+    return results
+
+
+def count_kernels(args, pattern: DilatedPattern, results: list[dict], progress=print) -> None:
+    """The CUDA kernels of one call of each timed row, counted with torch.profiler after every timing is taken: in
+    one process a profiler session left the calls after it slower on the host (a 32K forward's host time 168 -> 377
+    us, docs/benchmarks.md run 24), and a single call's time holds the host time before its first launch."""
+    timed = [row for row in results if "ms" in row]
+    for index, row in enumerate(timed, 1):
+        problem = getattr(benchmark, "_problem", None)
+        if problem is None or problem.n != row["n"]:
+            if problem is not None:
+                free_problem(problem)
+            problem = benchmark._problem = drawn_problem(row["n"], args, pattern)
+        try:
+            row["kernels"] = kernels_per_call(make_method(row["method"], problem, backward=row["mode"] == "fwd+bwd"))[0]
+        except (torch.OutOfMemoryError, RuntimeError) as error:  # the profiler's own memory, at the largest N
+            row["kernels"] = None
+            progress(f"[kernels {index}/{len(timed)}] not counted: {str(error).splitlines()[0][:80]}")
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        progress(f"[kernels {index}/{len(timed)}] N={size_label(row['n'])} {row['method']} {row['mode']}: {row['kernels']} kernels")
     if getattr(benchmark, "_problem", None) is not None:
         free_problem(benchmark._problem)
         benchmark._problem = None
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -825,7 +848,7 @@ def markdown_table(args, results: list[dict], env: dict, title: str) -> str:
         lines.append("|---" * (len(methods) + 1) + "|")
         for n in args.n:
             rows = [by_key[(n, m, mode)] for m in methods]
-            cells = [f"{r['host_ms']:.2f} / {r['kernels']}" if "host_ms" in r else "-" for r in rows]
+            cells = [f"{r['host_ms']:.2f} / {r.get('kernels') or '-'}" if "host_ms" in r else "-" for r in rows]
             lines.append(f"| {size_label(n)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 from itertools import pairwise
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -589,6 +590,41 @@ def test_the_training_benchmark_times_longnet_and_its_llama_twin(tmp_path):
     assert [row["model"] for row in rows] == ["LongNet", "Llama (SDPA)"]
     assert all(row["tokens_per_s"] > 0 for row in rows), rows
     assert "| 128 | LongNet |" in run.stdout
+
+
+def test_the_kernel_benchmark_counts_kernels_only_after_every_timing(monkeypatch):
+    """scripts/benchmark.py counts each call's kernels with torch.profiler, which can leave later calls slower on
+    the host: so every timing of every method and length comes first, and a count that fails leaves its row timed."""
+    benchmark = load_script("benchmark")
+    args = benchmark.parse_args(["--n", "8K,16K", "--methods", "triton,floor-fa2"])
+    calls = []
+
+    def logged(name, value=None):
+        return lambda *a, **k: calls.append(name) or value
+
+    for name, value in (("time_call", 1.0), ("time_back_to_back", 1.0), ("host_time", 0.1), ("peak_memory", 1)):
+        monkeypatch.setattr(benchmark, name, logged(name, value))
+
+    def kernels_per_call(run):
+        calls.append("kernels_per_call")
+        if run() == ("floor-fa2", 16384, True):
+            raise RuntimeError("out of memory in the profiler")
+        return 7, []
+
+    monkeypatch.setattr(benchmark, "kernels_per_call", kernels_per_call)
+    monkeypatch.setattr(benchmark, "drawn_problem", lambda n, args, pattern: SimpleNamespace(n=n, tensors={}))
+    monkeypatch.setattr(benchmark, "free_problem", lambda problem: None)
+    monkeypatch.setattr(benchmark, "make_method", lambda name, problem, backward: lambda: (name, problem.n, backward))
+    monkeypatch.setattr(benchmark.torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(benchmark.torch.cuda, "empty_cache", lambda: None)
+    results = benchmark.benchmark(args, progress=lambda line: None)
+    assert len(results) == 8 and calls.count("kernels_per_call") == 8
+    first_count = calls.index("kernels_per_call")
+    assert all(name == "kernels_per_call" for name in calls[first_count:])
+    assert [row["kernels"] for row in results].count(7) == 7
+    failed = [row for row in results if row["kernels"] is None]
+    assert [(row["method"], row["n"], row["mode"]) for row in failed] == [("floor-fa2", 16384, "fwd+bwd")]
+    assert "ms" in failed[0] and "host_ms" in failed[0]
 
 
 def test_the_kernel_benchmark_tables_give_every_timing_of_each_call():
