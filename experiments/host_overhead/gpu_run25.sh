@@ -1,0 +1,15 @@
+# Twenty-fifth device call (for the next session): (a) does a torch.profiler session slow later host work (run 24's
+# open question)? four fresh processes, control and profiler arms alternating; (b) benchmark.py at 8K-32K and 1M with
+# the kernels counted after every timing (23a311e), for issue 14's table.
+export PYTHONUNBUFFERED=1
+LIMIT=${LIMIT:-500}
+left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+echo "== (a) profiler after-effect (t=$SECONDS s)"
+for arm in control profiler control profiler; do
+  PYTHONPATH=$PWD timeout $(left 60) python3 experiments/host_overhead/profiler_after_effect.py --arm $arm 2>&1 | grep -v -i warn | grep "^=="
+done | tee $OUT/profiler_after_effect.log
+echo "== (b) benchmark (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 200) python3 scripts/benchmark.py --n 8K,16K,32K,1M --methods triton,floor-fa2 \
+  --json $OUT/kernels.json --markdown $OUT/kernels.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190
+echo "done (t=$SECONDS s)"
