@@ -142,6 +142,9 @@ class _Backend:
     run: object  # (q, k, v, pattern, layout, *, causal, softmax_scale, dropout_p) -> (out, lse)
 
 
+_BACKEND_MODULES: dict = {}  # name -> the backend's module, once imported
+
+
 def _optional_backend(name: str) -> _Backend | None:
     """An optional backend that can run on this machine, else None.
 
@@ -165,9 +168,6 @@ def _optional_backend(name: str) -> _Backend | None:
     if not module.is_available():
         return None
     return _Backend(module.check_supported, module.supports, getattr(module, f"dilated_attention_{name}"))
-
-
-_BACKEND_MODULES: dict = {}
 
 
 def available_backends() -> list[str]:
