@@ -92,7 +92,12 @@ def main():
     parser.add_argument("--n", default="8K,16K,32K")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calling-thread", action="store_true",
+                        help="run backwards on the calling thread (torch.autograd.set_multithreading_enabled(False)): "
+                        "how much of the wait before the backward's first launch is autograd's device thread")
     args = parser.parse_args()
+    if args.calling_thread:
+        torch.autograd.set_multithreading_enabled(False)
     stamps = Stamps()
     stamps.install()
     for n in [parse_size(x) for x in args.n.split(",")]:
