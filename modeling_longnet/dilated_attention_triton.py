@@ -331,6 +331,14 @@ if triton is not None:
         return (tl.maximum(x, 0) + r - 1) // r
 
     @triton.jit
+    def _lse_of(row_max, row_sum, scale_log2):
+        """A row's LSE in natural units from its largest product q.k (unscaled) and its sum of exp2((q.k - max) *
+        scale_log2): (max * scale_log2 + log2 sum) * ln 2; -inf where the row saw nothing (sum 0)."""
+        seen = row_sum > 0.0
+        lse = (row_max * scale_log2 + tl.log2(tl.where(seen, row_sum, 1.0))) * 0.6931471805599453
+        return tl.where(seen, lse, float("-inf"))
+
+    @triton.jit
     def _dropout_keep(seed, stream, item, query_rows, key_rows, dropout_p):
         """Keep-mask of shape (query_rows x key_rows): a pure function of (seed, branch/head, item, j_q, j_k)."""
         zero = (query_rows + key_rows) * 0
@@ -531,10 +539,9 @@ if triton is not None:
             row_sum = total
         tl.store(max_ptrs, row_max, mask=query_valid)
         tl.store(sum_ptrs, row_sum, mask=query_valid)
-        if STORE_LSE:  # as _forward_epilogue_kernel forms it; every query stored here saw at least itself
-            lse = (row_max * qk_scale + tl.log2(tl.where(row_sum > 0.0, row_sum, 1.0))) * 0.6931471805599453
+        if STORE_LSE:
             lse_ptrs = Lse + batch * stride_lb + query_index * stride_ln + head
-            tl.store(lse_ptrs, tl.where(row_sum > 0.0, lse, float("-inf")), mask=query_valid)
+            tl.store(lse_ptrs, _lse_of(row_max, row_sum, qk_scale), mask=query_valid)
         if FINAL:
             tl.store(Out + o_offsets, out.to(Out.dtype.element_ty), mask=query_valid[:, None])
         else:
@@ -596,10 +603,9 @@ if triton is not None:
         valid = rows < num_rows
         row_max = tl.load(RowMax + rows, mask=valid, other=0.0)
         row_sum = tl.load(RowSum + rows, mask=valid, other=0.0)
-        seen = row_sum > 0
-        lse = (row_max * lse_scale + tl.log2(tl.where(seen, row_sum, 1.0))) * 0.6931471805599453
-        tl.store(Lse + rows, tl.where(seen, lse, float("-inf")), mask=valid)
+        tl.store(Lse + rows, _lse_of(row_max, row_sum, lse_scale), mask=valid)
         if CAST:
+            seen = row_sum > 0
             offsets = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
             running = tl.load(Running + offsets, mask=valid[:, None], other=0.0)
             running = tl.where(seen[:, None], running, 0.0)
