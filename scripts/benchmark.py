@@ -414,11 +414,7 @@ def benchmark(args, progress=print) -> list[dict]:
     too_slow: set[tuple[str, str]] = set()
     steps = [(n, m, mode) for n in args.n for m in args.methods for mode in args.modes]
     for index, (n, method, mode) in enumerate(steps, 1):
-        problem = getattr(benchmark, "_problem", None)
-        if problem is None or problem.n != n:
-            if problem is not None:
-                free_problem(problem)
-            problem = benchmark._problem = drawn_problem(n, args, pattern)
+        problem = problem_of_size(n, args, pattern)
         flops = required_forward_flops(n, args.batch, args.heads, args.head_dim, pattern, args.causal)
         flops *= 3.5 if mode == "fwd+bwd" else 1.0
         row = dict(n=n, method=method, mode=mode, flops=flops)
@@ -461,7 +457,24 @@ def benchmark(args, progress=print) -> list[dict]:
         )
         progress(f"[{index}/{len(steps)}] N={size_label(n)} {method} {mode}: {shown}")
     count_kernels(args, pattern, results, progress)
+    release_problem()
     return results
+
+
+def problem_of_size(n: int, args: argparse.Namespace, pattern: DilatedPattern) -> Problem:
+    """The problem of size ``n``, drawn once and kept while consecutive steps share ``n`` (the one before, freed)."""
+    problem = getattr(benchmark, "_problem", None)
+    if problem is None or problem.n != n:
+        release_problem()
+        problem = benchmark._problem = drawn_problem(n, args, pattern)
+    return problem
+
+
+def release_problem() -> None:
+    problem = getattr(benchmark, "_problem", None)
+    if problem is not None:
+        free_problem(problem)
+        benchmark._problem = None
 
 
 def count_kernels(args, pattern: DilatedPattern, results: list[dict], progress=print) -> None:
@@ -470,11 +483,7 @@ def count_kernels(args, pattern: DilatedPattern, results: list[dict], progress=p
     us, docs/benchmarks.md run 24), and a single call's time holds the host time before its first launch."""
     timed = [row for row in results if "ms" in row]
     for index, row in enumerate(timed, 1):
-        problem = getattr(benchmark, "_problem", None)
-        if problem is None or problem.n != row["n"]:
-            if problem is not None:
-                free_problem(problem)
-            problem = benchmark._problem = drawn_problem(row["n"], args, pattern)
+        problem = problem_of_size(row["n"], args, pattern)
         try:
             row["kernels"] = kernels_per_call(make_method(row["method"], problem, backward=row["mode"] == "fwd+bwd"))[0]
         except (torch.OutOfMemoryError, RuntimeError) as error:  # the profiler's own memory, at the largest N
@@ -484,9 +493,6 @@ def count_kernels(args, pattern: DilatedPattern, results: list[dict], progress=p
         finally:
             torch.cuda.empty_cache()
         progress(f"[kernels {index}/{len(timed)}] N={size_label(row['n'])} {row['method']} {row['mode']}: {row['kernels']} kernels")
-    if getattr(benchmark, "_problem", None) is not None:
-        free_problem(benchmark._problem)
-        benchmark._problem = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from modeling_longnet import TokenLayout, dilated_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchmark import host_time  # noqa: E402
+
+from modeling_longnet import TokenLayout, dilated_attention  # noqa: E402
 
 PAPER_W, PAPER_R = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
 
 
 def host_us(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    torch.cuda.synchronize()
-    return 1e6 * statistics.median(times)
+    return 1e3 * host_time(fn, repeats)  # benchmark.py's measure: the GPU idle before each call, not waited for
 
 
 def main():
