@@ -6,6 +6,9 @@ export PYTHONUNBUFFERED=1
 LIMIT=${LIMIT:-500}
 left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+echo "== (0) GPU tests: 8040fde put the LSE formula in a jit helper, compiled only by the interpreter so far (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu tests/test_triton.py 2>&1 | tail -25 > $OUT/pytest.log
+tail -3 $OUT/pytest.log
 echo "== (a) profiler after-effect (t=$SECONDS s)"
 for arm in control profiler control profiler; do
   PYTHONPATH=$PWD timeout $(left 60) python3 experiments/host_overhead/profiler_after_effect.py --arm $arm 2>&1 | grep -v -i warn | grep "^=="
