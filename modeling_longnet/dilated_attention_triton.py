@@ -1186,10 +1186,12 @@ _ROW_STATS_START: dict[torch.device, torch.Tensor] = {}
 
 
 def _row_stats_start(device: torch.device) -> torch.Tensor:
-    """(2, 1, 1, 1): a row's maximum and sum before any branch, -inf and 0, to broadcast in one copy kernel."""
+    """(3, 1, 1, 1): a row's maximum, sum and LSE before any branch, -inf, 0 and -inf (the LSE of a row that sees
+    nothing; every row's is written at the end), to broadcast in one copy kernel."""
     start = _ROW_STATS_START.get(device)
     if start is None:
-        start = _ROW_STATS_START[device] = torch.tensor([float("-inf"), 0.0], device=device).view(2, 1, 1, 1)
+        start = torch.tensor([float("-inf"), 0.0, float("-inf")], device=device).view(3, 1, 1, 1)
+        _ROW_STATS_START[device] = start
     return start
 
 
@@ -1280,12 +1282,14 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     batch, num_queries, num_heads, _ = q.shape
     direct = _direct_launches()
-    stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
-    stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
-    row_max, row_sum = stats.unbind()
+    # Row maxima, sums and the LSE in one allocation and one initialising kernel: each allocation costs 7-15 us of
+    # host time before the first launch, while the GPU waits. A caller that keeps the LSE alone keeps the maxima
+    # and sums too: twice the LSE's size (B x N x H floats), against the output's D / 2 times it.
+    stats = torch.empty((3, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
+    stats.copy_(_row_stats_start(q.device))
+    row_max, row_sum, lse = stats.unbind()
     out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
     own = (q, k, v, out, running, row_max, row_sum, lse, seed)
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
@@ -1306,6 +1310,7 @@ class _BackwardPlan:
     zero_grad_kv: bool  # no branch writes every row of dK, dV: they start at 0
     grad_q_dtype: torch.dtype
     grouped: bool = False  # one launch of every branch: dQ, dK, dV in one zeroed float32 buffer, cast at the end
+    deterministic: bool = False  # built for torch's deterministic mode (see _runnable_backward_config)
 
 
 # Where every branch's backward shares one launch (BackwardConfig.group_branches), measured on an H100 (run 14,
@@ -1346,21 +1351,32 @@ def _grouped_launch(plans, config: BackwardConfig, device):
     return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
 
 
-def _backward_plan(q, k, v, grad_out, has_grad_lse, pattern, layout, causal, softmax_scale,
+def _grad_out_form(grad_out: torch.Tensor) -> tuple:
+    """What a backward plan fixes of dO: its strides, dtype and 16-byte alignment."""
+    return grad_out.stride(), grad_out.dtype, _aligned(grad_out)
+
+
+def _expected_grad_out_form(out: torch.Tensor) -> tuple:
+    """The form of the dO that autograd passes for ``out`` when the loss does not reshape it: a fresh contiguous
+    tensor of out's dtype (the caching allocator's blocks are 512-byte aligned)."""
+    return _contiguous_strides(out.shape), out.dtype, True
+
+
+def _backward_plan(q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal, softmax_scale,
                    dropout_p) -> _BackwardPlan:
     config = backward_config(q.shape[3], q.dtype)
     key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) + (
-        grad_out.stride(), grad_out.dtype, _aligned(grad_out), has_grad_lse, torch.are_deterministic_algorithms_enabled(),
+        grad_out_form, has_grad_lse, torch.are_deterministic_algorithms_enabled(),
     )
     plan = layout.cache.get(key)
     if plan is None:
         plan = layout.cache[key] = _build_backward_plan(
-            config, q, k, v, grad_out, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
+            config, q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
         )
     return plan
 
 
-def _build_backward_plan(config, q, k, v, grad_out, has_grad_lse, pattern, layout, causal,
+def _build_backward_plan(config, q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal,
                          softmax_scale, dropout_p) -> _BackwardPlan:
     batch, num_queries, num_heads, head_dim = q.shape
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
@@ -1395,7 +1411,7 @@ def _build_backward_plan(config, q, k, v, grad_out, has_grad_lse, pattern, layou
     tma = config.tensor_descriptors and _descriptors_usable(q, k, v)
     prologue = _Launch(
         _backward_prologue_kernel, (num_prologue_programs,),
-        (rows, num_heads, num_queries, zeroed_rows, *_contiguous_strides(q.shape)[:3], *grad_out.stride()[:3]),
+        (rows, num_heads, num_queries, zeroed_rows, *_contiguous_strides(q.shape)[:3], *grad_out_form[0][:3]),
         dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse,
              ZEROED_BLOCKS=cdiv(zeroed_rows, num_prologue_programs * 64)),
     )
@@ -1420,7 +1436,10 @@ def _build_backward_plan(config, q, k, v, grad_out, has_grad_lse, pattern, layou
             softmax_scale, 0, dropout_p, branch_table, len(plans),
         )
         launch = _Launch(_backward_kernel, (num_programs,), kept, dict(constexprs, ACCUMULATE=True, GROUPED=True))
-        return _BackwardPlan(prologue, [launch], 1, tma or dq_mode == "tma-atomic", False, torch.float32, grouped=True)
+        return _BackwardPlan(
+            prologue, [launch], 1, tma or dq_mode == "tma-atomic", False, torch.float32, grouped=True,
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
     launches = []
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
@@ -1447,20 +1466,41 @@ def _build_backward_plan(config, q, k, v, grad_out, has_grad_lse, pattern, layou
                 dict(constexprs, ACCUMULATE=accumulate, GROUPED=False), group=g,
             ))
     return _BackwardPlan(
-        prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype
+        prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+def _expected_backward_plan(q, k, v, out, pattern, layout, causal, softmax_scale, dropout_p) -> _BackwardPlan:
+    """The backward plan for the dO that autograd usually passes (:func:`_expected_grad_out_form`, no LSE gradient).
+    The forward resolves it after its launches, while the GPU runs them; the backward, which runs on autograd's
+    device thread with the GPU waiting for its first launch, then only compares dO's form (run 24: 0.23 ms from
+    entering the backward to its first launch there, against 0.06 ms on the calling thread)."""
+    return _backward_plan(
+        q, k, v, _expected_grad_out_form(out), False, pattern, layout, causal, softmax_scale, dropout_p
     )
 
 
 def _backward(
-    q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed
+    q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed,
+    expected_plan: _BackwardPlan | None = None,
 ):
     """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
     the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
-    unchanged, and no rounded LSE enters."""
+    unchanged, and no rounded LSE enters. ``expected_plan``: the plan for the expected dO (see
+    :func:`_expected_backward_plan`), used where dO has that form."""
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = _last_dim_contiguous(grad_out)
-    plan = _backward_plan(q, k, v, grad_out, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p)
+    grad_out_form = _grad_out_form(grad_out)
+    if expected_plan is not None and grad_lse is None and grad_out_form == _expected_grad_out_form(out) and (
+        torch.are_deterministic_algorithms_enabled() == expected_plan.deterministic
+    ):
+        plan = expected_plan
+    else:
+        plan = _backward_plan(
+            q, k, v, grad_out_form, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p
+        )
     scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
     # delta and the forward's row maxima made finite (unscaled products q.k), in one allocation
     delta, finite_row_max = torch.empty((2, *row_max.shape), dtype=torch.float32, device=q.device).unbind()
@@ -1534,6 +1574,10 @@ class _TritonDilatedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, row_max, row_sum)
         ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
+        with _on_device_of(q):
+            ctx.expected_backward_plan = _expected_backward_plan(
+                q, k, v, out, pattern, layout, causal, softmax_scale, dropout_p
+            )
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -1544,7 +1588,7 @@ class _TritonDilatedAttention(torch.autograd.Function):
         with _on_device_of(q):
             grads = _backward(
                 q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal,
-                ctx.softmax_scale, ctx.dropout_p, ctx.seed,
+                ctx.softmax_scale, ctx.dropout_p, ctx.seed, ctx.expected_backward_plan,
             )
         return *grads, None, None, None, None, None
 

@@ -299,6 +299,43 @@ def test_grouped_backward_is_one_launch_of_every_branch_and_matches_the_referenc
         assert relative_error(o, w) <= 1e-5, name
 
 
+@pytest.mark.parametrize("grad_form", ["usual", "broadcast", "strided", "with LSE gradient", "deterministic"])
+def test_the_forward_resolves_the_backward_plan_of_the_usual_output_gradient(grad_form):
+    """The backward runs on autograd's device thread while the GPU waits for its first launch, so the forward
+    resolves the backward's plan for the dO autograd usually passes (contiguous, out's dtype, no LSE gradient) and
+    the backward only compares dO's form. Any other dO, or torch's deterministic mode switched on between the two,
+    gets a plan of its own; each gives the reference gradients."""
+    torch.manual_seed(0)
+    segments, rates = [16, 32], [1, 2]
+    q64, k64, v64 = (torch.randn(1, 40, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (t.detach().float().to(DEVICE).requires_grad_() for t in (q64, k64, v64))
+    ref, ref_lse = reference_dilated_attention(q64, k64, v64, segments, rates, causal=True, return_lse=True)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    grad_lse = torch.randn(ref_lse.shape, dtype=torch.float64) if grad_form == "with LSE gradient" else None
+    sent_grad_out = grad_out.float().to(DEVICE)
+    if grad_form == "broadcast":  # what out.sum() sends back: stride 0
+        sent_grad_out = torch.ones(1, device=DEVICE).expand(ref.shape)
+        grad_out = torch.ones(ref.shape, dtype=torch.float64)
+    if grad_form == "strided":
+        sent_grad_out = sent_grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    assert sent_grad_out.is_contiguous() == (grad_form in ("usual", "with LSE gradient", "deterministic"))
+
+    with mock.patch.object(triton_backend, "_backward_plan", wraps=triton_backend._backward_plan) as resolve:
+        out, lse = dilated_attention(q, k, v, segments, rates, causal=True, backend="triton", return_lse=True)
+        assert resolve.call_count == 1  # in the forward
+        outputs, sent = [out], [sent_grad_out]
+        if grad_lse is not None:
+            outputs, sent = [out, lse], [sent_grad_out, grad_lse.float().to(DEVICE)]
+        with deterministic_algorithms() if grad_form == "deterministic" else contextlib.nullcontext():
+            got = torch.autograd.grad(outputs, (q, k, v), sent)
+        # a stride-0 last dimension is copied into a fresh contiguous dO first: the usual form again
+        assert resolve.call_count == (1 if grad_form in ("usual", "broadcast") else 2)
+    want_outputs = [ref] if grad_lse is None else [ref, ref_lse]
+    want = torch.autograd.grad(want_outputs, (q64, k64, v64), [grad_out] + ([] if grad_lse is None else [grad_lse]))
+    for name, g, w in zip("qkv", got, want):
+        assert relative_error(g, w) <= 1e-5, name
+
+
 def test_unaligned_rows_fall_back_from_descriptors_to_pointers():
     """TMA descriptors need 16-byte aligned rows; views that break that still run (through pointer loads)."""
     torch.manual_seed(0)
