@@ -1,0 +1,21 @@
+# Twenty-sixth device call: (0) the GPU tests after f82b460 (the LSE in the row statistics' allocation); (a) what
+# torch's autograd itself costs on the host per forward+backward (autograd_floor.py); (b) benchmark.py at 8K-128K;
+# (c) the 16K timelines again.
+export PYTHONUNBUFFERED=1
+LIMIT=${LIMIT:-500}
+left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+echo "== (0) GPU tests (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu tests/test_triton.py 2>&1 | tail -25 > $OUT/pytest.log
+tail -3 $OUT/pytest.log
+echo "== (a) autograd's own host cost (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 90) python3 experiments/host_overhead/autograd_floor.py --n 16K,32K 2>&1 | grep -v -i warn | tee $OUT/autograd_floor.log
+echo "== (b) benchmark (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 200) python3 scripts/benchmark.py --n 8K,16K,32K,128K --methods triton,floor-fa2 \
+  --json $OUT/kernels.json --markdown $OUT/kernels.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190
+echo "== (c) host timeline (t=$SECONDS s)"
+for flag in "" --calling-thread; do
+  PYTHONPATH=$PWD timeout $(left 60) python3 experiments/host_overhead/host_timeline.py --n 16K $flag 2>&1 | grep -v -i warn > $OUT/host_timeline${flag}.log
+  cat $OUT/host_timeline${flag}.log
+done
+echo "done (t=$SECONDS s)"
