@@ -1,6 +1,7 @@
 # Twenty-sixth device call: (0) the GPU tests after f82b460 (the LSE in the row statistics' allocation); (a) what
 # torch's autograd itself costs on the host per forward+backward (autograd_floor.py); (b) benchmark.py at 8K-128K;
-# (c) the 16K timelines again.
+# (c) the 16K timelines again; (d) host_parts.py at 32K (the layer and the model; run 24 measured them only after a
+# profiler session, and run 25 found a host's speed drifts within a process with or without one).
 export PYTHONUNBUFFERED=1
 LIMIT=${LIMIT:-500}
 left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
@@ -18,4 +19,7 @@ for flag in "" --calling-thread; do
   PYTHONPATH=$PWD timeout $(left 60) python3 experiments/host_overhead/host_timeline.py --n 16K $flag 2>&1 | grep -v -i warn > $OUT/host_timeline${flag}.log
   cat $OUT/host_timeline${flag}.log
 done
+echo "== (d) host parts at 32K: the public function, the layer, the model (t=$SECONDS s)"
+PYTHONPATH=$PWD timeout $(left 150) python3 experiments/host_overhead/host_parts.py --n 32K 2>&1 | grep -v -i warn > $OUT/host_parts_32K.log
+grep -A3 "whole call\|paper's model" $OUT/host_parts_32K.log | grep -v "^--" | head -60
 echo "done (t=$SECONDS s)"
