@@ -12,7 +12,7 @@ tail -3 $OUT/pytest.log
 echo "== (a) autograd's own host cost (t=$SECONDS s)"
 PYTHONPATH=$PWD timeout $(left 90) python3 experiments/host_overhead/autograd_floor.py --n 16K,32K 2>&1 | grep -v -i warn | tee $OUT/autograd_floor.log
 echo "== (b) benchmark (t=$SECONDS s)"
-PYTHONPATH=$PWD timeout $(left 200) python3 scripts/benchmark.py --n 8K,16K,32K,128K --methods triton,floor-fa2 \
+PYTHONPATH=$PWD timeout $(left 200) python3 scripts/benchmark.py --n ${NS:-8K,16K,32K,128K} --methods triton,floor-fa2 \
   --json $OUT/kernels.json --markdown $OUT/kernels.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190
 echo "== (c) host timeline (t=$SECONDS s)"
 for flag in "" --calling-thread; do
