@@ -1186,12 +1186,10 @@ _ROW_STATS_START: dict[torch.device, torch.Tensor] = {}
 
 
 def _row_stats_start(device: torch.device) -> torch.Tensor:
-    """(3, 1, 1, 1): a row's maximum, sum and LSE before any branch, -inf, 0 and -inf (the LSE of a row that sees
-    nothing; every row's is written at the end), to broadcast in one copy kernel."""
+    """(2, 1, 1, 1): a row's maximum and sum before any branch, -inf and 0, to broadcast in one copy kernel."""
     start = _ROW_STATS_START.get(device)
     if start is None:
-        start = torch.tensor([float("-inf"), 0.0, float("-inf")], device=device).view(3, 1, 1, 1)
-        _ROW_STATS_START[device] = start
+        start = _ROW_STATS_START[device] = torch.tensor([float("-inf"), 0.0], device=device).view(2, 1, 1, 1)
     return start
 
 
@@ -1282,14 +1280,12 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     batch, num_queries, num_heads, _ = q.shape
     direct = _direct_launches()
-    # Row maxima, sums and the LSE in one allocation and one initialising kernel: each allocation costs 7-15 us of
-    # host time before the first launch, while the GPU waits. A caller that keeps the LSE alone keeps the maxima
-    # and sums too: twice the LSE's size (B x N x H floats), against the output's D / 2 times it.
-    stats = torch.empty((3, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
-    stats.copy_(_row_stats_start(q.device))
-    row_max, row_sum, lse = stats.unbind()
+    stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
+    stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
+    row_max, row_sum = stats.unbind()
     out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
+    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
     own = (q, k, v, out, running, row_max, row_sum, lse, seed)
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
         for launch in plan.launches:
