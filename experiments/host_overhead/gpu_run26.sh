@@ -1,7 +1,9 @@
-# Twenty-sixth device call: (0) the GPU tests after f82b460 (the LSE in the row statistics' allocation); (a) what
-# torch's autograd itself costs on the host per forward+backward (autograd_floor.py); (b) benchmark.py at 8K-128K;
-# (c) the 16K timelines again; (d) host_parts.py at 32K (the layer and the model; run 24 measured them only after a
-# profiler session, and run 25 found a host's speed drifts within a process with or without one).
+# Twenty-sixth device call (not run: the fifth session of 2026-12-07 got no machine after run 25; run it first on the
+# next one, it needs no carry): (0) the GPU tests; (a) what torch's autograd itself costs on the host per
+# forward+backward (autograd_floor.py); (b) benchmark.py at 8K-128K (NS=... to choose); (c) the 16K timelines again;
+# (d) host_parts.py at 32K (the layer and the model; run 24 measured them only after a pause, and run 25 found that a
+# host's speed drifts within a process after one).
+#     LIMIT=480 bash experiments/host_overhead/gpu_run26.sh
 export PYTHONUNBUFFERED=1
 LIMIT=${LIMIT:-500}
 left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
