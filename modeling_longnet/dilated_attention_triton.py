@@ -1306,7 +1306,6 @@ class _BackwardPlan:
     zero_grad_kv: bool  # no branch writes every row of dK, dV: they start at 0
     grad_q_dtype: torch.dtype
     grouped: bool = False  # one launch of every branch: dQ, dK, dV in one zeroed float32 buffer, cast at the end
-    deterministic: bool = False  # built for torch's deterministic mode (see _runnable_backward_config)
 
 
 # Where every branch's backward shares one launch (BackwardConfig.group_branches), measured on an H100 (run 14,
@@ -1347,33 +1346,25 @@ def _grouped_launch(plans, config: BackwardConfig, device):
     return tables, torch.tensor(rows, dtype=torch.int32, device=device), program
 
 
-def _grad_out_form(grad_out: torch.Tensor) -> tuple:
-    """What a backward plan fixes of dO: its strides, dtype and 16-byte alignment."""
-    return grad_out.stride(), grad_out.dtype, _aligned(grad_out)
+def _backward_form(grad_out_strides, grad_out_dtype, grad_out_aligned: bool, has_grad_lse: bool) -> tuple:
+    """What a backward plan fixes beyond the forward's inputs: dO's strides, dtype and 16-byte alignment, whether an
+    LSE gradient comes, and torch's deterministic mode (see _runnable_backward_config)."""
+    return grad_out_strides, grad_out_dtype, grad_out_aligned, has_grad_lse, torch.are_deterministic_algorithms_enabled()
 
 
-def _expected_grad_out_form(out: torch.Tensor) -> tuple:
-    """The form of the dO that autograd passes for ``out`` when the loss does not reshape it: a fresh contiguous
-    tensor of out's dtype (the caching allocator's blocks are 512-byte aligned)."""
-    return _contiguous_strides(out.shape), out.dtype, True
-
-
-def _backward_plan(q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal, softmax_scale,
-                   dropout_p) -> _BackwardPlan:
+def _backward_plan(q, k, v, form, pattern, layout, causal, softmax_scale, dropout_p) -> _BackwardPlan:
     config = backward_config(q.shape[3], q.dtype)
-    key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) + (
-        grad_out_form, has_grad_lse, torch.are_deterministic_algorithms_enabled(),
-    )
+    key = _plan_key(config, q, k, v, pattern, causal, softmax_scale, dropout_p) + form
     plan = layout.cache.get(key)
     if plan is None:
         plan = layout.cache[key] = _build_backward_plan(
-            config, q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal, softmax_scale, dropout_p
+            config, q, k, v, form, pattern, layout, causal, softmax_scale, dropout_p
         )
     return plan
 
 
-def _build_backward_plan(config, q, k, v, grad_out_form, has_grad_lse, pattern, layout, causal,
-                         softmax_scale, dropout_p) -> _BackwardPlan:
+def _build_backward_plan(config, q, k, v, form, pattern, layout, causal, softmax_scale, dropout_p) -> _BackwardPlan:
+    grad_out_strides, _, _, has_grad_lse, _ = form
     batch, num_queries, num_heads, head_dim = q.shape
     # Gradients accumulate across branches in their own dtype. A branch with r = 1 runs first: when every key is a
     # real query too, it writes every row, so the gradients need no zeroing and that branch reads nothing back.
@@ -1407,7 +1398,7 @@ def _build_backward_plan(config, q, k, v, grad_out_form, has_grad_lse, pattern, 
     tma = config.tensor_descriptors and _descriptors_usable(q, k, v)
     prologue = _Launch(
         _backward_prologue_kernel, (num_prologue_programs,),
-        (rows, num_heads, num_queries, zeroed_rows, *_contiguous_strides(q.shape)[:3], *grad_out_form[0][:3]),
+        (rows, num_heads, num_queries, zeroed_rows, *_contiguous_strides(q.shape)[:3], *grad_out_strides[:3]),
         dict(BLOCK=64, HEAD_DIM=head_dim, HAS_GRAD_LSE=has_grad_lse,
              ZEROED_BLOCKS=cdiv(zeroed_rows, num_prologue_programs * 64)),
     )
@@ -1432,10 +1423,7 @@ def _build_backward_plan(config, q, k, v, grad_out_form, has_grad_lse, pattern, 
             softmax_scale, 0, dropout_p, branch_table, len(plans),
         )
         launch = _Launch(_backward_kernel, (num_programs,), kept, dict(constexprs, ACCUMULATE=True, GROUPED=True))
-        return _BackwardPlan(
-            prologue, [launch], 1, tma or dq_mode == "tma-atomic", False, torch.float32, grouped=True,
-            deterministic=torch.are_deterministic_algorithms_enabled(),
-        )
+        return _BackwardPlan(prologue, [launch], 1, tma or dq_mode == "tma-atomic", False, torch.float32, grouped=True)
     launches = []
     for position in range(len(plans)):
         for g, (group, order) in enumerate(zip(groups, orders)):
@@ -1462,41 +1450,36 @@ def _build_backward_plan(config, q, k, v, grad_out_form, has_grad_lse, pattern, 
                 dict(constexprs, ACCUMULATE=accumulate, GROUPED=False), group=g,
             ))
     return _BackwardPlan(
-        prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype,
-        deterministic=torch.are_deterministic_algorithms_enabled(),
+        prologue, launches, len(groups), tma or dq_mode == "tma-atomic", not first_writes_all, grad_q_dtype
     )
 
 
-def _expected_backward_plan(q, k, v, out, pattern, layout, causal, softmax_scale, dropout_p) -> _BackwardPlan:
-    """The backward plan for the dO that autograd usually passes (:func:`_expected_grad_out_form`, no LSE gradient).
-    The forward resolves it after its launches, while the GPU runs them; the backward, which runs on autograd's
-    device thread with the GPU waiting for its first launch, then only compares dO's form (run 24: 0.23 ms from
-    entering the backward to its first launch there, against 0.06 ms on the calling thread)."""
-    return _backward_plan(
-        q, k, v, _expected_grad_out_form(out), False, pattern, layout, causal, softmax_scale, dropout_p
-    )
+def _expected_backward_plan(q, k, v, out, pattern, layout, causal, softmax_scale, dropout_p) -> tuple:
+    """``(form, plan)`` for the dO that autograd usually passes: a fresh contiguous tensor of out's dtype (the
+    caching allocator's blocks are 512-byte aligned), and no LSE gradient. The forward resolves it after its
+    launches, while the GPU runs them; the backward, which runs on autograd's device thread with the GPU waiting for
+    its first launch, then only compares forms (run 24: 0.23 ms from entering the backward to its first launch
+    there, against 0.06 ms on the calling thread; `_backward_plan` took 40 us of it)."""
+    form = _backward_form(_contiguous_strides(out.shape), out.dtype, True, False)
+    return form, _backward_plan(q, k, v, form, pattern, layout, causal, softmax_scale, dropout_p)
 
 
 def _backward(
     q, k, v, out, row_max, row_sum, grad_out, grad_lse, pattern, layout, causal, softmax_scale, dropout_p, seed,
-    expected_plan: _BackwardPlan | None = None,
+    expected: tuple | None = None,
 ):
     """The exact gradient from the forward's row maxima and sums. With P = exp2(s - max) / sum, the kernels take
     the unnormalised exp2(s - max) and dO / sum, delta / sum in its place: dV = P^T dO and dS = P (dP - delta) are
-    unchanged, and no rounded LSE enters. ``expected_plan``: the plan for the expected dO (see
-    :func:`_expected_backward_plan`), used where dO has that form."""
+    unchanged, and no rounded LSE enters. ``expected``: the forward's ``(form, plan)`` for the usual dO (see
+    :func:`_expected_backward_plan`), used where this call has that form."""
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = _last_dim_contiguous(grad_out)
-    grad_out_form = _grad_out_form(grad_out)
-    if expected_plan is not None and grad_lse is None and grad_out_form == _expected_grad_out_form(out) and (
-        torch.are_deterministic_algorithms_enabled() == expected_plan.deterministic
-    ):
-        plan = expected_plan
+    form = _backward_form(grad_out.stride(), grad_out.dtype, _aligned(grad_out), grad_lse is not None)
+    if expected is not None and expected[0] == form:
+        plan = expected[1]
     else:
-        plan = _backward_plan(
-            q, k, v, grad_out_form, grad_lse is not None, pattern, layout, causal, softmax_scale, dropout_p
-        )
+        plan = _backward_plan(q, k, v, form, pattern, layout, causal, softmax_scale, dropout_p)
     scaled_grad_out = torch.empty(out.shape, dtype=grad_out.dtype, device=q.device)
     # delta and the forward's row maxima made finite (unscaled products q.k), in one allocation
     delta, finite_row_max = torch.empty((2, *row_max.shape), dtype=torch.float32, device=q.device).unbind()
@@ -1571,7 +1554,7 @@ class _TritonDilatedAttention(torch.autograd.Function):
         ctx.pattern, ctx.layout, ctx.causal, ctx.softmax_scale = pattern, layout, causal, softmax_scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
         with _on_device_of(q):
-            ctx.expected_backward_plan = _expected_backward_plan(
+            ctx.expected_backward = _expected_backward_plan(
                 q, k, v, out, pattern, layout, causal, softmax_scale, dropout_p
             )
         ctx.set_materialize_grads(False)
@@ -1584,7 +1567,7 @@ class _TritonDilatedAttention(torch.autograd.Function):
         with _on_device_of(q):
             grads = _backward(
                 q, k, v, out, row_max, row_sum, grad_out, grad_lse, ctx.pattern, ctx.layout, ctx.causal,
-                ctx.softmax_scale, ctx.dropout_p, ctx.seed, ctx.expected_backward_plan,
+                ctx.softmax_scale, ctx.dropout_p, ctx.seed, ctx.expected_backward,
             )
         return *grads, None, None, None, None, None
 
