@@ -6,8 +6,8 @@ lengths; the tables give the median time of a single synced call (what one user 
 calls issued back to back, the rate over the FLOPs the definition requires (SPEC.md: per branch, every (segment,
 head) is a dense attention of about w/r rows; causal counts half; backward counts 2.5x forward), the peak memory
 above the inputs, the host time of one call (issued with the GPU idle, not waited for) and the CUDA kernels it
-launches (counted with torch.profiler once every timing is taken: a profiler session can leave later calls slower
-on the host).
+launches (counted with torch.profiler once every timing is taken, so that no profiler session runs between two
+timings).
 
 The *floor* runs the same attention FLOPs as batched SDPA calls on segments already gathered into contiguous
 tensors (FlashAttention-2 and cuDNN backends of ``scaled_dot_product_attention``): what any kernel of that class
@@ -478,9 +478,10 @@ def release_problem() -> None:
 
 
 def count_kernels(args, pattern: DilatedPattern, results: list[dict], progress=print) -> None:
-    """The CUDA kernels of one call of each timed row, counted with torch.profiler after every timing is taken: in
-    one process a profiler session left the calls after it slower on the host (a 32K forward's host time 168 -> 377
-    us, docs/benchmarks.md run 24), and a single call's time holds the host time before its first launch."""
+    """The CUDA kernels of one call of each timed row, counted with torch.profiler after every timing is taken, so
+    that no profiler session runs between two timings. (Run 24 saw a 32K forward's host time go 168 -> 377 us after
+    one; run 25's control, a pause of the same length, slowed the host as much: the slowdown follows any idle spell,
+    not the profiler. Counting last keeps the question out of the timings either way.)"""
     timed = [row for row in results if "ms" in row]
     for index, row in enumerate(timed, 1):
         problem = problem_of_size(row["n"], args, pattern)

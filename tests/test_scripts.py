@@ -593,8 +593,8 @@ def test_the_training_benchmark_times_longnet_and_its_llama_twin(tmp_path):
 
 
 def test_the_kernel_benchmark_counts_kernels_only_after_every_timing(monkeypatch):
-    """scripts/benchmark.py counts each call's kernels with torch.profiler, which can leave later calls slower on
-    the host: so every timing of every method and length comes first, and a count that fails leaves its row timed."""
+    """scripts/benchmark.py counts each call's kernels with torch.profiler only after every timing of every method
+    and length, so that no profiler session runs between two timings; a count that fails leaves its row timed."""
     benchmark = load_script("benchmark")
     args = benchmark.parse_args(["--n", "8K,16K", "--methods", "triton,floor-fa2"])
     calls = []

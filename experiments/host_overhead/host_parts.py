@@ -68,18 +68,24 @@ def install():
     pattern_module.TokenLayout.build = TokenLayout.build
 
 
+def host_times(run, repeats: int) -> list[float]:
+    """Seconds the host spends issuing each of ``repeats`` calls of ``run``, the GPU idle before each."""
+    values = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        values.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return values
+
+
 def table(title, run, repeats):
     for _ in range(5):
         run()
     torch.cuda.synchronize()
     TIMES.clear()
-    totals = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        totals.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
+    totals = host_times(run, repeats)
     print(f"\n== {title}: whole call {1e6 * statistics.median(totals):.1f} us (median of {repeats})")
     for name, values in sorted(TIMES.items(), key=lambda item: -statistics.median(item[1]) * len(item[1])):
         per_call = len(values) / repeats
@@ -116,13 +122,7 @@ def model_step(n: int, repeats: int):
         step()
     torch.cuda.synchronize()
     TIMES.clear()
-    wall = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        wall.append(time.perf_counter() - t0)
-        torch.cuda.synchronize()
+    wall = host_times(step, repeats)
     print(f"\n== the paper's model, one training step at N={n // 1024}K: host {1e3 * statistics.median(wall):.2f} ms "
           f"to issue (median of {repeats}); per attention call:")
     for name in ("dilated_attention_triton.dilated_attention_triton", "dilated_attention_triton._forward",
