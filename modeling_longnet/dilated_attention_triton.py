@@ -956,30 +956,42 @@ class _Launch:
     the shapes); the seed's width (0 without dropout, else drawn from [2^32, 2^62): an i64). So the kernel that the
     first launch compiles or finds is the kernel of every later launch of the plan, which calls the compiled
     kernel's launcher directly: what the entry point itself does after its lookup.
+
+    The direct calls pass tensors as their addresses. For a tensor the launcher calls its ``data_ptr`` and asks the
+    driver whether the address is on the GPU (``cuPointerGetAttribute``), for each of the 15-22 pointers of a launch;
+    an int it takes as it is. The first launch of a plan, through the entry point, has checked those tensors; the
+    kept ones are converted once, the call's own once per call (:func:`_addresses`), not once per launch.
     """
 
-    __slots__ = ("fn", "grid", "kept", "constexprs", "group", "compiled")
+    __slots__ = ("fn", "grid", "kept", "kept_addresses", "constexprs", "group", "compiled")
 
     def __init__(self, fn, grid: tuple[int, ...], kept: tuple, constexprs: dict, group: int = 0):
         self.fn, self.kept, self.constexprs, self.group = fn, tuple(kept), constexprs, group
+        self.kept_addresses = _addresses(self.kept)  # `kept` keeps the tensors, so the addresses stay theirs
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled = None  # (run, function handle, packed metadata, constexpr values) once known
 
-    def __call__(self, own: tuple, stream: "_GroupStream", direct: bool) -> None:
-        """Launch with the call's own arguments ``own`` on ``stream``. ``direct``: Triton's compiled kernels may
-        be called without its entry point (not under the interpreter, no launch hooks of a profiler set)."""
+    def __call__(self, own: tuple, stream: "_GroupStream", own_addresses: tuple | None) -> None:
+        """Launch with the call's own arguments ``own`` on ``stream``. ``own_addresses``: ``_addresses(own)`` where
+        Triton's compiled kernels may be called without its entry point (:func:`_direct_launches`), else None."""
         compiled = self.compiled
-        if compiled is None or not direct:
+        if compiled is None or own_addresses is None:
             with stream.context():
                 kernel = self.fn[self.grid](*own, *self.kept, **self.constexprs)
-            if direct and all(hasattr(kernel, attr) for attr in ("run", "function", "packed_metadata")):
+            if own_addresses is not None and all(hasattr(kernel, attr) for attr in ("run", "function", "packed_metadata")):
                 # the launcher takes every parameter in signature order, the constexprs too (Triton >= 3.3)
                 names = self.fn.arg_names[len(own) + len(self.kept):]
                 self.compiled = (kernel.run, kernel.function, kernel.packed_metadata,
                                  tuple(self.constexprs[name] for name in names))
             return
         run, function, metadata, constexpr_values = compiled
-        run(*self.grid, stream.handle, function, metadata, None, None, None, *own, *self.kept, *constexpr_values)
+        run(*self.grid, stream.handle, function, metadata, None, None, None,
+            *own_addresses, *self.kept_addresses, *constexpr_values)
+
+
+def _addresses(arguments: tuple) -> tuple:
+    """``arguments`` with each tensor replaced by its address (what a direct launch passes: see _Launch)."""
+    return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in arguments)
 
 
 def _direct_launches() -> bool:
@@ -1214,6 +1226,13 @@ class _ForwardPlan:
     # the branches accumulate into `out` itself (float32), or into a separate running buffer of this dtype
     running_dtype: torch.dtype | None
     zero_out: bool  # `out` starts at 0 (float32 accumulation, or padding queries no launch writes)
+    num_early: int  # the first launches, which write neither `out` nor the LSE (all of them with an epilogue)
+
+    @property
+    def late_output(self) -> bool:
+        """Whether `out` may be allocated after the early launches: they do not accumulate into it, and it needs no
+        zeroing kernel (one on the current stream would not be ordered before the side streams' launches)."""
+        return self.running_dtype is not None and not self.zero_out
 
 
 def _forward_plan(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float) -> _ForwardPlan:
@@ -1273,25 +1292,37 @@ def _build_forward_plan(config, q, k, v, pattern, layout, causal, softmax_scale,
         _forward_epilogue_kernel, (cdiv(rows, 64),), (rows, softmax_scale * LOG2E),
         dict(BLOCK=64, HEAD_DIM=head_dim, CAST=not write_final and q.dtype != torch.float32),
     )
-    return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out)
+    num_early = len(launches) - (len(groups) if write_final else 0)
+    return _ForwardPlan(launches, epilogue, len(groups), tma, running_dtype, zero_out, num_early)
 
 
 def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropout_p: float, seed: int):
     plan = _forward_plan(q, k, v, pattern, layout, causal, softmax_scale, dropout_p)
     batch, num_queries, num_heads, _ = q.shape
-    direct = _direct_launches()
     stats = torch.empty((2, batch, num_queries, num_heads), dtype=torch.float32, device=q.device)
     stats.copy_(_row_stats_start(q.device))  # -inf and 0 in one kernel (full and zeros were two)
     row_max, row_sum = stats.unbind()
-    out = (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    # Each allocation costs 7-15 us of host time, and before the first launch the GPU waits for them: `out` and the
+    # LSE, which only the last launches (or the epilogue) write, are allocated after the early launches, while the
+    # GPU runs those. The early launches get stand-ins of the same dtypes in their places (never written).
+    out = None if plan.late_output else (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
-    lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
-    own = (q, k, v, out, running, row_max, row_sum, lse, seed)
+    direct = _direct_launches()
     with _group_streams(q.device, plan.num_groups) as streams, _descriptor_scratch(plan.tma):
-        for launch in plan.launches:
-            launch(own, streams[launch.group], direct)
+        own = (q, k, v, running if out is None else out, running, row_max, row_sum, row_max, seed)
+        own_addresses = _addresses(own) if direct else None
+        for launch in plan.launches[: plan.num_early]:
+            launch(own, streams[launch.group], own_addresses)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(row_max.shape, dtype=torch.float32, device=q.device)  # apart: a caller may keep it alone
+        own = (q, k, v, out, running, row_max, row_sum, lse, seed)
+        own_addresses = _addresses(own) if direct else None
+        for launch in plan.launches[plan.num_early :]:
+            launch(own, streams[launch.group], own_addresses)
     if plan.epilogue is not None:
-        plan.epilogue((row_max, row_sum, lse, running, out), streams[0], direct)
+        epilogue_own = (row_max, row_sum, lse, running, out)
+        plan.epilogue(epilogue_own, streams[0], _addresses(epilogue_own) if direct else None)
     return out, lse, row_max, row_sum
 
 
@@ -1498,13 +1529,12 @@ def _backward(
         grad_lse_rows = delta if grad_lse is None else grad_lse.contiguous()
         if not _aligned(grad_lse_rows):  # the plan's kernels were compiled for 16-byte aligned rows: see _Launch
             grad_lse_rows = grad_lse_rows.clone()
-        plan.prologue(
-            (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, zeroed),
-            streams[0], direct,
-        )
+        prologue_own = (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, zeroed)
+        plan.prologue(prologue_own, streams[0], _addresses(prologue_own) if direct else None)
         own = (q, k, v, scaled_grad_out, grad_q, grad_k, grad_v, finite_row_max, delta, seed)
+        own_addresses = _addresses(own) if direct else None
         for launch in plan.launches:
-            launch(own, streams[launch.group], direct)
+            launch(own, streams[launch.group], own_addresses)
     if plan.grouped:  # one cast kernel for the three (none for float32)
         grad_q, grad_k, grad_v = grads.to(q.dtype).split_with_sizes(sizes)
         return grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape)

@@ -102,9 +102,10 @@ class _FakeCompiledKernel:
 
 
 class _FakeJitFunction:
-    """A ``@triton.jit`` kernel of parameters (X, seed, n, BLOCK): the call's own X and seed first, as ours."""
+    """A ``@triton.jit`` kernel of parameters (X, seed, TABLE, n, BLOCK): the call's own X and seed first, as ours,
+    then the kept TABLE and n."""
 
-    arg_names = ["X", "seed", "n", "BLOCK"]
+    arg_names = ["X", "seed", "TABLE", "n", "BLOCK"]
 
     def __init__(self):
         self.entry_point_launches = []  # (grid, args, constexprs) of each launch through the JIT entry point
@@ -118,30 +119,33 @@ class _FakeJitFunction:
 
 
 def test_a_launch_calls_the_kernel_its_first_launch_compiled_directly():
-    """The first launch of a plan's launch goes through Triton's entry point (which compiles or finds the kernel);
-    every later one calls that kernel's launcher with the call's own arguments, the kept ones and the constexprs,
-    in signature order, on the group's stream; without direct launches (the interpreter, a profiler's hooks) every
-    launch goes through the entry point."""
+    """The first launch of a plan's launch goes through Triton's entry point (which compiles or finds the kernel),
+    with the tensors themselves; every later one calls that kernel's launcher with the call's own arguments, the
+    kept ones and the constexprs, in signature order, on the group's stream, each tensor passed as its address;
+    without direct launches (the interpreter, a profiler's hooks) every launch goes through the entry point."""
     triton_backend = pytest.importorskip("modeling_longnet.dilated_attention_triton")
     fn = _FakeJitFunction()
-    launch = triton_backend._Launch(fn, (4, 2), (5,), dict(BLOCK=16, num_warps=4), group=1)
+    table = torch.arange(4)
+    launch = triton_backend._Launch(fn, (4, 2), (table, 5), dict(BLOCK=16, num_warps=4), group=1)
     stream = triton_backend._GroupStream(None, 1234)
     x, other_x = torch.zeros(8), torch.ones(8)
 
-    launch((x, 7), stream, direct=True)
-    assert fn.entry_point_launches == [((4, 2, 1), (x, 7, 5), dict(BLOCK=16, num_warps=4))]
+    launch((x, 7), stream, triton_backend._addresses((x, 7)))
+    assert fn.entry_point_launches == [((4, 2, 1), (x, 7, table, 5), dict(BLOCK=16, num_warps=4))]
     kernel_run = launch.compiled[0]
-    launch((other_x, 123456), stream, direct=True)
+    launch((other_x, 123456), stream, triton_backend._addresses((other_x, 123456)))
     assert len(fn.entry_point_launches) == 1
-    assert kernel_run.__self__.direct_launches == [
-        (4, 2, 1, 1234, "function handle", "packed metadata", None, None, None, other_x, 123456, 5, 16)
-    ]
-    launch((x, 8), stream, direct=False)  # a profiler's hooks are set: they fire from the entry point
+    assert kernel_run.__self__.direct_launches == [(
+        4, 2, 1, 1234, "function handle", "packed metadata", None, None, None,
+        other_x.data_ptr(), 123456, table.data_ptr(), 5, 16,
+    )]
+    launch((x, 8), stream, None)  # a profiler's hooks are set: they fire from the entry point
     assert len(fn.entry_point_launches) == 2 and len(kernel_run.__self__.direct_launches) == 1
+    assert fn.entry_point_launches[1][1] == (x, 8, table, 5)
 
-    interpreted = triton_backend._Launch(fn, (3,), (5,), dict(BLOCK=16))
+    interpreted = triton_backend._Launch(fn, (3,), (table, 5), dict(BLOCK=16))
     for _ in range(2):
-        interpreted((x, 7), stream, direct=False)
+        interpreted((x, 7), stream, None)
     assert interpreted.compiled is None and len(fn.entry_point_launches) == 4
 
 

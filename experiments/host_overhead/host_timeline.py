@@ -54,8 +54,8 @@ class Stamps:
     def install(self):
         stamps = self
 
-        def launch(self_, own, stream, direct):
-            stamps.original_launch(self_, own, stream, direct)
+        def launch(self_, own, stream, own_addresses):
+            stamps.original_launch(self_, own, stream, own_addresses)
             stamps.mark(getattr(self_.fn, "__name__", str(self_.fn)).replace("_kernel", ""))
 
         def forward(*args, **kwargs):
