@@ -1,9 +1,9 @@
 # Twenty-sixth device call (first of the sixth session of 2026-12-07; needs no carry): (0) the GPU tests (the direct
 # launches now pass addresses, 1e7c61d's backward form); (a) tensors or addresses in the launches, and the LSE with
 # the row statistics, A/B in one process (launch_addresses.py); (b) what torch's autograd itself costs on the host
-# per forward+backward (autograd_floor.py); (c) benchmark.py at 8K-128K (NS=... to choose); (d) the 16K timelines;
-# (e) host_parts.py at 32K (the public function, the layer, the model).
-#     LIMIT=480 bash experiments/host_overhead/gpu_run26.sh
+# per forward+backward (autograd_floor.py); (c) benchmark.py at 8K-128K (NS=... to choose); (d) the 16K timeline
+# (autograd's device thread only: the calling thread's was run 25's). Kept short: four starts failed first.
+#     LIMIT=420 bash experiments/host_overhead/gpu_run26.sh
 export PYTHONUNBUFFERED=1
 LIMIT=${LIMIT:-500}
 left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
@@ -20,11 +20,6 @@ echo "== (c) benchmark (t=$SECONDS s)"
 PYTHONPATH=$PWD timeout $(left 150) python3 scripts/benchmark.py --n ${NS:-8K,16K,32K,128K} --methods triton,floor-fa2 \
   --json $OUT/kernels.json --markdown $OUT/kernels.md 2>&1 | grep -v -i warn | grep "^\[" | cut -c1-190
 echo "== (d) host timeline (t=$SECONDS s)"
-for flag in "" --calling-thread; do
-  PYTHONPATH=$PWD timeout $(left 50) python3 experiments/host_overhead/host_timeline.py --n 16K $flag 2>&1 | grep -v -i warn > $OUT/host_timeline${flag}.log
-  cat $OUT/host_timeline${flag}.log
-done
-echo "== (e) host parts at 32K: the public function, the layer, the model (t=$SECONDS s)"
-PYTHONPATH=$PWD timeout $(left 120) python3 experiments/host_overhead/host_parts.py --n 32K 2>&1 | grep -v -i warn > $OUT/host_parts_32K.log
-grep -A3 "whole call\|paper's model" $OUT/host_parts_32K.log | grep -v "^--" | head -60
+PYTHONPATH=$PWD timeout $(left 50) python3 experiments/host_overhead/host_timeline.py --n 16K 2>&1 | grep -v -i warn > $OUT/host_timeline.log
+cat $OUT/host_timeline.log
 echo "done (t=$SECONDS s)"
