@@ -1516,9 +1516,7 @@ def _backward(
     delta, finite_row_max = torch.empty((2, *row_max.shape), dtype=torch.float32, device=q.device).unbind()
     sizes = (q.numel(), k.numel(), v.numel())
     if plan.grouped:  # every branch adds into one float32 buffer (zeroed by the prologue), cast once at the end
-        grads = torch.empty(sum(sizes), dtype=torch.float32, device=q.device)
-        grad_q, grad_k, grad_v = grads.split_with_sizes(sizes)  # flat: the kernels take strides of their own
-        zeroed = grads
+        grads = zeroed = torch.empty(sum(sizes), dtype=torch.float32, device=q.device)
     else:
         grad_q = zeroed = torch.empty(q.shape, dtype=plan.grad_q_dtype, device=q.device)  # zeroed if need be
         allocate = torch.zeros if plan.zero_grad_kv else torch.empty
@@ -1531,6 +1529,8 @@ def _backward(
             grad_lse_rows = grad_lse_rows.clone()
         prologue_own = (out, grad_out, row_max, row_sum, grad_lse_rows, scaled_grad_out, delta, finite_row_max, zeroed)
         plan.prologue(prologue_own, streams[0], _addresses(prologue_own) if direct else None)
+        if plan.grouped:  # split after the prologue's launch, which needs only the whole buffer
+            grad_q, grad_k, grad_v = grads.split_with_sizes(sizes)  # flat: the kernels take strides of their own
         own = (q, k, v, scaled_grad_out, grad_q, grad_k, grad_v, finite_row_max, delta, seed)
         own_addresses = _addresses(own) if direct else None
         for launch in plan.launches:
