@@ -958,7 +958,7 @@ class _Launch:
     kernel's launcher directly: what the entry point itself does after its lookup.
 
     The direct calls pass tensors as their addresses. For a tensor the launcher calls its ``data_ptr`` and asks the
-    driver whether the address is on the GPU (``cuPointerGetAttribute``), for each of the 15-22 pointers of a launch;
+    driver whether the address is on the GPU (``cuPointerGetAttribute``), for each of the 9-20 tensors of a launch;
     an int it takes as it is. The first launch of a plan, through the entry point, has checked those tensors; the
     kept ones are converted once, the call's own once per call (:func:`_addresses`), not once per launch.
     """

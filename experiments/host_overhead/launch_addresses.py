@@ -1,6 +1,6 @@
 """Tensors or addresses in the direct launches (issue 14: host time per forward+backward above 1 ms). Triton's
 launcher takes a pointer argument as an int as it is; for a tensor it calls ``data_ptr`` and asks the driver
-(``cuPointerGetAttribute``) whether the address is on the GPU, for each of the 15-22 pointers of each launch. The
+(``cuPointerGetAttribute``) whether the address is on the GPU, for each of the 9-20 tensors of each launch. The
 variants, each with its own layout (so its own plans), rounds alternating between them in one process:
 
 * ``before``: the launchers get the tensors, and the forward allocates ``out`` and the LSE before its first launch
