@@ -601,12 +601,22 @@ def test_gpu_matches_torch_path(spec, dtype, group_branches, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
+@pytest.mark.parametrize(
+    "num_keys, padding",
+    [(4096, 0), (1 << 17, 0), (4096, 1000)],
+    # two head groups on two streams from 2^20 query rows (_MIN_QUERY_ROWS_FOR_HEAD_GROUPS); padding queries make
+    # the forward allocate its output before the first launch, zeroed
+    ids=["one-head-group", "two-head-groups", "padding"],
+)
+def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path(num_keys, padding):
     """After the first call of some sizes, every launch of its plans keeps its compiled kernel; a second call of
-    the same sizes adds no plan, launches through those kernels, and computes the same as the PyTorch path on new
+    the same sizes adds no plan, launches through those kernels (tensors passed as their addresses, the output
+    allocated after the early launches where it needs no zeroing), and computes the same as the PyTorch path on new
     data, forward and gradient."""
     segment_lengths, dilation_rates = [512, 1024, 2048], [1, 2, 4]
-    layout = TokenLayout.build(1, 4096, device="cuda")
+    mask = torch.ones(1, num_keys, dtype=torch.long, device="cuda")
+    mask[:, :padding] = 0
+    layout = TokenLayout.build(1, num_keys, attention_mask=mask, device="cuda")
 
     def plans():
         kinds = (triton_backend._ForwardPlan, triton_backend._BackwardPlan)
@@ -614,7 +624,7 @@ def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
 
     def call(seed, backend):
         generator = torch.Generator(device="cuda").manual_seed(seed)
-        leaves = [torch.randn(1, 4096, 8, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
+        leaves = [torch.randn(1, num_keys, 8, 64, device="cuda", generator=generator, dtype=torch.bfloat16)
                   for _ in range(3)]
         if backend == "torch":
             leaves = [t.float() for t in leaves]
@@ -631,6 +641,9 @@ def test_gpu_launches_through_the_kept_compiled_kernels_match_the_torch_path():
         else [p.prologue, *p.launches]
     )]
     assert len(kept) == 2 and all(launch.compiled is not None for launch in launches)
+    forward_plan = next(p for p in kept if isinstance(p, triton_backend._ForwardPlan))
+    assert forward_plan.num_groups == (2 if num_keys == 1 << 17 else 1)
+    assert forward_plan.late_output == (padding == 0)
     compiled = [launch.compiled for launch in launches]
     got, want = call(1, "triton"), call(1, "torch")
     assert plans() == kept and [launch.compiled for launch in launches] == compiled
