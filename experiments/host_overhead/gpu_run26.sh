@@ -10,7 +10,7 @@ left() { local t=$((LIMIT - SECONDS)); [ $t -lt $1 ] && echo $t || echo $1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/gpu.txt
 echo "== (0) GPU tests (t=$SECONDS s)"
-PYTHONPATH=$PWD timeout $(left 150) python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu tests/test_triton.py 2>&1 | tail -25 > $OUT/pytest.log
+PYTHONPATH=$PWD timeout $(left 170) python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu tests/test_triton.py 2>&1 | tail -25 > $OUT/pytest.log
 tail -3 $OUT/pytest.log
 echo "== (a) tensors or addresses in the launches (t=$SECONDS s)"
 PYTHONPATH=$PWD timeout $(left 100) python3 experiments/host_overhead/launch_addresses.py --n 16K,32K 2>&1 | grep -v -i warn | tee $OUT/launch_addresses.log
