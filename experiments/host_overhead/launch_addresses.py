@@ -9,7 +9,9 @@ variants, each with its own layout (so its own plans), rounds alternating betwee
 * ``addresses, late output``: also ``out`` and the LSE allocated after the early launches (``_forward`` now).
 
 For each: host ms per call (benchmark.host_time) and the single synced call (benchmark.time_call), forward and
-forward+backward, and whether the outputs and gradients are bitwise those of ``tensors``.
+forward+backward; and whether the output is bitwise that of ``before``, the gradients too in torch's deterministic
+mode (the default backward adds dQ, dK and dV atomically, in any order: there the largest difference is printed
+next to ``before``'s own from one call to the next).
 
     python experiments/host_overhead/launch_addresses.py --n 16K,32K
 """
@@ -17,6 +19,7 @@ forward+backward, and whether the outputs and gradients are bitwise those of ``t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -62,6 +65,16 @@ VARIANTS = {
 }
 
 
+@contextlib.contextmanager
+def _deterministic():
+    """torch's deterministic mode: the backward recomputes dQ, one launch per branch, no atomic additions."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def use(variant):
     tb._addresses, tb._forward = VARIANTS[variant]
 
@@ -77,7 +90,7 @@ def main():
         q, k, v, g = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         layouts = {name: TokenLayout.build(1, n, n, device=q.device) for name in VARIANTS}
-        calls, results = {}, {}
+        calls, results, deterministic = {}, {}, {}
         for name, layout in layouts.items():
             def fwd(layout=layout):  # no gradient recorded: the inference path
                 return dilated_attention(q, k, v, PAPER_W, PAPER_R, causal=True, backend="triton", token_layout=layout)
@@ -88,13 +101,24 @@ def main():
 
             calls[name] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
             use(name)
-            for _ in range(2):  # the first call compiles or finds the kernels through Triton's entry point
+            for _ in range(2):  # the first call of a plan goes through Triton's entry point, the second launches directly
                 results[name] = (fwd(), *fwd_bwd())
+            with _deterministic():
+                for _ in range(2):  # its own plans (dQ recomputed, no atomics): again entry point, then direct
+                    deterministic[name] = fwd_bwd()
         use("addresses, late output (now)")
-        reference = results["before: tensors, early allocation"]
-        for name, result in results.items():
-            same = all(torch.equal(a, b) for a, b in zip(result, reference))
-            print(f"N={n} {name}: output and gradients bitwise those of `before`: {same}", flush=True)
+        before = "before: tensors, early allocation"
+        use(before)
+        again = (calls[before]["fwd"](), *calls[before]["fwd+bwd"]())  # the run-to-run spread of the atomic backward
+        use("addresses, late output (now)")
+        spread = max((a.float() - b.float()).abs().max().item() for a, b in zip(again[1:], results[before][1:]))
+        for name in VARIANTS:
+            out_same = torch.equal(results[name][0], results[before][0])
+            det_same = all(torch.equal(a, b) for a, b in zip(deterministic[name], deterministic[before]))
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(results[name][1:], results[before][1:]))
+            print(f"N={n} {name}: output bitwise that of `before`: {out_same}; gradients bitwise in torch's "
+                  f"deterministic mode: {det_same}; default mode (atomic dQ/dK/dV): max |diff| {diff:.3g} "
+                  f"(`before` against itself: {spread:.3g})", flush=True)
         times = {(name, mode, kind): [] for name in VARIANTS for mode in ("fwd", "fwd+bwd") for kind in ("host", "single")}
         for _ in range(args.rounds):
             for name in VARIANTS:
@@ -113,7 +137,7 @@ def main():
                     t = times[name, mode, kind]
                     cells.append(f"{statistics.median(t):6.3f} [{min(t):5.3f}-{max(t):5.3f}]")
                 print(f"  {name:36s} {mode:8s} {cells[0]:>22s} {cells[1]:>22s}", flush=True)
-        del calls, results, reference
+        del calls, results, deterministic, again
         torch.cuda.empty_cache()
 
 
