@@ -6,7 +6,7 @@
 # (b) where the host time goes at 128K and 1M (run 26: 1.86 ms per 128K forward+backward, the floor 1.78; run 25:
 #     0.95 ms per 1M forward);
 # (c) benchmark at 1M with this code.
-#     LIMIT=330 bash experiments/host_overhead/gpu_run27.sh
+#     LIMIT=280 bash experiments/host_overhead/gpu_run27.sh
 source experiments/host_overhead/run_support.sh
 echo "== (a) launch_addresses check (t=$SECONDS s)"
 timeout $(left 70) python3 experiments/host_overhead/launch_addresses.py --n 16K --rounds 2 2>&1 | grep -v -i warn | tee $OUT/launch_addresses.log
