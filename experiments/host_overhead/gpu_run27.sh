@@ -6,14 +6,14 @@
 # (b) where the host time goes at 128K and 1M (run 26: 1.86 ms per 128K forward+backward, the floor 1.78; run 25:
 #     0.95 ms per 1M forward);
 # (c) benchmark at 1M with this code.
-#     LIMIT=280 bash experiments/host_overhead/gpu_run27.sh
+#     LIMIT=220 bash experiments/host_overhead/gpu_run27.sh
 source experiments/host_overhead/run_support.sh
 echo "== (a) launch_addresses check (t=$SECONDS s)"
-timeout $(left 70) python3 experiments/host_overhead/launch_addresses.py --n 16K --rounds 2 2>&1 | grep -v -i warn | tee $OUT/launch_addresses.log
+timeout $(left 90) python3 experiments/host_overhead/launch_addresses.py --n 16K --rounds 2 2>&1 | grep -v -i warn | tee $OUT/launch_addresses.log
 echo "== (a2) one launch's host cost, tensors or addresses (t=$SECONDS s)"
-timeout $(left 40) python3 experiments/host_overhead/launch_cost.py --n 16K 2>&1 | grep -v -i warn | tee $OUT/launch_cost.log
+timeout $(left 30) python3 experiments/host_overhead/launch_cost.py --n 16K 2>&1 | grep -v -i warn | tee $OUT/launch_cost.log
 echo "== (b) host timeline at 128K and 1M (t=$SECONDS s)"
-timeout $(left 110) python3 experiments/host_overhead/host_timeline.py --n 128K,1M --repeats 7 2>&1 | grep -v -i warn > $OUT/host_timeline.log
+timeout $(left 100) python3 experiments/host_overhead/host_timeline.py --n 128K,1M --repeats 7 2>&1 | grep -v -i warn > $OUT/host_timeline.log
 cat $OUT/host_timeline.log
 echo "== (c) benchmark at 1M (t=$SECONDS s)"
 timeout $(left 140) python3 scripts/benchmark.py --n 1M --methods triton,floor-fa2 \
