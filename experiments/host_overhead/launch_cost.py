@@ -54,7 +54,8 @@ def main():
     assert launch.compiled is not None, "the launch has not kept its compiled kernel"
     stats = torch.empty((2, 1, n, 12), dtype=torch.float32, device=q.device)
     row_max, row_sum = stats.unbind()
-    out, running = torch.empty_like(q), torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
     own = (q, k, v, out, running, row_max, row_sum, row_max, 0)
     kept_addresses = launch.kept_addresses
     times = {"tensors": [], "addresses": [], "_addresses(own) alone": []}
