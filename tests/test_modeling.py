@@ -261,8 +261,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model = tiny_model(position_encoding="xpos").train()
     ids = random_ids(2, 40)
     plain = gradients(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.24 renamed it (5.17 has the old name)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_activation_checkpointing
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_gradient_checkpointing
     checkpointed = gradients(model, ids)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -10,6 +10,12 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, T
 
 from modeling_longnet import LongNetConfig, LongNetForCausalLM
 
+# transformers 5.24 renamed TrainingArguments' gradient_checkpointing (5.17, the oldest we support, has only that name)
+CHECKPOINTING = (
+    "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
 
 def counting_dataset(rows=64, length=24, vocab=128, seed=0):
     """Each row counts up from a random start (mod the vocabulary): learnable in a few steps."""
@@ -55,12 +61,11 @@ def test_trainer_lowers_the_loss_with_and_without_gradient_checkpointing(tmp_pat
         model=tiny_model(),
         train_dataset=counting_dataset(),
         args=training_args(
-            tmp_path / "checkpointed",
-            gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            tmp_path / "checkpointed", **{CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}}
         ),
     )
     checkpointed.train()
+    assert getattr(checkpointed.model, f"is_{CHECKPOINTING}")  # the Trainer turned it on
     for step, loss in logged_losses(checkpointed).items():  # same gradients, hence the same trajectory
         assert loss == pytest.approx(losses[step], rel=1e-4), step
 
