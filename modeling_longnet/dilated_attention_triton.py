@@ -1304,7 +1304,8 @@ def _forward(q, k, v, pattern, layout, causal: bool, softmax_scale: float, dropo
     row_max, row_sum = stats.unbind()
     # Each allocation costs 7-15 us of host time, and before the first launch the GPU waits for them: `out` and the
     # LSE, which only the last launches (or the epilogue) write, are allocated after the early launches, while the
-    # GPU runs those. The early launches get stand-ins of the same dtypes in their places (never written).
+    # GPU runs those. The early launches get stand-ins in their places, which they never write (`running` for `out`,
+    # possibly of another dtype: an unused pointer's; `row_max` for the LSE).
     out = None if plan.late_output else (torch.zeros if plan.zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     running = out if plan.running_dtype is None else torch.empty(q.shape, dtype=plan.running_dtype, device=q.device)
     direct = _direct_launches()

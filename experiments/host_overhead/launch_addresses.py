@@ -75,6 +75,10 @@ def _deterministic():
         torch.use_deterministic_algorithms(False)
 
 
+def _largest_difference(tensors, others) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(tensors, others))
+
+
 def use(variant):
     tb._addresses, tb._forward = VARIANTS[variant]
 
@@ -106,16 +110,15 @@ def main():
             with _deterministic():
                 for _ in range(2):  # its own plans (dQ recomputed, no atomics): again entry point, then direct
                     deterministic[name] = fwd_bwd()
-        use("addresses, late output (now)")
         before = "before: tensors, early allocation"
         use(before)
         again = (calls[before]["fwd"](), *calls[before]["fwd+bwd"]())  # the run-to-run spread of the atomic backward
         use("addresses, late output (now)")
-        spread = max((a.float() - b.float()).abs().max().item() for a, b in zip(again[1:], results[before][1:]))
+        spread = _largest_difference(again[1:], results[before][1:])
         for name in VARIANTS:
             out_same = torch.equal(results[name][0], results[before][0])
             det_same = all(torch.equal(a, b) for a, b in zip(deterministic[name], deterministic[before]))
-            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(results[name][1:], results[before][1:]))
+            diff = _largest_difference(results[name][1:], results[before][1:])
             print(f"N={n} {name}: output bitwise that of `before`: {out_same}; gradients bitwise in torch's "
                   f"deterministic mode: {det_same}; default mode (atomic dQ/dK/dV): max |diff| {diff:.3g} "
                   f"(`before` against itself: {spread:.3g})", flush=True)
