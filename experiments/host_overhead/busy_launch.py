@@ -2,8 +2,11 @@
 forward+backward grows with N at the same 30 kernels, 1.37 ms at 32K and 1.78 at 128K in run 26, 2.42 at 1M in run
 25; ours likewise.) A burst of ``--launches`` tiny kernels (an in-place add on 1K elements) is timed on the host
 with the GPU idle before it, and again after ``--busy`` ms of matmuls were queued ahead of it (a handful of long
-kernels, far below the queue's depth). A second burst allocates and frees tensors of a 1M call's sizes (the caching
-allocator's work) under the same two conditions. Rounds alternate; medians in us per launch.
+kernels, far below the queue's depth): "queued ahead". A third condition, "waited for", has the host wait in
+``torch.cuda.synchronize`` for that much work first and then issue the burst to an idle GPU: if that is as slow as
+"queued ahead", the cost comes from the host's long wait (a core's clock or caches after it), not from the GPU
+being busy. A second burst allocates and frees tensors of a 1M call's sizes (the caching allocator's work) under
+the same conditions. Rounds alternate; medians in us per launch or allocation.
 
     python experiments/host_overhead/busy_launch.py --busy 0,1,5,25,100
 """
@@ -62,21 +65,27 @@ def main():
     for burst, _ in bursts.values():
         burst()
     busy_levels = [float(b) for b in args.busy.split(",")]
-    results = {(name, busy): [] for name in bursts for busy in busy_levels}
+    conditions = ("queued ahead", "waited for")
+    results = {(name, busy, condition): [] for name in bursts for busy in busy_levels for condition in conditions}
     for _ in range(args.rounds):
         for busy in busy_levels:
-            for name, (burst, count) in bursts.items():
-                torch.cuda.synchronize()
-                queue_work(busy, matrix, one_matmul_ms)
-                results[name, busy].append(timed(burst, count))
+            for condition in conditions:
+                for name, (burst, count) in bursts.items():
+                    torch.cuda.synchronize()
+                    queue_work(busy, matrix, one_matmul_ms)
+                    if condition == "waited for":
+                        torch.cuda.synchronize()
+                    results[name, busy, condition].append(timed(burst, count))
         torch.cuda.synchronize()
-    print("| burst | GPU work queued before (ms) | host us per launch or allocation, median | p10 | p90 |")
-    print("|---|---|---|---|---|")
-    for (name, busy), values in results.items():
+    print("| burst | GPU work before (ms) | condition | host us per launch or allocation, median | p10 | p90 |")
+    print("|---|---|---|---|---|---|")
+    for (name, busy, condition), values in results.items():
+        if busy == 0 and condition == "waited for":
+            continue  # the same as queued ahead: nothing before
         values = sorted(values)
         tenth = values[len(values) // 10]
         ninetieth = values[len(values) * 9 // 10]
-        print(f"| {name} | {busy:g} | {statistics.median(values):.2f} | {tenth:.2f} | {ninetieth:.2f} |")
+        print(f"| {name} | {busy:g} | {condition} | {statistics.median(values):.2f} | {tenth:.2f} | {ninetieth:.2f} |")
 
 
 if __name__ == "__main__":
