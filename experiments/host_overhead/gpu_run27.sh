@@ -8,14 +8,14 @@
 # (c) benchmark at 1M with this code;
 # (d) (added 2026-12-08) whether one launch or allocation costs the host more while the GPU is busy: the floor's own
 #     host time grows with N at the same kernel count.
-#     LIMIT=240 bash experiments/host_overhead/gpu_run27.sh
+#     LIMIT=260 bash experiments/host_overhead/gpu_run27.sh
 source experiments/host_overhead/run_support.sh
 echo "== (a) launch_addresses check (t=$SECONDS s)"
 timeout $(left 90) python3 experiments/host_overhead/launch_addresses.py --n 16K --rounds 2 2>&1 | grep -v -i warn | tee $OUT/launch_addresses.log
 echo "== (a2) one launch's host cost, tensors or addresses (t=$SECONDS s)"
 timeout $(left 30) python3 experiments/host_overhead/launch_cost.py --n 16K 2>&1 | grep -v -i warn | tee $OUT/launch_cost.log
 echo "== (d) launches and allocations with the GPU idle or busy (t=$SECONDS s)"
-timeout $(left 30) python3 experiments/host_overhead/busy_launch.py 2>&1 | grep -v -i warn | tee $OUT/busy_launch.log
+timeout $(left 40) python3 experiments/host_overhead/busy_launch.py 2>&1 | grep -v -i warn | tee $OUT/busy_launch.log
 echo "== (b) host timeline at 128K and 1M (t=$SECONDS s)"
 timeout $(left 100) python3 experiments/host_overhead/host_timeline.py --n 128K,1M --repeats 7 2>&1 | grep -v -i warn > $OUT/host_timeline.log
 cat $OUT/host_timeline.log
