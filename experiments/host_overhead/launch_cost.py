@@ -59,7 +59,8 @@ def main():
     own = (q, k, v, out, running, row_max, row_sum, row_max, 0)
     kept_addresses = launch.kept_addresses
     times = {"tensors": [], "addresses": [], "_addresses(own) alone": []}
-    with tb._group_streams(q.device, plan.num_groups) as streams:
+    # the scratch allocator, as _forward lends it: kernels that build TMA descriptors ask for it at launch
+    with tb._group_streams(q.device, plan.num_groups) as streams, tb._descriptor_scratch(plan.tma):
         stream = streams[launch.group]
         for _ in range(args.rounds):
             launch.kept_addresses = launch.kept  # the kept arguments as tensors too
