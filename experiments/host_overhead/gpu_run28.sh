@@ -1,7 +1,8 @@
 # Twenty-eighth device call (2026-12-08; needs no carry). Run 27's stamps showed the host time that grows with N in
 # the gaps between launches, not in the launches, and busy_launch.py showed the host slower after a long wait in
-# torch.cuda.synchronize. (a) host time per call after three kinds of wait (synchronize, poll, idle) at 32K
-# and 1M, ours and the floor (16K and 128K dropped: device time); (b) launch_cost.py again, its scratch allocator lent (run 27's stopped without it).
+# torch.cuda.synchronize. (a) host time per call after three kinds of wait (synchronize, poll, idle) at 32K and 1M,
+# ours and the floor (16K and 128K dropped for device time); (b) launch_cost.py again, its scratch allocator lent
+# (run 27's stopped without it).
 #     LIMIT=100 bash experiments/host_overhead/gpu_run28.sh
 source experiments/host_overhead/run_support.sh
 echo "== (a) host time after each kind of wait (t=$SECONDS s)"
