@@ -113,6 +113,19 @@ class SegmentBoundedLayer(DynamicLayer):
         self.cumulative_length = 0
 
 
+def _check_cache_config(config, cache_name: str) -> None:
+    """A LongNet cache is sized by a LongNet model's config: its layers and its segment lengths."""
+    if not all(hasattr(config, name) for name in ("segment_lengths", "num_hidden_layers", "causal")):
+        raise TypeError(
+            f"{cache_name} takes the LongNetConfig of the model it serves (`{cache_name}(model.config)`), "
+            f"got {type(config).__name__}"
+        )
+    if not config.causal:
+        raise ValueError(
+            f"{cache_name} needs a causal model (`config.causal=True`): a bidirectional model has no KV cache"
+        )
+
+
 class LongNetBoundedCache(Cache):
     """A KV cache that keeps, per layer, only the keys that causal dilated attention can still use: fewer than
     ``max(config.segment_lengths)`` tokens per row, whatever the number of tokens generated.
@@ -124,10 +137,7 @@ class LongNetBoundedCache(Cache):
     """
 
     def __init__(self, config, offloading: bool = False):
-        if not getattr(config, "causal", False):
-            raise ValueError(
-                "LongNetBoundedCache needs a causal model (`config.causal=True`): a bidirectional model has no KV cache"
-            )
+        _check_cache_config(config, type(self).__name__)
         layers = [SegmentBoundedLayer(config.segment_lengths) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers, offloading=offloading)
 
@@ -195,6 +205,12 @@ class SegmentRingLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif (self.keys.shape[1], self.keys.shape[-1]) != (key_states.shape[1], key_states.shape[-1]):
+            raise ValueError(
+                f"this LongNetStaticCache's buffers hold (heads, head_dim) = {(self.keys.shape[1], self.keys.shape[-1])} "
+                f"(early_initialization), the model's keys have {(key_states.shape[1], key_states.shape[-1])}: "
+                "pass early_initialization the model's config.num_key_value_heads and config.head_dim"
+            )
 
         def per_token(index, states):  # (batch, n) slots -> an index over (batch, heads, n, head_dim)
             return index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
@@ -263,10 +279,8 @@ class LongNetStaticCache(Cache):
     """
 
     def __init__(self, config):
-        if not getattr(config, "causal", False):
-            raise ValueError(
-                "LongNetStaticCache needs a causal model (`config.causal=True`): a bidirectional model has no KV cache"
-            )
+        _check_cache_config(config, type(self).__name__)
+        self.segment_lengths = tuple(int(w) for w in config.segment_lengths)
         self.slots = max(int(w) for w in config.segment_lengths)
         super().__init__(layers=[SegmentRingLayer(self.slots) for _ in range(config.num_hidden_layers)])
         self.real_tokens: torch.Tensor | None = None  # (batch,): each row's real tokens so far
@@ -333,7 +347,11 @@ class LongNetStaticCache(Cache):
             torch._dynamo.mark_static_address(self.real_tokens)
 
     def early_initialization(self, batch_size, num_heads, head_dim, dtype, device):
-        """Allocates every buffer before the first step (``torch.export`` needs them in advance)."""
+        """Allocates every buffer before the first step (``torch.export`` needs them in advance).
+        ``num_heads`` is the model's ``config.num_key_value_heads``, ``head_dim`` its ``config.head_dim``."""
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"early_initialization: `{name}` must be a positive int, got {value!r}")
         super().early_initialization(batch_size, num_heads, head_dim, dtype, device)
         if self.real_tokens is None:
             self._start(batch_size, device)
@@ -411,8 +429,24 @@ def _ring_candidates(step, segment_lengths, dilation_rates, offsets, num_heads, 
     return RingCandidates(positions % slots, positions.clamp(min=0), valid)
 
 
-def check_cache(cache) -> None:
-    """Caches whose layers append keys and at most drop the oldest ones, or transformers' StaticCache."""
+def check_cache(cache, config) -> None:
+    """Caches whose layers append keys and at most drop the oldest ones, or transformers' StaticCache; a LongNet
+    cache or a StaticCache must have been built for this model (``config``): one layer per layer, and for a LongNet
+    cache the model's segment lengths, which decide which keys it keeps."""
+    if isinstance(cache, (StaticCache, LongNetBoundedCache, LongNetStaticCache)):
+        if len(cache.layers) != config.num_hidden_layers:
+            raise ValueError(
+                f"this {type(cache).__name__} has {len(cache.layers)} layer(s), the model {config.num_hidden_layers}: "
+                f"build the cache from the model's config (`{type(cache).__name__}(model.config)`)"
+            )
+    if isinstance(cache, (LongNetBoundedCache, LongNetStaticCache)):
+        built_for = cache.segment_lengths if isinstance(cache, LongNetStaticCache) else cache.layers[0].segment_lengths
+        if list(built_for) != list(config.segment_lengths):
+            raise ValueError(
+                f"this {type(cache).__name__} was built for segment_lengths={list(built_for)}, the model's are "
+                f"{list(config.segment_lengths)}: it would keep the wrong keys. Build the cache from the model's "
+                f"config (`{type(cache).__name__}(model.config)`)"
+            )
     if isinstance(cache, StaticCache):
         if not all(hasattr(layer, "cumulative_length") and hasattr(layer, "max_cache_len") for layer in cache.layers):
             raise TypeError(

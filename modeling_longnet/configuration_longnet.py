@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Mapping
@@ -33,6 +34,10 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_longnet.LongNetForCausalLM",
     "AutoModelForSequenceClassification": "modeling_longnet.LongNetForSequenceClassification",
 }
+
+
+# The names of the original LongNet layer (DilatedAttention's arguments), which a config spells in the plural.
+_LAYER_ARGUMENT_NAMES = {"segment_size": "segment_lengths", "dilation_rate": "dilation_rates"}
 
 
 class LongNetConfig(PreTrainedConfig):
@@ -132,6 +137,7 @@ class LongNetConfig(PreTrainedConfig):
         pass
 
     def __post_init__(self, **kwargs):
+        _refuse_misspelled_fields(kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and _is_positive_int(self.hidden_size) and _is_positive_int(self.num_attention_heads):
@@ -263,6 +269,12 @@ class LongNetConfig(PreTrainedConfig):
                     f"`rope_parameters['rope_theta']` must be a finite positive number (the rotary base, e.g. "
                     f"10000.0), got {theta!r}: the frequencies theta ** (-2i / head_dim) are NaN or inf otherwise"
                 )
+            factor = self.rope_parameters.get("factor")
+            if rope_type != "default" and factor is not None and not (is_finite_positive(factor) and factor >= 1):
+                raise ValueError(
+                    f"`rope_parameters['factor']` must be a finite number >= 1 (by how much the {rope_type!r} scaling "
+                    f"stretches the trained context), got {factor!r}"
+                )
             self.validate_rope()
         _check_positive_real(self, "xpos_scale_base")
         if self.use_relative_position_bias:
@@ -292,6 +304,19 @@ class LongNetConfig(PreTrainedConfig):
         values = json.loads((PRESETS_DIR / f"{name}.json").read_text())
         values.update(overrides)
         return cls(**values)
+
+
+def _refuse_misspelled_fields(extra: dict) -> None:
+    """A config keeps keys it does not know as plain attributes (transformers' convention, so that a saved config
+    with extra keys still loads); a key that is one letter off a LongNet field, or the layer's name for one, is a
+    typo whose value would silently be ignored: refused."""
+    own = [name for name in LongNetConfig.__annotations__ if not name.startswith("_")]
+    for name in extra:
+        meant = _LAYER_ARGUMENT_NAMES.get(name) or next(iter(difflib.get_close_matches(name, own, n=1, cutoff=0.9)), None)
+        if meant is not None and meant != name:
+            raise TypeError(
+                f"`{name}` is not a LongNetConfig field, so its value would be ignored: did you mean `{meant}`?"
+            )
 
 
 def check_pattern_coverage(segment_lengths, dilation_rates, num_heads, offsets, *, names) -> None:

@@ -10,6 +10,7 @@ computes; pass the branches you want to fine-tune with as overrides.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,7 +94,15 @@ def check_llama_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> None:
     """Raises a ValueError naming the model type unless the config.json of ``name_or_path`` (a folder or a Hub repo
     id; ``kwargs`` go to ``get_config_dict``, e.g. ``revision``) is a Llama one. LlamaForCausalLM.from_pretrained
     itself loads any config (with a warning): a LongNet folder would "convert" into a one-branch LongNet."""
-    values, _ = LlamaConfig.get_config_dict(name_or_path, **kwargs)
+    try:
+        values, _ = LlamaConfig.get_config_dict(name_or_path, **kwargs)
+    except OSError as error:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        raise FileNotFoundError(
+            f"`model_or_path`: {str(name_or_path)!r} is neither a local folder nor a Llama checkpoint found on the "
+            f"Hub ({error})"
+        ) from error
     if values.get("model_type") != LlamaConfig.model_type:
         raise ValueError(not_llama_message(name_or_path, values.get("model_type")))
 

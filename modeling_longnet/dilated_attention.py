@@ -275,6 +275,11 @@ def dilated_attention(
 
     Returns:
         ``(B, N_q, H, D)`` in the dtype of ``q``, and the LSE if ``return_lse``.
+
+    A (query, head) pair that no branch covers gets 0, as SPEC.md defines: :func:`pattern_coverage` says which
+    a pattern leaves (``DilatedAttention`` and ``LongNetConfig`` refuse a pattern that leaves a position to no head
+    at all). Values are not checked, which would wait for the device: NaN or inf in q, k or v give NaN, as in
+    ``scaled_dot_product_attention``.
     """
     q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
@@ -298,6 +303,11 @@ def dilated_attention(
         raise ValueError(f"`dropout_p` must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"`return_lse` must be a bool, got {return_lse!r}")
+    if token_layout is not None and not isinstance(token_layout, (TokenLayout, PositionLayout, SelectedKeys, LayoutInputs)):
+        raise TypeError(
+            f"`token_layout` must be a TokenLayout (TokenLayout.build(...)) or a PositionLayout, got "
+            f"{type(token_layout).__name__}; or pass attention_mask / cu_seqlens / position_offset instead"
+        )
     if token_layout is not None and (attention_mask is not None or cu_seqlens is not None or position_offset is not None):
         raise ValueError("`token_layout` already says where the tokens are: drop attention_mask/cu_seqlens/position_offset")
     if isinstance(token_layout, SelectedKeys):  # candidates already chosen per head: one masked softmax
@@ -361,13 +371,19 @@ def _check_position_layout(layout, batch, num_keys, num_queries):
         "query_real": (layout.query_real, (batch, num_queries)),
     }
     for name, (tensor, shape) in shapes.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"PositionLayout.{name} must be a tensor of shape {shape}, got {type(tensor).__name__}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"PositionLayout.{name} must have shape {shape} for these q, k, v; got {tuple(tensor.shape)}")
+        is_mask = name.endswith("_real")
+        if (tensor.dtype == torch.bool) != is_mask or tensor.is_floating_point() or tensor.is_complex():
+            wanted = "a bool tensor" if is_mask else "an integer tensor of logical positions (>= 0)"
+            raise TypeError(f"PositionLayout.{name} must be {wanted}, got {tensor.dtype}")
 
 
 def _autocast_off(device_type: str):
     """A context in which autocast is off on ``device_type``: ``torch.autocast(enabled=False)`` where it is on."""
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # (none on meta)
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

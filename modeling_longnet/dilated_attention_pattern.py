@@ -47,7 +47,8 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _as_int_tuple(values, name: str) -> tuple[int, ...]:
+def branch_values(values, name: str) -> tuple[int, ...]:
+    """One positive int per branch, from an int or a sequence of them (``name``: the argument, for the errors)."""
     if type(values) in (list, tuple) and values and all(type(v) is int and 0 < v <= MAX_BRANCH_VALUE for v in values):
         return tuple(values)  # the common case, without the cost of the abstract classes' checks (every call)
     if isinstance(values, Integral) and not isinstance(values, bool):
@@ -64,7 +65,8 @@ def _as_int_tuple(values, name: str) -> tuple[int, ...]:
         if value > MAX_BRANCH_VALUE:
             raise ValueError(
                 f"`{name}` must contain ints up to 2**48 (positions are computed in int64), got {value} in "
-                f"{list(values)}; a segment longer than the sequence is one segment: use a value up to 2**48"
+                f"{list(values)}"
+                + ("; a segment longer than the sequence is one segment: use a value up to 2**48" if "segment" in name else "")
             )
     return tuple(int(v) for v in values)
 
@@ -91,8 +93,8 @@ class DilatedPattern:
     head_range: tuple[int, int] | None = None
 
     def __init__(self, segment_lengths, dilation_rates, offsets: str = "interleaved", head_range=None):
-        segment_lengths = _as_int_tuple(segment_lengths, "segment_lengths")
-        dilation_rates = _as_int_tuple(dilation_rates, "dilation_rates")
+        segment_lengths = branch_values(segment_lengths, "segment_lengths")
+        dilation_rates = branch_values(dilation_rates, "dilation_rates")
         if len(segment_lengths) != len(dilation_rates):
             raise ValueError(
                 f"`segment_lengths` and `dilation_rates` must have one entry per branch, got "
@@ -376,9 +378,9 @@ class PositionLayout:
     cache's ring as it lies in memory). Nothing of it is read on the host, so a step with it is one graph that
     CUDA graphs can capture; ``dilated_attention`` computes it densely (``dilated_attention_dense``)."""
 
-    key_positions: torch.Tensor  # (B, N_k) long; any value where the key is padding
+    key_positions: torch.Tensor  # (B, N_k) long, >= 0; any value where the key is padding
     key_real: torch.Tensor  # (B, N_k) bool
-    query_positions: torch.Tensor  # (B, N_q) long
+    query_positions: torch.Tensor  # (B, N_q) long, >= 0
     query_real: torch.Tensor  # (B, N_q) bool
 
     @classmethod
@@ -684,12 +686,16 @@ def _documents_from_cu_seqlens(cu_seqlens, batch_size: int, num_keys: int, devic
     return cu[:-1][keep], lengths[keep]
 
 
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _position_offsets(position_offset, batch_size: int) -> torch.Tensor:
     if position_offset is None:
         return torch.zeros(batch_size, dtype=torch.long)
     if isinstance(position_offset, Integral) and not isinstance(position_offset, bool):
         offsets = torch.full((batch_size,), int(position_offset), dtype=torch.long)
-    elif isinstance(position_offset, torch.Tensor) and not position_offset.is_floating_point():
+    elif isinstance(position_offset, torch.Tensor) and _is_integer_dtype(position_offset.dtype):
         if position_offset.shape not in ((batch_size,), ()):
             raise ValueError(f"`position_offset` must have shape (batch,) = ({batch_size},), got {tuple(position_offset.shape)}")
         offsets = position_offset.detach().cpu().long().expand(batch_size).clone()

@@ -78,7 +78,7 @@ from .dilated_attention import (
     ring_decode_attention,
     ring_decode_supports,
 )
-from .dilated_attention_pattern import LayoutInputs, PositionLayout, is_tracing, packed_documents
+from .dilated_attention_pattern import LayoutInputs, PositionLayout, branch_values, is_tracing, packed_documents
 
 logger = logging.get_logger(__name__)
 
@@ -293,6 +293,13 @@ def apply_xpos_decay(query, key, position_ids, scale_base: float, key_position_i
     largest_exponent = span / 2 * steepest
     if largest_exponent > limit:
         max_span = int(2 * limit / steepest)
+        if max_span < 2:  # no chunking helps: even two neighbouring positions overflow
+            raise ValueError(
+                f"`xpos_scale_base`={scale_base} is too small for {query.dtype}: xPos scales even neighbouring "
+                f"positions apart by e^{steepest:.0f}, beyond what {query.dtype} holds (e^{limit:.0f}). For the "
+                f"{span + 1} positions of this call use a scale base of at least "
+                f"{span / 2 * steepest * scale_base / limit:.3g} (the paper's is 512)"
+            )
         raise ValueError(
             f"xPos scales queries and keys by up to e^{largest_exponent:.0f} over the "
             f"{span + 1} positions of this call, beyond what {query.dtype} holds "
@@ -384,16 +391,6 @@ def _magneto_gain(config: LongNetConfig) -> float:
     return math.sqrt(math.log(2 * config.num_hidden_layers))
 
 
-def _branch_list(value, name: str) -> list[int]:
-    values = [value] if isinstance(value, Integral) and not isinstance(value, bool) else value
-    if not isinstance(values, (list, tuple)) or not values:
-        raise TypeError(f"`{name}` must be a positive int or a non-empty list of positive ints, got {value!r}")
-    for item in values:
-        if isinstance(item, bool) or not isinstance(item, Integral) or item <= 0:
-            raise ValueError(f"`{name}` must hold positive ints, got {item!r} in {value!r}")
-    return [int(v) for v in values]
-
-
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
@@ -472,8 +469,8 @@ class DilatedAttention(nn.Module):
             raise ValueError(
                 f"`num_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})"
             )
-        self.dilation_rates = _branch_list(dilation_rate, "dilation_rate")
-        self.segment_lengths = _branch_list(segment_size, "segment_size")
+        self.dilation_rates = list(branch_values(dilation_rate, "dilation_rate"))
+        self.segment_lengths = list(branch_values(segment_size, "segment_size"))
         if len(self.dilation_rates) != len(self.segment_lengths):
             raise ValueError(
                 f"`dilation_rate` and `segment_size` need one entry per branch, got {self.dilation_rates} and "
@@ -526,9 +523,13 @@ class DilatedAttention(nn.Module):
         return self._attn_implementation
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+        if (
+            not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features
+            or x.shape[0] == 0 or x.shape[1] == 0
+        ):
             raise ValueError(
-                f"`x` must be a tensor of shape (batch, seq_len, d_model={self.q_proj.in_features}), got "
+                f"`x` must be a tensor of shape (batch, seq_len, d_model={self.q_proj.in_features}) with at least one "
+                "row of at least one token, got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
         batch, seq_len, _ = x.shape
@@ -812,6 +813,50 @@ def _one_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
 
+def _check_inputs(input_ids, inputs_embeds, position_ids, hidden_size: int) -> None:
+    """Shapes and dtypes only (no value is read: a check of the token ids against the vocabulary would wait for
+    the GPU at every call, as Llama's does not either)."""
+    given, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+    shape = "(batch, seq)" if name == "input_ids" else f"(batch, seq, hidden_size={hidden_size})"
+    if not isinstance(given, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape {shape}, got {type(given).__name__}")
+    if given.dim() != (2 if name == "input_ids" else 3) or given.shape[0] == 0 or given.shape[1] == 0:
+        raise ValueError(f"`{name}` must hold at least one row of at least one token, shape {shape}; got {tuple(given.shape)}")
+    if name == "input_ids" and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool):
+        raise TypeError(f"`input_ids` must be an integer tensor of token ids, got {given.dtype}")
+    if name == "inputs_embeds" and given.shape[2] != hidden_size:
+        raise ValueError(f"`inputs_embeds` must have shape {shape}, got {tuple(given.shape)}")
+    if position_ids is not None:
+        batch, seq = given.shape[:2]
+        if (
+            not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
+            or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq
+        ):
+            raise ValueError(
+                f"`position_ids` must be a tensor of shape (batch, seq) = {(batch, seq)} (or (1, seq)), one logical "
+                f"position per token of `{name}`; got {_shape_or_type(position_ids)}"
+            )
+
+
+def _check_labels(labels, inputs, per_token: bool) -> None:
+    """``labels`` against the inputs' (batch, seq): a token id per position for a language model (the model shifts
+    them), one entry per row for a classifier. Shapes only, as :func:`_check_inputs`."""
+    batch, seq = inputs.shape[:2]
+    if per_token:
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, seq):
+            raise ValueError(
+                f"`labels` must have the shape of the inputs, (batch, seq) = {(batch, seq)}: the token ids to predict "
+                f"(shifted inside the model), -100 where no loss is wanted; got {_shape_or_type(labels)}"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"`labels` must be an integer tensor of token ids, got {labels.dtype}")
+    elif not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != batch:
+        raise ValueError(
+            f"`labels` must hold one entry per row, shape ({batch},) (class ids or regression targets) or "
+            f"({batch}, num_labels); got {_shape_or_type(labels)}"
+        )
+
+
 def _shape_or_type(value) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -857,13 +902,7 @@ class LongNetModel(LongNetPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of `input_ids` or `inputs_embeds`")
-        given, name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
-        if given.dim() < 2 or given.shape[0] == 0 or given.shape[1] == 0:
-            raise ValueError(
-                f"`{name}` must hold at least one row of at least one token, shape "
-                f"(batch, seq{', hidden' if name == 'inputs_embeds' else ''}); "
-                f"got {tuple(given.shape)}"
-            )
+        _check_inputs(input_ids, inputs_embeds, position_ids, self.config.hidden_size)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if (
@@ -885,7 +924,7 @@ class LongNetModel(LongNetPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if cache is not None:
-            check_cache(cache)
+            check_cache(cache, self.config)
 
         batch, num_queries = inputs_embeds.shape[:2]
         layer_kwargs = {}
@@ -1106,6 +1145,8 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
             >>> out = model(input_ids, labels=input_ids)
             >>> out.loss.backward()
         """
+        if labels is not None:
+            _check_labels(labels, input_ids if input_ids is not None else inputs_embeds, per_token=True)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1120,6 +1161,11 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         if labels is not None and self.config.loss_chunk_size is not None:
             loss = chunked_causal_lm_loss(hidden_states, self.lm_head, labels, self.config.loss_chunk_size, **kwargs)
         else:
+            if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+                raise ValueError(
+                    f"`logits_to_keep` must be 0 (every position), a positive number of last positions, or a tensor "
+                    f"of position indices; got {logits_to_keep}"
+                )
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep, :])
             if labels is not None:
@@ -1168,6 +1214,8 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
             use_cache=bool(use_cache),
             **kwargs,
         )
+        if labels is not None:
+            _check_labels(labels, input_ids if input_ids is not None else inputs_embeds, per_token=False)
         logits = self.score(outputs.last_hidden_state)
         batch, seq_len = logits.shape[:2]
         positions = torch.arange(seq_len, device=logits.device)

@@ -123,7 +123,8 @@ def static_cache_supported() -> bool:
     from modeling_longnet.cache_longnet import check_cache
 
     try:
-        check_cache(StaticCache(config=LongNetConfig.from_preset("tiny"), max_cache_len=1))
+        config = LongNetConfig.from_preset("tiny")
+        check_cache(StaticCache(config=config, max_cache_len=1), config)
     except TypeError:
         return False
     return True

@@ -149,6 +149,9 @@ INVALID_FIELDS = [
     (dict(bos_token_id=100), "`bos_token_id` must be a token id in [0, vocab_size=100), got 100"),
     (dict(eos_token_id=[2, 1000]), "`eos_token_id` must be a token id in [0, vocab_size=100), got 1000"),
     (dict(segment_lengths=[4, 2**49]), "`segment_lengths` must contain ints up to 2**48"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": -2.0}), "`rope_parameters['factor']` must be a finite number >= 1 (by how much the 'linear' scaling stretches the trained context), got -2.0"),
+    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 0.5}), "`rope_parameters['factor']` must be a finite number >= 1"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": "4"}), "`rope_parameters['factor']` must be a finite number >= 1 (by how much the 'yarn' scaling stretches the trained context), got '4'"),
 ]
 
 
@@ -170,6 +173,30 @@ def test_invalid_field_names_the_field_and_the_fix(overrides, message):
 def test_fields_of_the_wrong_type_are_a_type_error(overrides, message):
     with pytest.raises(TypeError, match=re.escape(message)):
         LongNetConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize(
+    "typo, meant",
+    [("segment_length", "segment_lengths"), ("dilation_rate", "dilation_rates"), ("segment_size", "segment_lengths"),
+     ("num_hidden_layer", "num_hidden_layers"), ("dilation_offset", "dilation_offsets")],
+)
+def test_a_misspelled_field_is_refused_not_kept_unused(typo, meant):
+    """transformers keeps unknown keys as attributes: a typo of a LongNet field (or the layer's name for one) would
+    leave the field at its preset value, silently."""
+    message = f"`{typo}` is not a LongNetConfig field, so its value would be ignored: did you mean `{meant}`?"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        LongNetConfig(**{**TINY, typo: [8]})
+    with pytest.raises(TypeError, match=re.escape(message)):
+        LongNetConfig.from_preset("tiny", **{typo: [8]})
+
+
+def test_unrelated_extra_keys_and_scaled_rope_still_load(tmp_path):
+    config = LongNetConfig(
+        **{**TINY, "my_tokenizer_note": "kept", "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}
+    )
+    config.save_pretrained(tmp_path)
+    loaded = LongNetConfig.from_pretrained(tmp_path)
+    assert loaded.my_tokenizer_note == "kept" and loaded.rope_parameters["factor"] == 2.0
 
 
 def test_a_nan_rope_theta_can_no_longer_reach_training():

@@ -4,6 +4,7 @@ function's errors, and the command line."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,8 @@ def test_conversion_errors():
         convert_llama_to_longnet(tiny_llama(), segment_length=[8])
     with pytest.raises(ValueError, match="seen by no head at all"):  # 4 heads cannot cover 8 residues
         convert_llama_to_longnet(tiny_llama(), segment_lengths=[8], dilation_rates=[8])
+    with pytest.raises(FileNotFoundError, match=re.escape("`model_or_path`: '/no/such/llama' is neither a local folder nor a Llama checkpoint found on the Hub")):
+        convert_llama_to_longnet("/no/such/llama")
 
 
 def run_script(*args):

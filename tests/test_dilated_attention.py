@@ -14,7 +14,14 @@ from cases import attention_cases, call_kwargs, make_inputs, relative_error
 from memory_probe import LargestTensor
 from reference import head_offset, reference_dilated_attention
 
-from modeling_longnet import DilatedPattern, TokenLayout, available_backends, dilated_attention, pattern_coverage
+from modeling_longnet import (
+    DilatedPattern,
+    PositionLayout,
+    TokenLayout,
+    available_backends,
+    dilated_attention,
+    pattern_coverage,
+)
 
 # the package exports the function under the module's name, so reach the module through importlib
 torch_backend_module = importlib.import_module("modeling_longnet.dilated_attention_torch")
@@ -477,6 +484,9 @@ def test_the_checks_fast_path_accepts_exactly_what_the_checks_accept(sizes, chan
         (dict(position_offset=2**62), ValueError, r"position_offset.*between 0 and 2\*\*48"),
         (dict(position_offset=torch.tensor([1, 2])), ValueError, "position_offset.*shape"),
         (dict(position_offset=1.5), TypeError, "position_offset"),
+        (dict(position_offset=torch.tensor([True])), TypeError, "`position_offset` must be an int or an integer tensor"),
+        (dict(token_layout={}), TypeError, r"`token_layout` must be a TokenLayout \(TokenLayout.build\(...\)\) or a PositionLayout, got dict"),
+        (dict(token_layout=torch.ones(1, 8)), TypeError, "`token_layout` must be a TokenLayout .* got Tensor"),
         (dict(token_layout=TokenLayout.build(1, 9)), ValueError, "token_layout"),
         (dict(token_layout=TokenLayout.build(1, 8), attention_mask=torch.ones(1, 8)), ValueError, "token_layout"),
     ],
@@ -488,6 +498,33 @@ def test_bad_arguments(kwargs, error, match):
         return
     with pytest.raises(error, match=match):
         dilated_attention(q, k, v, [4], [1], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(key_positions=lambda p: p + 0.5), TypeError, r"PositionLayout.key_positions must be an integer tensor of logical positions \(>= 0\), got torch.float32"),
+        (dict(query_positions=lambda p: p == 0), TypeError, "PositionLayout.query_positions must be an integer tensor"),
+        (dict(key_real=lambda r: r.float()), TypeError, "PositionLayout.key_real must be a bool tensor, got torch.float32"),
+        (dict(query_real=lambda r: r.long()), TypeError, "PositionLayout.query_real must be a bool tensor, got torch.int64"),
+        (dict(key_real=lambda r: r.tolist()), TypeError, r"PositionLayout.key_real must be a tensor of shape \(1, 8\), got list"),
+        (dict(key_positions=lambda p: p[:, 1:]), ValueError, r"PositionLayout.key_positions must have shape \(1, 8\)"),
+    ],
+)
+def test_a_malformed_position_layout_is_named(change, error, match):
+    q, k, v = _qkv()
+    fields = dict(PositionLayout.from_mask(torch.ones(1, 8), 8).__dict__)
+    for name, alter in change.items():
+        fields[name] = alter(fields[name])
+    with pytest.raises(error, match=match):
+        dilated_attention(q, k, v, [4], [1], token_layout=PositionLayout(**fields))
+
+
+def test_meta_tensors_give_the_output_shape():
+    """Shape inference on the meta device (accelerate's empty weights) runs: autocast, which has no meta device,
+    is not asked about it (that raised)."""
+    q, k, v = (torch.empty(2, 8, 4, 8, device="meta") for _ in range(3))
+    assert dilated_attention(q, k, v, [4, 8], [1, 2], backend="torch").shape == (2, 8, 4, 8)
 
 
 def test_cu_seqlens_needs_batch_of_one():

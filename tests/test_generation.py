@@ -369,6 +369,40 @@ def test_beam_search_with_the_bounded_cache_equals_beam_search_without_cache():
     assert torch.equal(model.generate(ids, **{CACHE_KWARG: LongNetBoundedCache(model.config)}, **kwargs), expected)
 
 
+@pytest.mark.parametrize("cache_class", [LongNetBoundedCache, LongNetStaticCache])
+def test_a_cache_built_for_another_model_is_refused(cache_class):
+    """The caches keep the keys the model's segments can still see: one built from another config would keep the
+    wrong ones (the logits moved by 0.017, silently) or too few layers (an IndexError inside transformers)."""
+    model = tiny_model()
+    build = f"`{cache_class.__name__}(model.config)`"
+    other_segments = LongNetConfig.from_preset("tiny", segment_lengths=[2, 4], dilation_rates=[1, 2])
+    message = f"this {cache_class.__name__} was built for segment_lengths=[2, 4], the model's are [4, 8, 16]: it would keep the wrong keys. Build the cache from the model's config ({build})"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(prompt(length=5), **{CACHE_KWARG: cache_class(other_segments)})
+    fewer_layers = LongNetConfig.from_preset("tiny", num_hidden_layers=1)
+    message = f"this {cache_class.__name__} has 1 layer(s), the model 2: build the cache from the model's config ({build})"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(prompt(length=5), **{CACHE_KWARG: cache_class(fewer_layers)})
+    for not_a_config in (model, None, {"causal": True}):
+        message = f"{cache_class.__name__} takes the LongNetConfig of the model it serves ({build}), got {type(not_a_config).__name__}"
+        with pytest.raises(TypeError, match=re.escape(message)):
+            cache_class(not_a_config)
+
+
+def test_a_static_cache_initialised_for_other_heads_is_refused():
+    model = tiny_model()
+    cache = LongNetStaticCache(model.config)
+    with pytest.raises(ValueError, match=re.escape("early_initialization: `batch_size` must be a positive int, got -1")):
+        cache.early_initialization(-1, 2, 8, torch.float32, "cpu")
+    cache.early_initialization(1, 3, 8, torch.float32, "cpu")
+    message = (
+        "this LongNetStaticCache's buffers hold (heads, head_dim) = (3, 8) (early_initialization), the model's keys "
+        "have (2, 8): pass early_initialization the model's config.num_key_value_heads and config.head_dim"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(prompt(length=5), **{CACHE_KWARG: cache})
+
+
 def test_bounded_cache_errors():
     with pytest.raises(ValueError, match=re.escape("LongNetBoundedCache needs a causal model (`config.causal=True`)")):
         LongNetBoundedCache(LongNetConfig.from_preset("tiny", causal=False))

@@ -35,6 +35,8 @@ def test_the_public_function_builds_branch_tables_once_per_shape(monkeypatch):
         return tables
 
     monkeypatch.setattr(torch_backend, "_branch_tables", counting)
+    # The layout of whole rows is shared process-wide: an earlier test in this worker may have built these tables.
+    monkeypatch.setattr(TokenLayout.build(1, 40), "cache", {})
     q, k, v = (torch.randn(1, 40, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     first = dilated_attention(q, k, v, [8, 16], [1, 2], causal=True, backend="torch")
     tables_after_first_call = len(built)

@@ -255,13 +255,11 @@ INVALID_LAYER_ARGUMENTS = [
     (dict(num_heads=3), ValueError, "`d_model` (16) must be a multiple of `num_heads` (3), or give `head_dim`"),
     (dict(num_heads=True), ValueError, "`num_heads` must be a positive int, got True"),
     (dict(num_key_value_heads=3), ValueError, "`num_heads` (4) must be a multiple of `num_key_value_heads` (3)"),
-    (
-        dict(dilation_rate="1"),
-        TypeError,
-        "`dilation_rate` must be a positive int or a non-empty list of positive ints, got '1'",
-    ),
-    (dict(dilation_rate=[]), TypeError, "`dilation_rate` must be a positive int or a non-empty list"),
-    (dict(segment_size=[4, 0]), ValueError, "`segment_size` must hold positive ints, got 0 in [4, 0]"),
+    (dict(dilation_rate="1"), TypeError, "`dilation_rate` must be a positive int or a list of positive ints, got '1'"),
+    (dict(dilation_rate=[]), ValueError, "`dilation_rate` is empty: give at least one branch"),
+    (dict(segment_size=[4, 0]), ValueError, "`segment_size` must contain positive ints, got 0 in [4, 0]"),
+    (dict(segment_size=[2**60, 8]), ValueError, "`segment_size` must contain ints up to 2**48"),
+    (dict(dilation_rate=[1, 2**60]), ValueError, "`dilation_rate` must contain ints up to 2**48 (positions are computed in int64), got 1152921504606846976 in [1, 1152921504606846976]"),
     (
         dict(segment_size=[4]),
         ValueError,
@@ -323,6 +321,25 @@ def test_invalid_layer_argument_is_named(overrides, error, message):
         DilatedAttention(**{**LAYER_ARGS, **overrides})
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 16), (0, 5, 16)], ids=["no tokens", "no rows"])
+def test_an_empty_input_is_named(shape):
+    layer = DilatedAttention(**LAYER_ARGS)
+    message = f"`x` must be a tensor of shape (batch, seq_len, d_model=16) with at least one row of at least one token, got {shape}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(torch.randn(shape))
+
+
+def test_an_xpos_scale_base_too_small_for_any_chunk_says_which_would_do():
+    """Chunking cannot help when even neighbouring positions overflow: the message gives the scale base that fits
+    this call, and that one runs."""
+    x = torch.randn(1, 64, 16)
+    layer = DilatedAttention(**LAYER_ARGS, use_xpos=True, xpos_scale_base=1e-3)
+    with pytest.raises(ValueError, match=r"`xpos_scale_base`=0.001 is too small for torch.float32.*For the 64 positions of this call use a scale base of at least ([0-9.]+) ") as raised:
+        layer(x)
+    enough = float(re.search(r"at least ([0-9.]+) ", str(raised.value)).group(1)) * 1.01
+    assert DilatedAttention(**LAYER_ARGS, use_xpos=True, xpos_scale_base=enough)(x).isfinite().all()
+
+
 def test_the_original_layers_documented_example_works_as_documented():
     """The seed's documentation: ``DilatedAttention(d_model=512, num_heads=8, dilation_rate=2, segment_size=64,
     dropout=0.1, causal=True, use_xpos=False, use_rel_pos_bias=False)``. One dilated branch: head h sees the
@@ -348,7 +365,7 @@ def test_the_original_layers_documented_example_works_as_documented():
 def test_bad_input_shape_is_named():
     layer = DilatedAttention(**LAYER_ARGS)
     with pytest.raises(
-        ValueError, match=re.escape("`x` must be a tensor of shape (batch, seq_len, d_model=16), got (2, 5, 8)")
+        ValueError, match=re.escape("`x` must be a tensor of shape (batch, seq_len, d_model=16) with at least one row of at least one token, got (2, 5, 8)")
     ):
         layer(torch.randn(2, 5, 8))
 

@@ -392,6 +392,48 @@ def test_sequence_classification_pools_the_last_real_token():
 # ---------------------------------------------------------------------------------------------------------
 
 
+MALFORMED_INPUTS = [  # (name, forward arguments from (model, ids (2, 6)), error, message)
+    ("3-D input_ids", lambda m, ids: dict(input_ids=ids[None]), ValueError, "`input_ids` must hold at least one row of at least one token, shape (batch, seq); got (1, 2, 6)"),
+    ("float input_ids", lambda m, ids: dict(input_ids=ids.float()), TypeError, "`input_ids` must be an integer tensor of token ids, got torch.float32"),
+    ("list input_ids", lambda m, ids: dict(input_ids=ids.tolist()), TypeError, "`input_ids` must be a torch.Tensor of shape (batch, seq), got list"),
+    ("2-D inputs_embeds", lambda m, ids: dict(inputs_embeds=m.get_input_embeddings()(ids)[0]), ValueError, "`inputs_embeds` must hold at least one row of at least one token, shape (batch, seq, hidden_size=32); got (6, 32)"),
+    ("inputs_embeds too narrow", lambda m, ids: dict(inputs_embeds=m.get_input_embeddings()(ids)[..., 1:]), ValueError, "`inputs_embeds` must have shape (batch, seq, hidden_size=32), got (2, 6, 31)"),
+    ("position_ids too short", lambda m, ids: dict(input_ids=ids, position_ids=torch.arange(5).expand(2, 5)), ValueError, "`position_ids` must be a tensor of shape (batch, seq) = (2, 6) (or (1, seq)), one logical position per token of `input_ids`; got (2, 5)"),
+    ("1-D position_ids", lambda m, ids: dict(input_ids=ids, position_ids=torch.arange(6)), ValueError, "`position_ids` must be a tensor of shape (batch, seq) = (2, 6) (or (1, seq))"),
+    ("position_ids of 3 rows", lambda m, ids: dict(input_ids=ids, position_ids=torch.arange(6).expand(3, 6)), ValueError, "got (3, 6)"),
+    ("list position_ids", lambda m, ids: dict(input_ids=ids, position_ids=[list(range(6))] * 2), ValueError, "got list"),
+    ("negative logits_to_keep", lambda m, ids: dict(input_ids=ids, logits_to_keep=-1), ValueError, "`logits_to_keep` must be 0 (every position), a positive number of last positions, or a tensor of position indices; got -1"),
+    ("labels too short", lambda m, ids: dict(input_ids=ids, labels=ids[:, 1:]), ValueError, "`labels` must have the shape of the inputs, (batch, seq) = (2, 6): the token ids to predict (shifted inside the model), -100 where no loss is wanted; got (2, 5)"),
+    ("1-D labels", lambda m, ids: dict(input_ids=ids, labels=ids.flatten()), ValueError, "got (12,)"),
+    ("float labels", lambda m, ids: dict(input_ids=ids, labels=ids.float()), TypeError, "`labels` must be an integer tensor of token ids, got torch.float32"),
+]
+
+
+@pytest.mark.parametrize("name, arguments, error, message", MALFORMED_INPUTS, ids=[case[0] for case in MALFORMED_INPUTS])
+def test_malformed_inputs_are_named_before_any_layer_runs(name, arguments, error, message):
+    model = tiny_model()
+    with pytest.raises(error, match=re.escape(message)):
+        model(**arguments(model, random_ids(2, 6)))
+
+
+def test_well_formed_position_ids_and_labels_still_pass():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    shared = model(ids, position_ids=torch.arange(6)[None]).logits
+    per_row = model(ids, position_ids=torch.arange(6).expand(2, 6)).logits
+    assert torch.equal(shared, per_row) and torch.equal(shared, model(ids).logits)
+    assert model(ids, labels=ids).loss.isfinite()
+    assert model(ids, logits_to_keep=2).logits.shape == (2, 2, 128)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([1]), torch.tensor(1), [0, 1]], ids=["one row", "0-dim", "list"])
+def test_classifier_labels_need_one_entry_per_row(labels):
+    model = tiny_model(LongNetForSequenceClassification)
+    with pytest.raises(ValueError, match=re.escape("`labels` must hold one entry per row, shape (2,) (class ids or regression targets) or (2, num_labels)")):
+        model(random_ids(2, 6), labels=labels)
+    assert model(random_ids(2, 6), labels=torch.tensor([0, 1])).loss.isfinite()
+
+
 def test_bad_inputs_are_named():
     model = tiny_model()
     ids = random_ids(2, 6)
