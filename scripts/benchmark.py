@@ -31,6 +31,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_support import check_output_file  # noqa: E402
 
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
@@ -43,6 +48,39 @@ METHOD_NAMES = {
     "floor-fa2": "floor, FA2",
     "floor-cudnn": "floor, cuDNN",
 }
+
+# The cases of --check (correctness at realistic sizes), by index for --check-cases; beside them the named checks
+# "dropout" and "logits".
+CHECK_CASES = [
+    # name, B, N, H, Hkv, D, segments, rates, causal, offsets, layout
+    ("paper config", 1, 65536, 4, 4, 64, PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, True, "interleaved", None),
+    ("paper config, non-causal", 1, 32768, 4, 4, 64, PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, False, "interleaved", None),
+    ("GQA 8/2, left padding, D=128", 2, 12000, 8, 2, 128, (1000, 3000), (2, 3), False, "grouped", "left"),
+    ("MQA, packed documents, D=32", 1, 20000, 4, 1, 32, (512, 4096), (1, 4), True, "interleaved", "packed"),
+    ("right padding, D=16", 3, 5000, 2, 2, 16, (256, 1024, 4096), (1, 2, 4), True, "grouped", "right"),
+    ("KV cache: 300 queries of 40000 keys", 2, 40000, 6, 3, 64, (2048, 8192), (1, 4), True, "interleaved", "decode"),
+    ("D=256", 1, 8192, 2, 2, 256, (1024, 4096), (1, 2), True, "interleaved", None),
+    # one query head per kv head at D = 64: the backward's TMA reduce-add path, with padding and packing
+    ("left padding, D=64, H=Hkv", 2, 20000, 4, 4, 64, (2048, 8192), (1, 4), True, "interleaved", "left"),
+    ("packed documents, D=64, H=Hkv", 1, 20000, 4, 4, 64, (512, 4096), (1, 4), True, "interleaved", "packed"),
+    ("right padding, non-causal, D=64, H=Hkv", 3, 9000, 2, 2, 64, (256, 1024, 4096), (1, 2, 4), False, "grouped", "right"),
+]
+CHECK_NAMES = ("dropout", "logits")
+
+# The fields of the Triton kernels' ForwardConfig and BackwardConfig (modeling_longnet/dilated_attention_triton.py;
+# a test keeps them alike) in their order, as --forward-config(s) / --backward-config(s) take them: a type, or the
+# tuple of the allowed words. The first REQUIRED are required. Spelled here to check a command line before torch.
+DQ_MODES = ("recompute", "atomic", "tma-atomic")
+FORWARD_CONFIG_FIELDS = (
+    ("block_m", int), ("block_n", int), ("num_warps", int), ("num_stages", int), ("tensor_descriptors", bool),
+    ("head_groups", int), ("merge_in_input_dtype", bool),
+)
+BACKWARD_CONFIG_FIELDS = (
+    ("block_n1", int), ("block_m1", int), ("block_m2", int), ("block_n2", int), ("num_warps", int), ("num_stages", int),
+    ("interleave_roles", bool), ("tensor_descriptors", bool), ("dq_mode", DQ_MODES), ("head_groups", int),
+    ("group_branches", bool),
+)
+FORWARD_REQUIRED, BACKWARD_REQUIRED = 4, 6
 
 
 def parse_size(text: str) -> int:
@@ -63,26 +101,53 @@ def int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def config_format(fields, required: int) -> str:
+    """How a launch configuration is written: ``block_m,block_n,num_warps,num_stages[,tensor_descriptors(0/1)[,...]]``."""
+
+    def shown(name, kind):
+        return f"{name}(0/1)" if kind is bool else f"{name}({'/'.join(kind)})" if isinstance(kind, tuple) else name
+
+    optional = "".join(f"[,{shown(*field)}" for field in fields[required:]) + "]" * (len(fields) - required)
+    return ",".join(shown(*field) for field in fields[:required]) + optional
+
+
+def config_values(text: str, fields, required: int) -> list:
+    """The values of one launch configuration (``config_format``), checked; a ValueError says what is wrong."""
+    values = [v.strip() for v in text.split(",")]
+    if not required <= len(values) <= len(fields):
+        raise ValueError(
+            f"{text!r} has {len(values)} value{'s' * (len(values) != 1)}, where {config_format(fields, required)} takes "
+            f"{required} to {len(fields)}"
+        )
+    parsed = []
+    for value, (name, kind) in zip(values, fields):
+        if kind is int:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{text!r}: {name} must be a positive integer, got {value!r}")
+            parsed.append(int(value))
+        elif kind is bool:
+            if value not in ("0", "1"):
+                raise ValueError(f"{text!r}: {name} must be 0 or 1, got {value!r}")
+            parsed.append(value == "1")
+        else:
+            if value not in kind:
+                raise ValueError(f"{text!r}: {name} must be one of {', '.join(kind)}, got {value!r}")
+            parsed.append(value)
+    return parsed
+
+
 def forward_config_from(text: str):
-    """'block_m,block_n,warps,stages[,descriptors 0/1[,head_groups[,merge_in_input_dtype 0/1]]]' -> ForwardConfig."""
+    """``config_format(FORWARD_CONFIG_FIELDS, FORWARD_REQUIRED)`` -> ForwardConfig."""
     from modeling_longnet.dilated_attention_triton import ForwardConfig
 
-    values = [v.strip() for v in text.split(",")]
-    return ForwardConfig(
-        *(int(v) for v in values[:4]), *(bool(int(v)) for v in values[4:5]), *(int(v) for v in values[5:6]),
-        *(bool(int(v)) for v in values[6:7]),
-    )
+    return ForwardConfig(*config_values(text, FORWARD_CONFIG_FIELDS, FORWARD_REQUIRED))
 
 
 def backward_config_from(text: str):
-    """'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1[,descriptors 0/1[,dq_mode[,head_groups]]]]'."""
+    """``config_format(BACKWARD_CONFIG_FIELDS, BACKWARD_REQUIRED)`` -> BackwardConfig."""
     from modeling_longnet.dilated_attention_triton import BackwardConfig
 
-    values = [v.strip() for v in text.split(",")]
-    return BackwardConfig(
-        *(int(v) for v in values[:6]), *(bool(int(v)) for v in values[6:8]), *values[8:9],
-        *(int(v) for v in values[9:10]),
-    )
+    return BackwardConfig(*config_values(text, BACKWARD_CONFIG_FIELDS, BACKWARD_REQUIRED))
 
 
 def config_text(config) -> str:
@@ -142,26 +207,23 @@ def parse_args(argv=None):
                              "bfloat16, float16, every layout), print the table and exit; status 1 on a failure. "
                              "--forward-config/--backward-config apply to the 16-bit rows of --head-dim")
     parser.add_argument("--check-cases", default=None,
-                        help="for --check: comma-separated indices of the cases to run (0-based, in table order) "
-                             "and/or 'dropout', 'logits' (logits 1e1 .. 1e9); all by default")
+                        help=f"for --check: comma-separated indices of the cases to run (0 to {len(CHECK_CASES) - 1}, "
+                             "in table order) and/or 'dropout', 'logits' (logits 1e1 .. 1e9); all by default")
     parser.add_argument("--sweep", action="store_true",
                         help="first time the launch configurations below at --sweep-n and keep the fastest")
     parser.add_argument("--sweep-n", type=parse_size, default=131072, help="sequence length of the --sweep")
+    forward_format = config_format(FORWARD_CONFIG_FIELDS, FORWARD_REQUIRED)
+    backward_format = config_format(BACKWARD_CONFIG_FIELDS, BACKWARD_REQUIRED)
     parser.add_argument("--forward-configs", default="64,64,4,3,1,2;128,64,4,3,1,2;64,64,4,3,0,2;64,64,4,3,1,1",
-                        help="for --sweep: 'block_m,block_n,warps,stages[,descriptors 0/1[,head_groups"
-                             "[,merge_in_input_dtype 0/1]]]' entries separated by ';'")
+                        help=f"for --sweep: '{forward_format}' entries separated by ';'")
     parser.add_argument("--backward-configs",
                         default="128,32,64,64,4,3,1,1,tma-atomic,2;128,32,64,64,4,3,1,1,tma-atomic,1;"
                                 "128,32,64,64,4,3,1,0,recompute,2;128,32,64,64,4,4,1,1,tma-atomic,2",
-                        help="for --sweep: 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave 0/1"
-                             "[,descriptors 0/1[,dq_mode[,head_groups]]]]' entries separated by ';' (dq_mode: recompute, "
-                             "atomic, tma-atomic)")
+                        help=f"for --sweep: '{backward_format}' entries separated by ';'")
     parser.add_argument("--forward-config", default=None,
-                        help="use this 'block_m,block_n,warps,stages[,descriptors[,head_groups[,merge_in_input_dtype]]]'"
-                             " for the Triton forward instead of the default")
+                        help=f"use this '{forward_format}' for the Triton forward instead of the default")
     parser.add_argument("--backward-config", default=None,
-                        help="use this 'block_n1,block_m1,block_m2,block_n2,warps,stages[,interleave[,descriptors"
-                             "[,dq_mode[,head_groups]]]]' for the Triton backward")
+                        help=f"use this '{backward_format}' for the Triton backward")
     parser.add_argument("--markdown", default=None, help="write the result table (markdown) to this file")
     parser.add_argument("--plot", default=None, help="write a log-log plot of time against N to this PNG file")
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")
@@ -191,6 +253,35 @@ def parse_args(argv=None):
             parser.error(f"--modes: unknown mode {m!r}; choose from fwd, fwd+bwd")
     if len(args.segment_lengths) != len(args.dilation_rates):
         parser.error("--segment-lengths and --dilation-rates need one entry per branch")
+    # The launch configurations: checked here, though built (with the kernels' module) only once CUDA is set up.
+    for option, texts, fields, required in (
+        ("--forward-config", [args.forward_config], FORWARD_CONFIG_FIELDS, FORWARD_REQUIRED),
+        ("--backward-config", [args.backward_config], BACKWARD_CONFIG_FIELDS, BACKWARD_REQUIRED),
+        ("--forward-configs", args.forward_configs.split(";"), FORWARD_CONFIG_FIELDS, FORWARD_REQUIRED),
+        ("--backward-configs", args.backward_configs.split(";"), BACKWARD_CONFIG_FIELDS, BACKWARD_REQUIRED),
+    ):
+        for text in texts:
+            try:
+                if text is not None:
+                    config_values(text, fields, required)
+            except ValueError as error:
+                parser.error(f"{option}: {error}")
+    if args.check_cases is not None:
+        if not args.check:
+            parser.error("--check-cases applies only with --check: add it, or drop --check-cases")
+        valid = [str(index) for index in range(len(CHECK_CASES))] + list(CHECK_NAMES)
+        unknown = [case for case in (part.strip() for part in args.check_cases.split(",")) if case not in valid]
+        if unknown:  # else every case would be skipped, and the check pass
+            parser.error(
+                f"--check-cases: unknown case {unknown[0]!r}; give comma-separated indices 0 to {len(CHECK_CASES) - 1} "
+                f"and/or {', '.join(CHECK_NAMES)}"
+            )
+    for name in ("json", "markdown", "plot"):  # written at the end of a run: their folders must exist now
+        if getattr(args, name) is not None:
+            try:
+                check_output_file(f"--{name}", getattr(args, name))
+            except ValueError as error:
+                parser.error(str(error))
     args.kv_heads = args.kv_heads or args.heads
     return args
 
@@ -578,23 +669,8 @@ def sweep(args, progress=print) -> tuple[object, object, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# correctness at realistic sizes
+# correctness at realistic sizes (CHECK_CASES: at the top, for parse_args)
 # ----------------------------------------------------------------------------------------------------------
-
-CHECK_CASES = [
-    # name, B, N, H, Hkv, D, segments, rates, causal, offsets, layout
-    ("paper config", 1, 65536, 4, 4, 64, PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, True, "interleaved", None),
-    ("paper config, non-causal", 1, 32768, 4, 4, 64, PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES, False, "interleaved", None),
-    ("GQA 8/2, left padding, D=128", 2, 12000, 8, 2, 128, (1000, 3000), (2, 3), False, "grouped", "left"),
-    ("MQA, packed documents, D=32", 1, 20000, 4, 1, 32, (512, 4096), (1, 4), True, "interleaved", "packed"),
-    ("right padding, D=16", 3, 5000, 2, 2, 16, (256, 1024, 4096), (1, 2, 4), True, "grouped", "right"),
-    ("KV cache: 300 queries of 40000 keys", 2, 40000, 6, 3, 64, (2048, 8192), (1, 4), True, "interleaved", "decode"),
-    ("D=256", 1, 8192, 2, 2, 256, (1024, 4096), (1, 2), True, "interleaved", None),
-    # one query head per kv head at D = 64: the backward's TMA reduce-add path, with padding and packing
-    ("left padding, D=64, H=Hkv", 2, 20000, 4, 4, 64, (2048, 8192), (1, 4), True, "interleaved", "left"),
-    ("packed documents, D=64, H=Hkv", 1, 20000, 4, 4, 64, (512, 4096), (1, 4), True, "interleaved", "packed"),
-    ("right padding, non-causal, D=64, H=Hkv", 3, 9000, 2, 2, 64, (256, 1024, 4096), (1, 2, 4), False, "grouped", "right"),
-]
 
 
 def _poison_allocator(num_bytes: int):

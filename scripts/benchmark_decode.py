@@ -31,8 +31,23 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from benchmark_support import add_model_options, cache_argument, environment, llama_twin, parse_size, refuse_below_one, sync
+from benchmark_support import (
+    add_model_options, cache_argument, environment, llama_twin, parse_size, refuse_below_one, refuse_unknown_model_options,
+    refuse_unwritable_outputs, sync,
+)
+
+# The variants timed (the table's rows), in order; variants() builds them. The last three hold every token (a full
+# StaticCache): they run only at contexts up to --llama-max-context.
+VARIANTS = (
+    "LongNet, bounded cache, eager",
+    "LongNet, static bounded cache, eager",
+    "LongNet, static bounded cache, compiled",
+    "LongNet, StaticCache, compiled",
+    "Llama, StaticCache, compiled",
+    "Llama, StaticCache, eager",
+)
 
 
 def parse_args(argv=None):
@@ -46,12 +61,45 @@ def parse_args(argv=None):
     parser.add_argument("--llama-max-context", type=parse_size, default=262144,
                         help="the Llama twin and LongNet with a full StaticCache only up to this context; 0: never")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
-    parser.add_argument("--variants", default=None, help="semicolon-separated subset of the variant names (as in the table)")
+    parser.add_argument(
+        "--variants", default=None, help=f"semicolon-separated subset of the variants: {'; '.join(VARIANTS)}"
+    )
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
-    refuse_below_one(parser, args, "new_tokens", "repeats")
+    try:
+        args.contexts = [parse_size(c) for c in args.contexts.split(",")]
+    except ValueError:
+        parser.error(f"--contexts: {args.contexts!r} is not a comma-separated list of sizes (e.g. 4K,64K,1M)")
+    if not all(context > 0 for context in args.contexts):
+        parser.error(f"--contexts: every length must be positive, got {args.contexts}")
+    refuse_below_one(parser, args, "new_tokens", "repeats", "prefill_chunk")
+    if args.llama_max_context < 0:
+        parser.error(f"--llama-max-context must be >= 0 (0: no Llama), got {args.llama_max_context}")
+    if args.variants is not None:
+        wanted = [part.strip() for part in args.variants.split(";")]
+        unknown = [name for name in wanted if name not in VARIANTS]
+        if unknown:
+            parser.error(
+                f"--variants: unknown variant {unknown[0]!r}; give names separated by ';' from: {'; '.join(VARIANTS)}"
+            )
+        if set(wanted) <= set(VARIANTS[3:]) and min(args.contexts) > args.llama_max_context:  # an empty table
+            parser.error(
+                f"--variants: {'; '.join(wanted)} run only at contexts up to --llama-max-context "
+                f"({args.llama_max_context}), and --contexts has none: raise --llama-max-context, or add another variant"
+            )
+    refuse_unknown_model_options(parser, args)
+    refuse_unwritable_outputs(parser, args, "json", "markdown")
     return args
+
+
+def compile_backend_problem(name: str) -> str | None:
+    """Why torch.compile has no backend ``name`` (after torch is imported, before a model is built), or None. Its
+    debug backends (eager, aot_eager) count: they time the graph capture without a compiler."""
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if name in backends:
+        return None
+    return f"--compile-backend {name!r} is not a torch.compile backend; choose one of {', '.join(backends)}"
 
 
 if __name__ == "__main__":
@@ -81,16 +129,17 @@ def variants(args, model, llama, context: int) -> dict:
         return cache
 
     cache = cache_argument()
+    bounded, static_bounded, static_bounded_compiled, static_compiled, llama_compiled, llama_eager = VARIANTS
     table = {
-        "LongNet, bounded cache, eager": (model, lambda: {cache: LongNetBoundedCache(model.config)}),
-        "LongNet, static bounded cache, eager": (model, lambda: {cache: ring(), "disable_compile": True}),
-        "LongNet, static bounded cache, compiled": (model, lambda: {cache: ring(), "compile_config": compiled}),
+        bounded: (model, lambda: {cache: LongNetBoundedCache(model.config)}),
+        static_bounded: (model, lambda: {cache: ring(), "disable_compile": True}),
+        static_bounded_compiled: (model, lambda: {cache: ring(), "compile_config": compiled}),
     }
     if context <= args.llama_max_context:  # transformers' StaticCache holds every token, as the Llama's does
-        table["LongNet, StaticCache, compiled"] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})
+        table[static_compiled] = (model, lambda: {"cache_implementation": "static", "compile_config": compiled})
     if llama is not None and context <= args.llama_max_context:
-        table["Llama, StaticCache, compiled"] = (llama, lambda: {"cache_implementation": "static", "compile_config": compiled})
-        table["Llama, StaticCache, eager"] = (llama, lambda: {"cache_implementation": "static", "disable_compile": True})
+        table[llama_compiled] = (llama, lambda: {"cache_implementation": "static", "compile_config": compiled})
+        table[llama_eager] = (llama, lambda: {"cache_implementation": "static", "disable_compile": True})
     if args.variants:
         wanted = {name.strip() for name in args.variants.split(";")}
         table = {name: value for name, value in table.items() if name in wanted}
@@ -199,12 +248,16 @@ def compare(reference, other) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = compile_backend_problem(args.compile_backend)
+    if problem is not None:  # as parse_args' errors, which could not ask torch
+        print(f"{Path(__file__).name}: error: {problem}", file=sys.stderr)
+        return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     # The attention op of a prefill chunk stays out of CUDA graphs (it reads the mask on the host): partition there.
     torch._inductor.config.graph_partition = True
     torch._dynamo.config.cache_size_limit = 64  # several caches and contexts share each model's compiled forward
-    contexts = [parse_size(c) for c in args.contexts.split(",")]
+    contexts = args.contexts
     torch.manual_seed(0)
     config = LongNetConfig.from_preset(args.preset, attn_implementation=args.attn)
     model = LongNetForCausalLM(config).to(device=device, dtype=dtype).eval()

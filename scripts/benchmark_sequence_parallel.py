@@ -106,6 +106,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        parser.error(
+            f"--heads {args.heads} must be a multiple of --kv-heads {kv_heads}: each key/value head serves a group "
+            "of query heads"
+        )
+    if args.hidden_size % args.heads:
+        parser.error(
+            f"--hidden-size {args.hidden_size} must be a multiple of --heads {args.heads}: each head takes an equal share"
+        )
+    if args.hidden_size // args.heads % 2:  # the model has rotary positions
+        parser.error(
+            f"--hidden-size {args.hidden_size} / --heads {args.heads} = {args.hidden_size // args.heads} dimensions per "
+            "head: rotary positions need an even number; change --hidden-size or --heads"
+        )
     if len(args.segment_lengths) != len(args.dilation_rates):
         parser.error("--segment-lengths and --dilation-rates need one entry per branch")
     if not all(value > 0 for value in (*args.segment_lengths, *args.dilation_rates)):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 from typing import TYPE_CHECKING
 
+from cli_support import LONGNET_ATTENTIONS, check_output_file, unknown_attention_message, unknown_preset_message
+
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
@@ -25,7 +27,27 @@ def parse_size(text: str) -> int:
 def add_model_options(parser) -> None:
     """The options that pick the LongNet both benchmarks time (its Llama twin takes its sizes)."""
     parser.add_argument("--preset", default="longnet-paper", help="the LongNet preset (its Llama twin takes its sizes)")
-    parser.add_argument("--attn", default="auto", help="the LongNet attn_implementation")
+    parser.add_argument(
+        "--attn", default="auto", help=f"the LongNet attn_implementation: {', '.join(LONGNET_ATTENTIONS)}"
+    )
+
+
+def refuse_unknown_model_options(parser, args) -> None:
+    """``parser.error`` for a --preset or --attn that LongNet does not have (answered before the slow imports)."""
+    problem = unknown_preset_message("--preset", args.preset) or unknown_attention_message("--attn", args.attn)
+    if problem is not None:
+        parser.error(problem)
+
+
+def refuse_unwritable_outputs(parser, args, *names: str) -> None:
+    """``parser.error`` for a result file (dest names ``names``) whose folder does not exist: found before the run,
+    not when it is written at the end."""
+    for name in names:
+        if getattr(args, name) is not None:
+            try:
+                check_output_file(f"--{name}", getattr(args, name))
+            except ValueError as error:
+                parser.error(str(error))
 
 
 def refuse_below_one(parser, args, *names: str) -> None:

@@ -21,7 +21,10 @@ import statistics
 import sys
 import time
 
-from benchmark_support import add_model_options, environment, llama_twin, parse_size, refuse_below_one, sync
+from benchmark_support import (
+    add_model_options, environment, llama_twin, parse_size, refuse_below_one, refuse_unknown_model_options,
+    refuse_unwritable_outputs, sync,
+)
 
 
 def parse_args(argv=None):
@@ -47,6 +50,8 @@ def parse_args(argv=None):
     if not all(n > 0 for n in args.n):
         parser.error(f"--n: every length must be positive, got {args.n}")
     refuse_below_one(parser, args, "steps", "loss_chunk")
+    refuse_unknown_model_options(parser, args)
+    refuse_unwritable_outputs(parser, args, "json", "markdown")
     return args
 
 

@@ -1,13 +1,24 @@
 """What the command lines of scripts/ share, in the standard library only: each script imports it before torch and
 transformers (10-14 s), so that a bad argument is answered at once. Also where modeling_longnet cannot be imported
-(generate.py runs in such a process in the main job)."""
+(generate.py runs in such a process in the main job). check_device alone imports torch: the scripts call it once
+they have imported it themselves."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from pathlib import Path
 
 HUB_TIMEOUT = 10.0  # seconds for the one look-up of a Hub id, before loading it
+
+# The attention functions a LongNet takes by name: DilatedAttentionInterface's in modeling_longnet/modeling_longnet.py
+# (a test keeps the two alike). Named here so that a typo is refused before torch is imported.
+LONGNET_ATTENTIONS = ("auto", "torch", "triton", "cudnn", "flash", "eager")
+
+# "cpu", "cuda", "cuda:1", "mps", ...: a device type and an optional index. Whether torch knows the type, and
+# whether this machine has it, is asked of torch once it is imported (check_device).
+TORCH_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
 
 
 def one_line(error: BaseException) -> str:
@@ -66,3 +77,94 @@ def check_model(name: str, revision: str | None = None) -> None:
                 f"model {name!r} is not a local folder, and the Hub ({constants.ENDPOINT}) cannot be reached to find "
                 f"it ({one_line(error)}); check the network, or give a local folder"
             ) from error
+
+
+def check_output_folder(option: str, path: str) -> None:
+    """Refuses an output folder that cannot be made, before any work for it: a path that is a file, or lies inside
+    one (making it would fail with FileExistsError or NotADirectoryError only once the results are ready)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{option}: {path!r} is a file; give a folder")
+    existing = next((parent for parent in target.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{option}: {path!r} lies inside the file {str(existing)!r}; give a folder")
+
+
+def check_output_file(option: str, path: str) -> None:
+    """Refuses a file to write at the end of a run (a table, a plot) whose folder does not exist, before the run
+    rather than after it."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option}: {path!r} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise ValueError(
+            f"{option}: the folder of {path!r} ({str(target.parent)!r}) does not exist; create it, or give a file in "
+            "an existing folder"
+        )
+
+
+def preset_names() -> list[str] | None:
+    """The names LongNetConfig.from_preset takes: the JSON files of configuration/ beside the package (a source
+    checkout), else of modeling_longnet/presets (a wheel), as configuration_longnet.PRESETS_DIR finds them, without
+    importing the package (its import pulls in torch). None where the package or its presets cannot be found: the
+    loader then says why."""
+    try:
+        spec = importlib.util.find_spec("modeling_longnet")
+    except (ImportError, ValueError):  # hidden, as in main.py's isolated process
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations))).resolve()
+    folder = next((path for path in (package.parent / "configuration", package / "presets") if path.is_dir()), None)
+    return None if folder is None else sorted(path.stem for path in folder.glob("*.json"))
+
+
+def unknown_preset_message(option: str, name: str) -> str | None:
+    """Why ``name`` is no preset, or None (also where the presets cannot be found: from_preset then says why)."""
+    presets = preset_names()
+    if presets is None or name in presets:
+        return None
+    return f"unknown preset {name!r}: {option} takes one of {', '.join(presets)}"  # from_preset's words, and the flag
+
+
+def unknown_attention_message(option: str, name: str) -> str | None:
+    """Why ``name`` is no LongNet attention function, or None."""
+    if name in LONGNET_ATTENTIONS:
+        return None
+    return (
+        f"{option} {name!r} is not a LongNet attention; choose one of {', '.join(LONGNET_ATTENTIONS)} (LongNet's "
+        "attention is dilated: the dense 'sdpa' / 'flash_attention_2' of other models do not apply)"
+    )
+
+
+def check_device_name(device: str | None) -> None:
+    """Refuses a --device that no torch device string looks like, before torch is imported."""
+    if device is not None and not TORCH_DEVICE.fullmatch(device):
+        raise ValueError(f"--device {device} is not a torch device (cpu, cuda, cuda:1, ...)")
+
+
+def check_device(device: str | None) -> None:
+    """Refuses a --device that torch does not know, or that this machine does not have; right after torch is
+    imported, before a model is loaded onto it."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {device} is not a torch device (cpu, cuda, cuda:1, ...)") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; give one of "
+                "them, or --device cpu"
+            )
+    elif parsed.type != "cpu":
+        try:  # mps, xpu, ...: whether this build and machine have one
+            torch.empty(0, device=parsed)
+        except Exception as error:  # noqa: BLE001  (each backend fails in its own way: RuntimeError, AssertionError)
+            raise ValueError(f"--device {device}: not available here ({one_line(error)}); use --device cpu") from error

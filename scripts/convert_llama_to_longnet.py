@@ -23,7 +23,7 @@ PROG = "convert_llama_to_longnet.py"
 # the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
 # the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import looks_like_local_path, one_line  # noqa: E402
+from cli_support import check_output_folder, looks_like_local_path, one_line  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -91,6 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"model: cannot load a Llama checkpoint from {args.model!r}: its config.json cannot be read ({error})")
         if model_type != "llama":
             parser.error(f"model: {not_llama_message(args.model, model_type)}")
+        if Path(args.output_dir).resolve() == Path(folder).resolve():  # save_pretrained would replace its config.json
+            parser.error(
+                f"output_dir: {args.output_dir!r} is the Llama checkpoint's own folder, which the conversion would "
+                "overwrite; give another folder"
+            )
+    try:
+        check_output_folder("output_dir", args.output_dir)  # save_pretrained only logs an error for a file, and returns
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

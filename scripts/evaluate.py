@@ -33,7 +33,7 @@ PROG = "evaluate.py"
 # the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
 # the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import check_model, one_line  # noqa: E402
+from cli_support import check_device, check_device_name, check_model, check_output_folder, one_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +93,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--files: file {path!r} does not exist")
+    check_device_name(args.device)
+    if args.output_dir is not None:
+        check_output_folder("--output-dir", args.output_dir)
     if args.labels is not None and len(args.labels) != len(args.models):
         raise ValueError(f"--labels names {len(args.labels)} model(s) but {len(args.models)} were given: give one label per model")
     labels = model_labels(args)
@@ -109,6 +112,8 @@ def model_labels(args: argparse.Namespace) -> list[str]:
 def load(args: argparse.Namespace) -> dict:
     """Everything that can fail on user input: the models, their tokenizers and the data."""
     import torch
+
+    check_device(args.device)  # before the models are loaded for it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)

@@ -22,8 +22,11 @@ PROG = "generate.py"
 # the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
 # the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import check_model, one_line  # noqa: E402
+from cli_support import check_device, check_device_name, check_model, one_line  # noqa: E402
 DEFAULT_PROMPT = "The old sailor"
+# What --do-sample samples with where a flag is left out. The flags default to None, so that one given without
+# --do-sample (which would do nothing) can be told from one left out.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (with --do-sample)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    parser.add_argument(
+        "--temperature", type=float, default=None,
+        help=f"sampling temperature (with --do-sample; default {SAMPLING_DEFAULTS['temperature']})",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None,
+        help=f"sample among the k most likely tokens (with --do-sample; default {SAMPLING_DEFAULTS['top_k']})",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None,
+        help=f"nucleus sampling mass (with --do-sample; default {SAMPLING_DEFAULTS['top_p']})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--no-prompt-echo", action="store_true", help="print only the generated text, not the prompt")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -65,8 +77,15 @@ def check_arguments(args: argparse.Namespace) -> str:
     """Refuses a bad command line before torch and transformers are imported (10-14 s); returns the prompt."""
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.do_sample and (not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
-        raise ValueError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.do_sample:  # greedy decoding would ignore them
+        flags, apply, them = (" and ".join(given), "apply", "them") if len(given) > 1 else (given[0], "applies", "it")
+        raise ValueError(f"{flags} {apply} only with --do-sample: add it, or drop {them}")
+    if args.do_sample:
+        temperature, top_k, top_p = (sampling_option(args, name) for name in ("temperature", "top_k", "top_p"))
+        if not temperature > 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0")
+    check_device_name(args.device)
     if args.prompts_jsonl is not None:
         if not Path(args.prompts_jsonl).is_file():
             raise FileNotFoundError(f"--prompts-jsonl {args.prompts_jsonl!r} does not exist")
@@ -97,10 +116,18 @@ def check_arguments(args: argparse.Namespace) -> str:
     return prompt
 
 
+def sampling_option(args: argparse.Namespace, name: str):
+    """--temperature, --top-k or --top-p as given, else its default."""
+    value = getattr(args, name)
+    return SAMPLING_DEFAULTS[name] if value is None else value
+
+
 def load(args: argparse.Namespace) -> tuple:
     """The model, its tokenizer and the prompt; everything that can fail on user input."""
     prompt = check_arguments(args)  # before the slow imports: a bad command line is answered at once
     import torch
+
+    check_device(args.device)  # before the model is loaded for it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -122,7 +149,9 @@ def generate(args: argparse.Namespace, model, tokenizer, prompt: str, *, stream:
     torch.manual_seed(args.seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=args.no_prompt_echo, skip_special_tokens=True) if stream else None
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p} if args.do_sample else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if args.do_sample:
+        sampling = {"do_sample": True, **{name: sampling_option(args, name) for name in SAMPLING_DEFAULTS}}
     with torch.no_grad():
         output = model.generate(
             **inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,

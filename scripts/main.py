@@ -31,6 +31,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "scripts"
 PROG = "main.py"
 
+# the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
+sys.path.insert(0, str(SCRIPTS))
+from cli_support import check_output_folder  # noqa: E402
+
 # The model of the main job: 2 layers of width 64, 8 heads of 8, over contexts of 256 byte-level tokens. LongNet's
 # branches: segments of 16, 64 and 256 tokens at dilation rates 1, 2 and 4; the baseline keeps only the first
 # (blocked local attention: nothing reaches past 16 tokens). Every question's evidence lies at least 32 tokens
@@ -45,6 +49,13 @@ LOCAL_BRANCHES = ("segment_lengths=[16]", "dilation_rates=[1]")
 BLOCK_SIZE = 256
 BATCH_SIZE = 32
 MIN_DISTANCE = 32  # characters from the end of the evidence to the answer (= tokens with the byte tokenizer)
+
+# main.py deletes and rewrites the sub-folders of its output folder: it does so only in a folder that it made (this
+# file marks it), or that is empty, or that holds nothing but what main.py writes (a run from before the marker),
+# never in one that was given by mistake (--output-dir ~).
+OUTPUT_MARKER = ".longnet-main"
+# model/: the layout before 2026-12-02
+OUTPUT_ENTRIES = ("longnet", "local", "evaluation", "model", "local-training.log")
 
 
 # Runs a script in a process that cannot import modeling_longnet, whatever is installed (an editable install,
@@ -77,13 +88,60 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output-dir", default=str(REPO_ROOT / "outputs" / "main"), help="where the models and the evaluation go (replaced)")
+    parser.add_argument(
+        "--output-dir", default=str(REPO_ROOT / "outputs" / "main"),
+        help="where the models and the evaluation go: a new or empty folder, or one main.py wrote before (its models "
+        "and evaluation are replaced)",
+    )
     parser.add_argument("--max-steps", type=int, default=1000, help=f"training steps of each model ({BATCH_SIZE} contexts of {BLOCK_SIZE} tokens each; one pass over fresh documents)")
     parser.add_argument("--eval-documents", type=int, default=200, help="held-out documents evaluate.py scores (every question of each)")
     parser.add_argument("--demo-questions", type=int, default=8, help="held-out questions the reloaded model answers in the summary")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation")
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before anything is deleted or trained."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_steps <= 0 or args.eval_documents <= 0 or args.demo_questions < 0:
+        parser.error("--max-steps and --eval-documents must be positive, --demo-questions >= 0")
+    problem = output_dir_problem(args.output_dir)
+    if problem is not None:
+        parser.error(problem)
+    return args
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why main.py must not write into ``path`` (it deletes sub-folders there), or None."""
+    try:
+        check_output_folder("--output-dir", path)
+    except ValueError as error:
+        return str(error)
+    folder = Path(path)
+    if not folder.is_dir() or (folder / OUTPUT_MARKER).is_file():
+        return None
+    try:
+        foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_ENTRIES)
+    except OSError as error:
+        return f"--output-dir: {path!r} cannot be read ({error.strerror}); give a new or empty folder"
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    return f"--output-dir: {path!r} already holds files main.py did not write ({shown}); give a new or empty folder"
+
+
+def prepare_output_dir(output: Path) -> None:
+    """Makes the output folder (checked by parse_args), marks it as main.py's, and deletes what an earlier run left."""
+    import shutil
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text(
+        "scripts/main.py wrote this folder; its next run replaces the models and the evaluation here.\n"
+    )
+    for folder in ("longnet", "local", "evaluation", "model"):
+        shutil.rmtree(output / folder, ignore_errors=True)
 
 
 def child_environment() -> dict[str, str]:
@@ -165,17 +223,11 @@ def _loss_change(model_dir: Path) -> tuple[dict, float, float]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_steps <= 0 or args.eval_documents <= 0 or args.demo_questions < 0:
-        raise SystemExit(f"{PROG}: error: --max-steps and --eval-documents must be positive, --demo-questions >= 0")
+    args = parse_args(argv)
     start = time.perf_counter()
     output = Path(args.output_dir)
     longnet_dir, local_dir, evaluation_dir = output / "longnet", output / "local", output / "evaluation"
-    import shutil
-
-    for folder in (longnet_dir, local_dir, evaluation_dir, output / "model"):  # model/: the layout before 2026-12-02
-        shutil.rmtree(folder, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output)
     cores = os.cpu_count() or 2
     print(f"{PROG}: python {sys.version.split()[0]}, {cores} CPU cores; output in {output}", flush=True)
 

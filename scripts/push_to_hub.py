@@ -31,7 +31,7 @@ PROG = "push_to_hub.py"
 # the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
 # the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import one_line  # noqa: E402
+from cli_support import check_output_folder, one_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     parts = args.repo_id.split("/")
     if len(parts) > 2 or not all(parts):
         raise ValueError(f"--repo-id must be user/name or name, got {args.repo_id!r}")
+    from huggingface_hub.utils import validate_repo_id  # light (no torch): the Hub's own rules for the names
+
+    try:
+        validate_repo_id(args.repo_id)
+    except ValueError as error:  # HFValidationError
+        raise ValueError(f"--repo-id {args.repo_id!r} is not a valid Hub repository id: {one_line(error)}") from None
+    if args.staging_dir is not None:
+        check_output_folder("--staging-dir", args.staging_dir)
     model_dir = Path(args.model_dir).expanduser()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {args.model_dir!r} does not exist")

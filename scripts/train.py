@@ -45,7 +45,10 @@ PROG = "train.py"
 # the shared checks beside this script (a run through runpy, as in main.py's isolated process, does not put
 # the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import looks_like_local_path, one_line  # noqa: E402
+from cli_support import (  # noqa: E402
+    LONGNET_ATTENTIONS, check_output_folder, looks_like_local_path, one_line, unknown_attention_message,
+    unknown_preset_message,
+)
 SUMMARY_FILE = "training_summary.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint folder
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--attn-implementation", default=None,
-        help="LongNet attention function: auto (default), torch, triton, flash or eager",
+        help=f"LongNet attention function: {', '.join(LONGNET_ATTENTIONS)} (default: auto); with --architecture llama, "
+        "a transformers attention (default: sdpa)",
     )
     model.add_argument(
         "--architecture", choices=("longnet", "llama"), default="longnet",
@@ -162,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     training.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay (0.95 suits short, small-batch runs)")
     training.add_argument("--warmup-steps", type=float, default=0.05, help="warm-up steps (a float < 1 is a share of all steps)")
-    training.add_argument("--lr-scheduler-type", default="cosine", help="transformers scheduler name (cosine, linear, constant, ...)")
+    training.add_argument(
+        "--lr-scheduler-type", default="cosine",
+        help="transformers scheduler name (cosine, linear, constant, ...: transformers' SchedulerType)",
+    )
     training.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     training.add_argument(
         "--answer-loss-weight", type=float, default=0.0,
@@ -266,6 +273,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not 0.0 <= args.validation_fraction < 1.0:
         raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     parse_overrides(args.overrides)
+    if args.model is None and args.config is None:  # else --preset is not used
+        problem = unknown_preset_message("--preset", args.preset)
+        if problem is not None:
+            raise ValueError(problem)
+    if args.attn_implementation is not None and args.architecture == "longnet":  # a Llama takes transformers' names
+        problem = unknown_attention_message("--attn-implementation", args.attn_implementation)
+        if problem is not None:
+            raise ValueError(problem)
+    check_output_folder("--output-dir", args.output_dir)
     if args.model is not None and (args.overrides or args.config):
         raise ValueError("--set and --config describe a new model; with --model the saved model's config is used")
     if args.train_files and args.dataset:
@@ -300,6 +316,26 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
 
 
+
+
+def check_transformers_names(args: argparse.Namespace) -> None:
+    """Refuses a --lr-scheduler-type or --report-to that transformers does not know, right after importing it and
+    before the data and the model (else the Trainer refuses it with a traceback). The names are read from the
+    installed transformers, whose versions differ in them, rather than listed here."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_utils import SchedulerType
+
+    schedules = [schedule.value for schedule in SchedulerType]
+    if args.lr_scheduler_type not in schedules:
+        raise ValueError(
+            f"--lr-scheduler-type {args.lr_scheduler_type!r} is not a transformers scheduler; choose one of "
+            f"{', '.join(schedules)}"
+        )
+    trackers = ["none", "all", *INTEGRATION_TO_CALLBACK]  # "all": every tracker that is installed
+    if args.report_to not in trackers:
+        raise ValueError(
+            f"--report-to {args.report_to!r} is not a tracker transformers knows; choose one of {', '.join(trackers)}"
+        )
 
 
 def _is_main_process() -> bool:
@@ -1179,6 +1215,7 @@ def main(argv=None) -> int:
         check_arguments(args)  # before the slow imports: a bad command line is answered at once
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         check_resume(args, checkpoint)
+        check_transformers_names(args)
         prepared = prepare(args, checkpoint)
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)

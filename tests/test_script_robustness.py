@@ -390,3 +390,174 @@ def test_quiet_training_shows_no_progress_bar(capsys, tmp_path):
     status, stderr = _train(capsys, tmp_path, "--max-steps", "1", "--save-steps", "1")
     assert status == 0, stderr
     assert not PROGRESS_BAR.search(stderr), stderr
+
+
+# Bad command lines found by the audit of the scripts (items 10-42): each is refused in one line that names the
+# flag and the fix, before torch and transformers are imported where the check needs neither.
+REFUSED_BEFORE_IMPORTS = [
+    # 10, 11: an output folder that is a file (save_pretrained wrote nothing, and the script said "wrote"), or the
+    # Llama checkpoint's own folder (overwritten)
+    ("convert_llama_to_longnet", ["{tmp}/llama", "{tmp}/notes.txt"], ["output_dir: '{tmp}/notes.txt' is a file", "give a folder"]),
+    ("convert_llama_to_longnet", ["{tmp}/llama", "{tmp}/notes.txt/out"], ["output_dir:", "lies inside the file", "give a folder"]),
+    ("convert_llama_to_longnet", ["{tmp}/llama", "{tmp}/llama/"],
+     ["output_dir: '{tmp}/llama/' is the Llama checkpoint's own folder", "give another folder"]),
+    # 12: sampling options without --do-sample (greedy decoding ignored them)
+    ("generate", ["{tmp}", "--temperature", "0.5"], ["--temperature applies only with --do-sample", "add it, or drop it"]),
+    ("generate", ["{tmp}", "--top-k", "5", "--top-p", "0.9"], ["--top-k and --top-p apply only with --do-sample", "add it, or drop them"]),
+    # 13: check cases that do not exist (every case was skipped, and the check passed)
+    ("benchmark", ["--check", "--check-cases", "zzz"], ["--check-cases: unknown case 'zzz'", "indices 0 to 9 and/or dropout, logits"]),
+    ("benchmark", ["--check", "--check-cases", "0,10"], ["--check-cases: unknown case '10'", "indices 0 to 9"]),
+    ("benchmark", ["--check-cases", "0"], ["--check-cases applies only with --check", "add it"]),
+    # 14: an empty table, or an error in every row, and exit status 0
+    ("benchmark_decode", ["--variants", "bogus"], ["--variants: unknown variant 'bogus'", "from: LongNet, bounded cache, eager;"]),
+    ("benchmark_decode", ["--variants", "Llama, StaticCache, eager", "--llama-max-context", "0"],
+     ["--variants: Llama, StaticCache, eager run only at contexts up to --llama-max-context (0)", "raise --llama-max-context"]),
+    ("benchmark_decode", ["--contexts", "0"], ["--contexts: every length must be positive"]),
+    ("benchmark_decode", ["--prefill-chunk", "-1"], ["--prefill-chunk must be at least 1, got -1"]),
+    # 15: main.py deletes sub-folders of its output folder: only in one it made
+    ("main", ["--output-dir", "{tmp}/busy"],
+     ["--output-dir: '{tmp}/busy' already holds files main.py did not write (notes.txt)", "give a new or empty folder"]),
+    # 36: an output folder that is a file (FileExistsError after the work)
+    ("train", ["--output-dir", "{tmp}/notes.txt"], ["--output-dir: '{tmp}/notes.txt' is a file", "give a folder"]),
+    ("evaluate", ["{tmp}", "--output-dir", "{tmp}/notes.txt"], ["--output-dir: '{tmp}/notes.txt' is a file", "give a folder"]),
+    ("main", ["--output-dir", "{tmp}/notes.txt"], ["--output-dir: '{tmp}/notes.txt' is a file", "give a folder"]),
+    # 37: a --device that is no torch device string (the type and the machine are checked once torch is imported)
+    ("generate", ["{tmp}", "--device", "cuda:x"], ["--device cuda:x is not a torch device", "(cpu, cuda, cuda:1, ...)"]),
+    ("evaluate", ["{tmp}", "--device", "gpu 0"], ["--device gpu 0 is not a torch device", "(cpu, cuda, cuda:1, ...)"]),
+    # 38: presets and attention functions that do not exist, answered after the imports (or with a traceback)
+    ("train", ["--preset", "bogus"], ["unknown preset 'bogus': --preset takes one of", "tiny"]),
+    ("train", ["--attn-implementation", "sdpa"],
+     ["--attn-implementation 'sdpa' is not a LongNet attention", "choose one of auto, torch, triton, cudnn, flash, eager"]),
+    ("benchmark_decode", ["--preset", "bogus"], ["unknown preset 'bogus': --preset takes one of", "tiny"]),
+    ("benchmark_decode", ["--attn", "bogus"], ["--attn 'bogus' is not a LongNet attention", "choose one of auto,"]),
+    ("benchmark_decode", ["--contexts", "x"], ["--contexts: 'x' is not a comma-separated list of sizes", "(e.g. 4K,64K,1M)"]),
+    ("benchmark_training", ["--preset", "bogus"], ["unknown preset 'bogus': --preset takes one of", "tiny"]),
+    ("benchmark_training", ["--attn", "bogus"], ["--attn 'bogus' is not a LongNet attention", "choose one of auto,"]),
+    # 39, 40: a staging folder that is a file (the flag was not named); a repository id the Hub refuses
+    ("push_to_hub", ["{tmp}", "--repo-id", "user/x", "--staging-dir", "{tmp}/notes.txt"],
+     ["--staging-dir: '{tmp}/notes.txt' is a file", "give a folder"]),
+    ("push_to_hub", ["{tmp}", "--repo-id", "u/x y!", "--dry-run", "--staging-dir", "{tmp}/stage"],
+     ["--repo-id 'u/x y!' is not a valid Hub repository id", "must use alphanumeric chars, '-', '_' or '.'"]),
+    # 41: launch configurations parsed only after CUDA was set up (a TypeError); result files in missing folders
+    ("benchmark", ["--forward-config", "1,2"],
+     ["--forward-config: '1,2' has 2 values", "block_m,block_n,num_warps,num_stages[", "takes 4 to 7"]),
+    ("benchmark", ["--backward-config", "128,32,64,64,4,3,1,1,fast"],
+     ["--backward-config:", "dq_mode must be one of recompute, atomic, tma-atomic, got 'fast'"]),
+    ("benchmark", ["--forward-configs", "64,64,4,3;64,64,4,x"],
+     ["--forward-configs: '64,64,4,x': num_stages must be a positive integer, got 'x'"]),
+    ("benchmark", ["--json", "{tmp}/missing/results.json"], ["--json: the folder of '{tmp}/missing/results.json'", "does not exist; create it"]),
+    ("benchmark", ["--plot", "{tmp}"], ["--plot: '{tmp}' is a folder; give a file name"]),
+    ("benchmark_decode", ["--markdown", "{tmp}/missing/table.md"], ["--markdown: the folder of", "does not exist; create it"]),
+    # 42: head counts that do not divide (a ValueError on every rank, after the process group started)
+    ("benchmark_sequence_parallel", ["--heads", "4", "--kv-heads", "3"], ["--heads 4 must be a multiple of --kv-heads 3"]),
+    ("benchmark_sequence_parallel", ["--hidden-size", "30", "--heads", "4"], ["--hidden-size 30 must be a multiple of --heads 4"]),
+    ("benchmark_sequence_parallel", ["--hidden-size", "36", "--heads", "4"],
+     ["--hidden-size 36 / --heads 4 = 9 dimensions per head", "change --hidden-size or --heads"]),
+]
+
+
+@pytest.mark.parametrize(
+    "name, arguments, fragments", REFUSED_BEFORE_IMPORTS,
+    ids=[f"{i}-{n}-{a[-2] if len(a) > 1 else a[0]}" for i, (n, a, _) in enumerate(REFUSED_BEFORE_IMPORTS)],
+)
+def test_audited_bad_arguments_are_refused_before_torch_is_imported(no_torch, tmp_path, name, arguments, fragments):
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("someone else's\n")
+    result = run_script(name, *(part.format(tmp=tmp_path) for part in arguments), env=no_torch, cwd=tmp_path, timeout=60)
+    assert_clean_failure(result, *(fragment.format(tmp=tmp_path) for fragment in fragments))
+    assert result.returncode == (2 if name.startswith(("convert", "benchmark", "main")) else 1)  # their argparse convention
+    assert not (tmp_path / "stage").exists() and not (tmp_path / "llama" / "model.safetensors").exists()
+
+
+# Checks that need the imported library (its names differ between versions, or the machine decides): in this
+# process, where torch and transformers are imported already.
+REFUSED_AFTER_IMPORTS = [
+    # 35: names the Trainer refused with a traceback, after the data and the model were made
+    ("train", ["--lr-scheduler-type", "bogus"],
+     ["--lr-scheduler-type 'bogus' is not a transformers scheduler", "choose one of linear, cosine,"]),
+    ("train", ["--report-to", "bogus"],
+     ["--report-to 'bogus' is not a tracker transformers knows", "choose one of none, all,", "tensorboard"]),
+    # 37: a device torch does not know, or that this machine does not have (torch tracebacks)
+    ("generate", ["{tmp}", "--device", "bogus"], ["--device bogus is not a torch device", "(cpu, cuda, cuda:1, ...)"]),
+    ("evaluate", ["{tmp}", "--device", "bogus"], ["--device bogus is not a torch device", "(cpu, cuda, cuda:1, ...)"]),
+    pytest.param("generate", ["{tmp}", "--device", "cuda"], ["--device cuda: no CUDA GPU here; use --device cpu"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    pytest.param("evaluate", ["{tmp}", "--device", "cuda"], ["--device cuda: no CUDA GPU here; use --device cpu"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    # 14: a torch.compile backend that does not exist (an error in every compiled row, exit status 0)
+    ("benchmark_decode", ["--compile-backend", "bogus"],
+     ["--compile-backend 'bogus' is not a torch.compile backend", "choose one of", "aot_eager", "inductor"]),
+]
+
+
+@pytest.mark.parametrize("name, arguments, fragments", REFUSED_AFTER_IMPORTS)
+def test_audited_bad_arguments_are_refused_once_torch_is_imported(capsys, monkeypatch, tmp_path, name, arguments, fragments):
+    """Refused right after the import, before any data, model or compilation: in one line, as parse_args' errors."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # benchmark_decode imports benchmark_support beside it
+    script = load_script(name)
+    if name == "train":
+        arguments = ["--output-dir", str(tmp_path / "out"), *arguments]
+    capsys.readouterr()
+    status = script.main([part.format(tmp=tmp_path) for part in arguments])
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"{name}.py: error: "), line
+    for fragment in fragments:
+        assert fragment in line, line
+    assert status == (2 if name.startswith("benchmark") else 1)
+    assert not (tmp_path / "out").exists()  # train.py: refused before the data and the model
+
+
+def test_main_writes_only_into_a_folder_of_its_own(tmp_path):
+    """main.py replaces the sub-folders of its --output-dir: it takes a new or empty folder, one it marked, or one
+    that holds only what main.py writes (a run from before the marker); never another (item 15)."""
+    main = load_script("main")
+
+    def accepted(folder: Path) -> bool:
+        return main.output_dir_problem(str(folder)) is None
+
+    assert accepted(tmp_path / "new" / "run") and accepted(tmp_path)  # to be made; empty
+    earlier = tmp_path / "earlier"
+    for part in ("longnet", "local", "evaluation"):
+        (earlier / part).mkdir(parents=True)
+        (earlier / part / "weights").write_text("old")
+    (earlier / "local-training.log").write_text("log")
+    assert accepted(earlier)
+    main.prepare_output_dir(earlier)
+    assert (earlier / main.OUTPUT_MARKER).is_file() and not (earlier / "longnet").exists()
+    (earlier / "notes.txt").write_text("the user's, beside main.py's outputs")
+    assert accepted(earlier)  # marked as main.py's
+    assert "already holds files main.py did not write (earlier)" in main.output_dir_problem(str(tmp_path))
+    home = main.output_dir_problem(str(Path.home()))
+    assert home is None or "already holds files main.py did not write" in home  # an empty home in some sandboxes
+
+
+def test_the_names_checked_before_the_imports_are_those_of_the_package():
+    """The attention functions, presets and launch-configuration fields that the scripts check without importing
+    modeling_longnet are the package's own; train.py's --help lists the attention functions (cudnn was missing)."""
+    import dataclasses
+
+    from modeling_longnet import LongNetConfig
+    from modeling_longnet import dilated_attention_triton as kernels
+    from modeling_longnet.modeling_longnet import DilatedAttentionInterface
+
+    cli_support = load_script("cli_support")
+    # sequence_parallel registers sequence_parallel_<backend>_<n> functions at run time
+    built_in = {name for name in DilatedAttentionInterface._global_mapping if not name.startswith("sequence_parallel_")}
+    assert set(cli_support.LONGNET_ATTENTIONS) == built_in
+    assert cli_support.preset_names() == LongNetConfig.available_presets()
+    help_text = " ".join(load_script("train").build_parser().format_help().split())
+    assert "LongNet attention function: auto, torch, triton, cudnn, flash, eager" in help_text
+
+    benchmark = load_script("benchmark")
+    for fields, config in ((benchmark.FORWARD_CONFIG_FIELDS, kernels.ForwardConfig),
+                           (benchmark.BACKWARD_CONFIG_FIELDS, kernels.BackwardConfig)):
+        assert [name for name, _ in fields] == [field.name for field in dataclasses.fields(config)]
+    assert benchmark.DQ_MODES == kernels.DQ_MODES
+    forward = kernels.ForwardConfig(128, 64, 8, 2, True, 2, True)
+    backward = kernels.BackwardConfig(128, 32, 64, 64, 4, 3, False, True, "tma-atomic", 2, True)
+    assert benchmark.forward_config_from(benchmark.config_text(forward)) == forward  # what --sweep prints, taken back
+    assert benchmark.backward_config_from(benchmark.config_text(backward)) == backward
+    assert benchmark.forward_config_from("64,64,4,3") == kernels.ForwardConfig(64, 64, 4, 3)
