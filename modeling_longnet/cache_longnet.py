@@ -133,7 +133,7 @@ class LongNetBoundedCache(Cache):
     Pass it to ``generate`` (``cache=`` from transformers 5.24, ``past_key_values=`` before) or to the forward::
 
         cache = LongNetBoundedCache(model.config)
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=100_000)
+        model.generate(**inputs, cache=cache, max_new_tokens=100_000)
     """
 
     def __init__(self, config, offloading: bool = False):

@@ -48,8 +48,9 @@ class LongNetConfig(PreTrainedConfig):
         vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads: the usual sizes.
         num_key_value_heads: key/value heads (grouped-query attention); defaults to `num_attention_heads`.
         head_dim: defaults to `hidden_size // num_attention_heads`.
-        segment_lengths, dilation_rates: one entry per branch (w_i, r_i). Every (position, head) must be covered by
-            some branch, or its output would be zero: a branch with rate 1 covers everything.
+        segment_lengths, dilation_rates: one entry per branch (w_i, r_i). Every position must be seen by some head
+            (a pattern that leaves one to no head is refused); a (position, head) pair that no branch covers gives
+            zero in that head, with a warning. A branch with rate 1 covers every pair.
         dilation_offsets: which positions head h takes in a branch of rate r: `"interleaved"` (h mod r, the paper's)
             or `"grouped"` (h // ceil(H / r), torchscale's).
         causal: `False` makes `LongNetModel` a bidirectional encoder (no KV cache).

@@ -8,8 +8,9 @@
 * :func:`merge_partial` / :func:`merge_partial_max_sum`: the exact and stable mix of partial softmaxes.
 
 The definition itself is SPEC.md, summarised in ``dilated_attention.py``. This module imports nothing of the
-package: the backends (``dilated_attention_torch``, ``_triton``, ``_flash``) import it, the entry point
-``dilated_attention`` imports them, so arrows point down only.
+package: the backends that take a layout (``dilated_attention_torch``, ``_cudnn``, ``_flash``, ``_dense``,
+``_decode``) import it (``_triton`` builds its plans from the layout it is handed and needs nothing else of it), the
+entry point ``dilated_attention`` imports them, so arrows point down only.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def branch_values(values, name: str) -> tuple[int, ...]:
 
 
 def head_offsets(dilation_rate: int, num_heads: int, mode: str = "interleaved") -> list[int]:
-    """The offset o(h) of each head in a branch of dilation rate ``dilation_rate`` (see the module docstring)."""
+    """The offset o(h) of each head in a branch of dilation rate ``dilation_rate``: ``h mod r`` ("interleaved",
+    the paper's) or ``h // ceil(H / r)`` ("grouped", torchscale's); SPEC.md defines both."""
     if mode == "interleaved":
         return [h % dilation_rate for h in range(num_heads)]
     if mode == "grouped":

@@ -522,6 +522,22 @@ class DilatedAttention(nn.Module):
     def attn_implementation(self) -> str:
         return self._attn_implementation
 
+    def head_range(self, local_heads: int) -> tuple[int, int]:
+        """``(first, total)`` of the heads this rank holds when tensor parallelism has split the q projection
+        (its weight a DTensor sharded by output rows): their dilation offsets are those of their global index."""
+        mesh = getattr(self.q_proj.weight, "device_mesh", None)
+        if mesh is None or mesh.ndim != 1:
+            raise ValueError(
+                f"q_proj gives {local_heads} heads where the layer has {self.num_heads}: only tensor parallelism "
+                "(from_pretrained(..., tp_plan='auto')) may split the heads"
+            )
+        if self.num_heads % mesh.size() or self.num_key_value_heads % mesh.size():
+            raise ValueError(
+                f"tensor parallelism over {mesh.size()} ranks needs num_attention_heads ({self.num_heads}) and "
+                f"num_key_value_heads ({self.num_key_value_heads}) divisible by it"
+            )
+        return mesh.get_local_rank() * local_heads, self.num_heads
+
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if (
             not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.q_proj.in_features
@@ -692,22 +708,6 @@ class LongNetAttention(DilatedAttention):
     @property
     def attn_implementation(self) -> str:
         return self.config._attn_implementation
-
-    def head_range(self, local_heads: int) -> tuple[int, int]:
-        """``(first, total)`` of the heads this rank holds when tensor parallelism has split the q projection
-        (its weight a DTensor sharded by output rows): their dilation offsets are those of their global index."""
-        mesh = getattr(self.q_proj.weight, "device_mesh", None)
-        if mesh is None or mesh.ndim != 1:
-            raise ValueError(
-                f"q_proj gives {local_heads} heads where the layer has {self.num_heads}: only tensor parallelism "
-                "(from_pretrained(..., tp_plan='auto')) may split the heads"
-            )
-        if self.num_heads % mesh.size() or self.num_key_value_heads % mesh.size():
-            raise ValueError(
-                f"tensor parallelism over {mesh.size()} ranks needs num_attention_heads ({self.num_heads}) and "
-                f"num_key_value_heads ({self.num_key_value_heads}) divisible by it"
-            )
-        return mesh.get_local_rank() * local_heads, self.num_heads
 
     def forward(self, hidden_states, token_layout, position_embeddings=None, position_ids=None, cache=None, **kwargs):
         return self.attend(hidden_states, token_layout, position_embeddings, position_ids, cache, **kwargs)
@@ -1206,6 +1206,8 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         ``config.pad_token_id``, else the last position. ``use_cache`` defaults to False (a classifier rarely
         continues a sequence); a cache given is filled and returned, as by Llama's classifier.
         """
+        if labels is not None:
+            _check_labels(labels, input_ids if input_ids is not None else inputs_embeds, per_token=False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1214,13 +1216,11 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
             use_cache=bool(use_cache),
             **kwargs,
         )
-        if labels is not None:
-            _check_labels(labels, input_ids if input_ids is not None else inputs_embeds, per_token=False)
         logits = self.score(outputs.last_hidden_state)
         batch, seq_len = logits.shape[:2]
         positions = torch.arange(seq_len, device=logits.device)
-        if attention_mask is not None:
-            last_token = (positions * (attention_mask.to(logits.device) != 0)).argmax(-1)
+        if attention_mask is not None:  # with a cache the mask covers the cached tokens too: its last seq_len columns
+            last_token = (positions * (attention_mask[:, -seq_len:].to(logits.device) != 0)).argmax(-1)
         elif input_ids is not None and self.config.pad_token_id is not None:
             last_token = (positions * (input_ids.to(logits.device) != self.config.pad_token_id)).argmax(-1)
         else:

@@ -228,6 +228,8 @@ def _exchange_plan(
         remote_count = [sum(rows[b][q][u][1] for q in senders[b]) for u in range(len(pairs[b]))]
         own_count = [count for _, count in rows[b][rank]]
         num_keys = max(remote_count[u] + own_count[u] for u in pair_of_head[b])
+        if num_keys == 0:  # no head of this call takes part in the branch (heads of one tensor-parallel rank)
+            continue
         num_queries = max(own_count[u] for u in pair_of_head[b])
         received_source, received_target, own_source, own_target, output_slots, output_index = [], [], [], [], [], []
         query_source = torch.zeros(batch, num_heads, num_queries, dtype=torch.long)
@@ -474,6 +476,7 @@ def sequence_parallel_dilated_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     return_lse: bool = False,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`~modeling_longnet.dilated_attention.dilated_attention` of a sequence split over the ranks of ``group``.
 
@@ -489,13 +492,14 @@ def sequence_parallel_dilated_attention(
             divide the chunk length ``C``, be a multiple of it, or be at least the sequence length ``N = C *
             world size`` (see :func:`compatible_chunk_length`).
         group: the sequence-parallel process group (default: the whole world).
-        causal, softmax_scale, offsets, dropout_p, backend, return_lse: as in ``dilated_attention``.
+        causal, softmax_scale, offsets, dropout_p, backend, return_lse, heads: as in ``dilated_attention``
+            (``heads``: the call's heads are heads ``first ..`` of a layer of ``total``, under tensor parallelism).
 
     Returns:
         ``(B, C, H, D)``, and the ``(B, C, H)`` LSE if ``return_lse``.
     """
     _check_qkv(q, k, v)
-    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets)
+    pattern = DilatedPattern(segment_lengths, dilation_rates, offsets, heads)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"`q` and `k` must hold the same chunk of the sequence (no KV cache under sequence parallelism), got "
@@ -522,6 +526,7 @@ def sequence_parallel_dilated_attention(
             [pattern.segment_lengths[i] for i in local],
             [pattern.dilation_rates[i] for i in local],
             offsets=offsets,
+            heads=heads,
             token_layout=_local_layout(batch, chunk_length, rank),
             return_lse=True,
             **common,
@@ -593,7 +598,7 @@ def _check_whole_chunks(token_layout: TokenLayout) -> None:
 
 
 def _sequence_parallel_attention_function(group, backend: str):
-    def attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, **kwargs):
+    def attention(module, query, key, value, token_layout, *, scaling, dropout=0.0, heads=None, **kwargs):
         _check_whole_chunks(token_layout)
         attn_output = sequence_parallel_dilated_attention(
             query,
@@ -607,6 +612,7 @@ def _sequence_parallel_attention_function(group, backend: str):
             offsets=module.offsets,
             dropout_p=dropout,
             backend=backend,
+            heads=heads,  # a tensor-parallel rank's heads keep the offsets of their global index
         )
         return attn_output, None
 
@@ -621,7 +627,7 @@ def apply_sequence_parallel(model, sp_group=None):
     other part of a layer is per token. Outputs and gradients equal those of one process on the whole sequence.
     Call it on every rank, before wrapping the model for data parallelism (DDP or FSDP over all the
     ``dp x sp`` ranks, as ``accelerate`` does). The model keeps its attention backend (``"auto"``, ``"torch"``,
-    ``"triton"`` or ``"flash"``) for the pieces each rank computes.
+    ``"triton"``, ``"cudnn"`` or ``"flash"``) for the pieces each rank computes.
 
     Args:
         model: a ``LongNetPreTrainedModel`` (``LongNetForCausalLM``, ``LongNetModel``, ...).

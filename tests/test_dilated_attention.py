@@ -546,7 +546,7 @@ def test_flash_backend_absent_is_a_clear_error():
         dilated_attention(q, k, v, [4], [1], backend="flash")
 
 
-def test_pattern_is_validated_once_and_reports_offsets():
+def test_pattern_branches_and_head_offsets_in_both_modes():
     pattern = DilatedPattern([4, 8], [2, 3], "grouped")
     assert pattern.branches == [(4, 2), (8, 3)]
     assert pattern.head_offsets(1, 5) == [0, 0, 1, 1, 2]

@@ -20,6 +20,7 @@ from modeling_longnet import (
     LongNetForSequenceClassification,
     LongNetModel,
 )
+from modeling_longnet import modeling_longnet as modeling
 
 
 def tiny_config(**overrides) -> LongNetConfig:
@@ -424,6 +425,19 @@ def test_well_formed_position_ids_and_labels_still_pass():
     assert torch.equal(shared, per_row) and torch.equal(shared, model(ids).logits)
     assert model(ids, labels=ids).loss.isfinite()
     assert model(ids, logits_to_keep=2).logits.shape == (2, 2, 128)
+
+
+def test_classifier_continues_a_cached_sequence_as_its_docstring_says():
+    """With a cache the mask spans the cached tokens too; the pooled token is the last real one of the new part,
+    and its logits equal those of one uncached call over the whole sequence."""
+    model = tiny_model(LongNetForSequenceClassification, num_labels=3)
+    ids = random_ids(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, -2:] = 0  # the second row ends in padding
+    whole = model(ids, attention_mask=mask).logits
+    first = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+    continued = model(ids[:, 6:], attention_mask=mask, **{modeling._CACHE_FIELD: getattr(first, modeling._CACHE_FIELD)}).logits
+    torch.testing.assert_close(continued, whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("labels", [torch.tensor([1]), torch.tensor(1), [0, 1]], ids=["one row", "0-dim", "list"])

@@ -145,8 +145,9 @@ def _divisors(n: int) -> list[int]:
 
 
 @st.composite
-def sequence_parallel_cases(draw, world_size: int, max_chunk: int = 8):
-    """Branches whose segments are shorter than a chunk, equal to it, span several ranks, or exceed the sequence."""
+def sequence_parallel_cases(draw, world_size: int, max_chunk: int = 8, head_ranges: bool = False):
+    """Branches whose segments are shorter than a chunk, equal to it, span several ranks, or exceed the sequence;
+    with ``head_ranges``, sometimes the heads of one tensor-parallel rank (``heads=(first, total)``)."""
     chunk_length = draw(st.integers(1, max_chunk))
     sequence_length = chunk_length * world_size
     segment_lengths = []
@@ -159,10 +160,15 @@ def sequence_parallel_cases(draw, world_size: int, max_chunk: int = 8):
         else:
             segment_lengths.append(draw(st.integers(sequence_length, 2 * sequence_length + 3)))
     num_kv_heads = draw(st.integers(1, 3))
+    num_heads = num_kv_heads * draw(st.integers(1, 3))
+    heads = None
+    if head_ranges and draw(st.booleans()):  # heads first .. first + num_heads - 1 of a layer of `total`
+        first = draw(st.integers(0, 5))
+        heads = (first, first + num_heads + draw(st.integers(0, 3)))
     return {
         "batch": draw(st.integers(1, 2)),
         "chunk_length": chunk_length,
-        "num_heads": num_kv_heads * draw(st.integers(1, 3)),
+        "num_heads": num_heads,
         "num_kv_heads": num_kv_heads,
         "head_dim": draw(st.sampled_from([4, 8])),
         "segment_lengths": segment_lengths,
@@ -170,6 +176,7 @@ def sequence_parallel_cases(draw, world_size: int, max_chunk: int = 8):
         "causal": draw(st.booleans()),
         "offsets": draw(st.sampled_from(["interleaved", "grouped"])),
         "seed": draw(st.integers(0, 2**31 - 1)),
+        "heads": heads,
     }
 
 
@@ -187,7 +194,8 @@ def _full_inputs(case, world_size: int, dtype):
 
 
 def _attention_kwargs(case):
-    return {"causal": case["causal"], "offsets": case["offsets"]}
+    heads = case.get("heads")
+    return {"causal": case["causal"], "offsets": case["offsets"], **({"heads": heads} if heads is not None else {})}
 
 
 def _backward(out, lse, grad_out, grad_lse, inputs):
@@ -271,8 +279,9 @@ def _assert_matches_single_process(case, world_size: int, got) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 @given(data=st.data())
 def test_matches_single_process_function(groups, world_size, data):
-    """float32, 2 and 4 ranks: outputs, LSEs and the gradients of q, k, v equal the single-process ones."""
-    case = data.draw(sequence_parallel_cases(world_size))
+    """float32, 2 and 4 ranks: outputs, LSEs and the gradients of q, k, v equal the single-process ones, also for
+    the heads of one tensor-parallel rank (``heads``), whose offsets follow their global index."""
+    case = data.draw(sequence_parallel_cases(world_size, head_ranges=True))
     _assert_matches_single_process(
         case, world_size, _gather_chunks(groups[world_size].run(_rank_chunk, case, "float32"))
     )
