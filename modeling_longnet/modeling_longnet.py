@@ -29,9 +29,13 @@ with ``my_attention`` of this signature::
         query,             # (batch, num_queries, num_heads, head_dim), positions applied
         key, value,        # (batch, num_keys, num_key_value_heads, head_dim); with a KV cache the queries are
                            # the last num_queries of the num_keys positions
-        token_layout,      # TokenLayout of (batch, num_keys, num_queries): where the real tokens are
+        token_layout,      # where the real tokens are, for (batch, num_keys, num_queries): a TokenLayout; with a
+                           # static cache a PositionLayout (a decoding step) or the ring's SelectedKeys; under
+                           # torch.compile the LayoutInputs the traced op reads. dilated_attention takes each.
         *, scaling,        # softmax scale
         dropout,           # attention dropout probability (0.0 in evaluation)
+        heads=None,        # (first, total) under tensor parallelism: query holds heads first .. of total, whose
+                           # offsets follow the global index (pass it on to dilated_attention)
         **kwargs,          # whatever else reached the model's forward
     ) -> tuple[attn_output, attn_weights]  # (batch, num_queries, num_heads, head_dim), and
                                            # (batch, num_heads, num_queries, num_keys) or None
