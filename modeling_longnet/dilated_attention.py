@@ -49,6 +49,7 @@ from .dilated_attention_pattern import (
     is_tracing,
     packed_documents,
     pattern_coverage,
+    statistics_dtype,
 )
 from .dilated_attention_decode import ring_decode_attention
 from .dilated_attention_decode import supports as ring_decode_supports
@@ -471,7 +472,7 @@ def _attention_op(*args):
 
 @_attention_op.register_fake
 def _(q, k, *args):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = statistics_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
@@ -501,7 +502,7 @@ def _attention_op_backward(ctx, grad_out, grad_lse):
     q, k, v = ctx.saved_tensors
     grad_out = torch.zeros_like(q) if grad_out is None else grad_out
     if grad_lse is None:
-        grad_lse = q.new_zeros(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        grad_lse = q.new_zeros(q.shape[:3], dtype=statistics_dtype(q.dtype))
     dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, *ctx.inputs)
     return (dq, dk, dv) + (None,) * len(ctx.inputs)
 

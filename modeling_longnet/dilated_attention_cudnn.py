@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .dilated_attention_pattern import DilatedPattern, TokenLayout, _branch_tables, merge_partial
+from .dilated_attention_pattern import DilatedPattern, TokenLayout, _branch_tables, merge_partial, statistics_dtype
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -101,7 +101,7 @@ def reads_in_place(pattern: DilatedPattern, layout: TokenLayout, num_heads: int)
 
 
 def _views_if_whole_rows(pattern: DilatedPattern, layout: TokenLayout, num_heads: int):
-    return _view_plan(pattern, layout, num_heads) if _whole_rows(layout) else None
+    return _view_plan(pattern, layout, num_heads) if layout.is_whole_rows() else None
 
 
 def check_supported(q: torch.Tensor, pattern: DilatedPattern, layout: TokenLayout, dropout_p: float) -> None:
@@ -147,21 +147,6 @@ def _head_slices(offsets: list[int]) -> list[tuple[int, slice]]:
             return None
         slices.append((offset, slice(heads[0], heads[-1] + 1, step)))
     return slices
-
-
-def _whole_rows(layout: TokenLayout) -> bool:
-    key = ("cudnn", "whole_rows")
-    if key not in layout.cache:
-        layout.cache[key] = (
-            layout.compaction is None
-            and layout.num_queries == layout.num_keys
-            and layout.num_documents == layout.batch_size
-            and bool((layout.doc_row == torch.arange(layout.batch_size)).all())
-            and bool((layout.doc_start == 0).all())
-            and bool((layout.doc_length == layout.num_keys).all())
-            and bool((layout.doc_first_position == 0).all())
-        )
-    return layout.cache[key]
 
 
 def _view_plan(pattern: DilatedPattern, layout: TokenLayout, num_heads: int):
@@ -214,7 +199,7 @@ def _forward_views(kernels, q, k, v, plan, causal, scale):
         for view in views:
             part_out, part_lse, state = kernels.forward(view.of(q), view.of(k), view.of(v), causal, scale)
             parts.append((view, part_out, part_lse, state))
-    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = statistics_dtype(q.dtype)
     largest = torch.full(q.shape[:3], float("-inf"), dtype=stats, device=q.device)
     for view, _, part_lse, _ in parts:
         target = view.of(largest)
@@ -315,7 +300,7 @@ def _rows(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _forward_gathered(kernels, q, k, v, groups, causal, scale):
     head_dim = q.shape[-1]
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    accumulate = statistics_dtype(q.dtype)
     q_flat, k_flat, v_flat = _with_zero_row(q), k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     out = torch.zeros(q_flat.shape, dtype=accumulate, device=q.device)
     lse = torch.full(q_flat.shape[:1], float("-inf"), dtype=accumulate, device=q.device)
@@ -336,7 +321,7 @@ def _backward_gathered(kernels, grad_out, q, k, v, out, lse, groups, states, cau
     q_flat, do_flat, o_flat = (_with_zero_row(t) for t in (q, grad_out, out))
     lse_flat = _with_zero_row(lse)
     k_flat, v_flat = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
-    accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+    accumulate = statistics_dtype(q.dtype)
     dq = torch.zeros(q_flat.shape, dtype=accumulate, device=q.device)
     dk = torch.zeros(k_flat.shape, dtype=accumulate, device=q.device)
     dv = torch.zeros_like(dk)

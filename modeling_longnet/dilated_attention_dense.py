@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dilated_attention_pattern import DilatedPattern, PositionLayout, SelectedKeys, lse_from_max_and_sum
+from .dilated_attention_pattern import (
+    DilatedPattern,
+    PositionLayout,
+    SelectedKeys,
+    lse_from_max_and_sum,
+    statistics_dtype,
+)
 
 __all__ = ["dilated_attention_dense", "selected_keys_attention", "visible_counts"]
 
@@ -43,7 +49,7 @@ def dilated_attention_dense(
     batch, num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = statistics_dtype(q.dtype)
     # query head h reads key/value head h // group: queries grouped by their key head, (B, H_kv, group * N_q, D)
     grouped_q = q.to(compute).view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     grouped_q = grouped_q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
@@ -60,7 +66,7 @@ def selected_keys_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row against candidate keys the pattern chose already (:class:`SelectedKeys`): a softmax over
     the valid ones, 0 where there is none. ``(out (B, 1, H, D), lse (B, 1, H))``."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = statistics_dtype(q.dtype)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * softmax_scale  # (B, H, 1, N_k)
     probs, lse = _counted_softmax(scores, layout.valid[:, :, None, :].to(compute), dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dilated_attention_pattern import DilatedPattern, TokenLayout, _branch_tables, merge_partial
+from .dilated_attention_pattern import DilatedPattern, TokenLayout, _branch_tables, merge_partial, statistics_dtype
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -95,7 +95,7 @@ class _FlashDilatedAttention(torch.autograd.Function):
         flash = _interface()
         batch, num_queries, num_heads, head_dim = q.shape
         q_flat, k_flat, v_flat = (t.reshape(-1, 1, head_dim) for t in (q, k, v))
-        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+        accumulate = statistics_dtype(q.dtype)
         out = torch.zeros(q_flat.shape[0], head_dim, dtype=accumulate, device=q.device)
         lse = torch.full((q_flat.shape[0],), float("-inf"), dtype=accumulate, device=q.device)
         rng_states = {}

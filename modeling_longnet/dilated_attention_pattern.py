@@ -507,6 +507,22 @@ class TokenLayout:
                 return _whole_rows_layout(batch_size, num_keys, num_queries, int(first[0]))
         return cls(batch_size, num_keys, num_queries, rows, starts, lengths, first, compaction=compaction)
 
+    def is_whole_rows(self) -> bool:
+        """Whether every row is one document of all its keys from logical position 0, with as many queries as keys:
+        a batch without padding, packing or a KV cache (kept in ``cache``: it reads the documents once)."""
+        key = "whole_rows"
+        if key not in self.cache:
+            self.cache[key] = (
+                self.compaction is None
+                and self.num_queries == self.num_keys
+                and self.num_documents == self.batch_size
+                and bool((self.doc_row == torch.arange(self.batch_size)).all())
+                and bool((self.doc_start == 0).all())
+                and bool((self.doc_length == self.num_keys).all())
+                and bool((self.doc_first_position == 0).all())
+            )
+        return self.cache[key]
+
     def logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(document id, logical position)`` of every key, shape (B, N_k) each; document id -1 is padding."""
         doc = torch.full((self.batch_size, self.num_keys), -1, dtype=torch.long)
@@ -827,6 +843,12 @@ def merge_partial_max_sum(out, row_max, row_sum, rows, part_out, part_max, part_
     old_weight, part_weight = old_sum * torch.exp(old_max - finite), part_sum * torch.exp(part_max - finite)
     row_sum[rows] = _mix_rows(out, rows, old_weight, part_out, part_weight)
     row_max[rows] = new_max
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a softmax's row statistics (maxima, sums, LSE) and accumulations for inputs of ``dtype``:
+    float64 for float64, float32 for everything narrower (16-bit inputs accumulate in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lse_from_max_and_sum(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .dilated_attention_pattern import (
     lse_from_max_and_sum,
     merge_partial_max_sum,
     softmax_entries,
+    statistics_dtype,
 )
 
 
@@ -96,7 +97,7 @@ class _TorchDilatedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pattern, layout, causal, scale, dropout_p):
         batch, num_queries, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[2]
-        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        compute = statistics_dtype(q.dtype)
         q_flat = q.reshape(-1, head_dim)
         k_flat = k.reshape(-1, head_dim)
         v_flat = v.reshape(-1, head_dim)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .dilated_attention import BACKENDS, _check_qkv, dilated_attention
-from .dilated_attention_pattern import DilatedPattern, TokenLayout
+from .dilated_attention_pattern import DilatedPattern, TokenLayout, statistics_dtype
 
 __all__ = [
     "apply_sequence_parallel",
@@ -279,12 +279,6 @@ def _exchange_plan(
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _local_layout(batch: int, chunk_length: int, rank: int) -> TokenLayout:
-    # one per chunk position, so that the core's index tables (cached in the layout) are built once, not per layer
-    return TokenLayout.build(batch, chunk_length, chunk_length, position_offset=rank * chunk_length)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Communication
 # ----------------------------------------------------------------------------------------------------------
@@ -442,7 +436,7 @@ def _solve_problem(q, k, v, received, problem: _BranchProblem, *, causal, softma
         return keys.view(batch * num_heads, problem.num_keys, 1, head_dim)
 
     if problem.num_queries == 0:  # this rank answers none of the branch's queries (a query always sees itself)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse_dtype = statistics_dtype(q.dtype)
         return q.reshape(-1, head_dim)[:0] * 0, q.new_zeros(0, dtype=lse_dtype)  # empty, still in the graph
     problem_q = q.reshape(-1, head_dim).index_select(0, problem.query_source)
     out, lse = dilated_attention(
@@ -527,7 +521,8 @@ def sequence_parallel_dilated_attention(
             [pattern.dilation_rates[i] for i in local],
             offsets=offsets,
             heads=heads,
-            token_layout=_local_layout(batch, chunk_length, rank),
+            # one layout per shape and rank, shared process-wide: its index tables are built once, not per layer
+            token_layout=TokenLayout.build(batch, chunk_length, chunk_length, position_offset=rank * chunk_length),
             return_lse=True,
             **common,
         )
@@ -535,7 +530,7 @@ def sequence_parallel_dilated_attention(
             return (dense_out, dense_lse) if return_lse else dense_out
     else:
         dense_out = q.new_zeros(q.shape)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the core's LSE dtype
+        lse_dtype = statistics_dtype(q.dtype)  # the core's LSE dtype
         dense_lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
 
     plan = _exchange_plan(world_size, rank, chunk_length, batch, num_heads, k.shape[2], pattern, causal, q.device)
@@ -582,14 +577,7 @@ def _as_process_group(sp_group):
 
 def _check_whole_chunks(token_layout: TokenLayout) -> None:
     """Sequence parallelism takes whole sequences of real tokens: no padding, packing or KV cache."""
-    whole = (
-        token_layout.num_queries == token_layout.num_keys
-        and token_layout.num_documents == token_layout.batch_size
-        and bool((token_layout.doc_start == 0).all())
-        and bool((token_layout.doc_length == token_layout.num_keys).all())
-        and bool((token_layout.doc_first_position == 0).all())
-    )
-    if not whole:
+    if not token_layout.is_whole_rows():
         raise ValueError(
             "sequence parallelism takes batches of whole sequences, every token real: no `attention_mask` with "
             "padding, no packed documents (`position_ids` restarting at 0) and no KV cache (pass use_cache=False). "
