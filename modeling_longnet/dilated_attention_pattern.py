@@ -524,7 +524,13 @@ class TokenLayout:
         return self.cache[key]
 
     def logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(document id, logical position)`` of every key, shape (B, N_k) each; document id -1 is padding."""
+        """``(document id, logical position)`` of every key, shape (B, N_k) each, on the CPU; document id -1 is
+        padding. Kept in ``cache``: every layer of a forward asks it of the same layout (do not modify them)."""
+        if "logical_positions" not in self.cache:
+            self.cache["logical_positions"] = self._logical_positions()
+        return self.cache["logical_positions"]
+
+    def _logical_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         doc = torch.full((self.batch_size, self.num_keys), -1, dtype=torch.long)
         pos = torch.zeros((self.batch_size, self.num_keys), dtype=torch.long)
         for d in range(self.num_documents):
