@@ -35,7 +35,7 @@ from pathlib import Path
 
 # the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import check_output_file  # noqa: E402
+from cli_support import check_output_file, parse_size  # noqa: E402
 
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
@@ -81,12 +81,6 @@ BACKWARD_CONFIG_FIELDS = (
     ("group_branches", bool),
 )
 FORWARD_REQUIRED, BACKWARD_REQUIRED = 4, 6
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def size_label(n: int) -> str:
@@ -804,7 +798,8 @@ def _multiset_bias(segments, rates, heads: int, n: int, causal: bool, device) ->
 
 
 def check_large_logits(device="cuda", problems: int = 4) -> tuple[bool, list[str]]:
-    """The Triton kernels at logits 1e1 .. 1e9 (issue 11): fp32 outputs convex (|O| <= max |v|), gradients finite,
+    """The Triton kernels at logits 1e1 .. 1e9 (attention logits grow in training; weights taken against a rounded
+    LSE once let outputs leave the convex hull of the values): fp32 outputs convex (|O| <= max |v|), gradients finite,
     and every error against float64 within 4x of a dense softmax's in float32 (SDPA with the multiset mask);
     fp16 / bf16 inputs of magnitude up to 3e4 give finite outputs and gradients. The problem of
     tests/test_stability.py: B = 2, N = 32, H = 4, D = 16, w = 8/16/32, r = 1/2/4, causal."""

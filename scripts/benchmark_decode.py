@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 
 from benchmark_support import (
-    add_model_options, cache_argument, environment, llama_twin, parse_size, refuse_below_one, refuse_unknown_model_options,
+    add_model_options, cache_argument, environment, llama_twin, refuse_below_one, refuse_unknown_model_options,
     refuse_unwritable_outputs, sync,
 )
+from cli_support import parse_size
 
 # The variants timed (the table's rows), in order; variants() builds them. The last three hold every token (a full
 # StaticCache): they run only at contexts up to --llama-max-context.
@@ -111,10 +112,6 @@ import torch._inductor.config  # noqa: E402
 from transformers import CompileConfig, LlamaForCausalLM  # noqa: E402
 
 from modeling_longnet import LongNetBoundedCache, LongNetConfig, LongNetForCausalLM, LongNetStaticCache  # noqa: E402
-
-
-
-
 
 
 def variants(args, model, llama, context: int) -> dict:

@@ -41,15 +41,12 @@ from pathlib import Path
 
 if importlib.util.find_spec("modeling_longnet") is None:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_support import parse_size  # noqa: E402
 
 DEFAULT_SEGMENT_LENGTHS = "2K,8K,32K,128K,512K,2M"
 DEFAULT_DILATION_RATES = "1,4,16,64,256,1024"
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -1,5 +1,5 @@
-"""What the model-level benchmark scripts share: sizes on the command line, a synchronised clock, and the Llama of
-the same sizes that a LongNet is timed against.
+"""What the model-level benchmark scripts share: their model options and argument checks, a synchronised clock,
+and the Llama of the same sizes that a LongNet is timed against.
 
 The command-line helpers come first and need nothing heavy: the scripts check their arguments before they import
 torch or transformers (a bad command line is refused in a moment), so those are imported where they are used."""
@@ -15,13 +15,6 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig
 
     from modeling_longnet import LongNetConfig
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4K`` (4 * 1024) or ``1M`` (1024 * 1024)."""
-    text = text.strip().upper()
-    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def add_model_options(parser) -> None:

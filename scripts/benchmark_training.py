@@ -22,9 +22,10 @@ import sys
 import time
 
 from benchmark_support import (
-    add_model_options, environment, llama_twin, parse_size, refuse_below_one, refuse_unknown_model_options,
+    add_model_options, environment, llama_twin, refuse_below_one, refuse_unknown_model_options,
     refuse_unwritable_outputs, sync,
 )
+from cli_support import parse_size
 
 
 def parse_args(argv=None):

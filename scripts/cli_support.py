@@ -26,6 +26,13 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def parse_size(text: str) -> int:
+    """``4096``, ``4K`` (4 * 1024) or ``1M`` (1024 * 1024): a sequence length or size on a command line."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
 def looks_like_local_path(name: str) -> bool:
     """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
     than one '/', holds an OS path separator (Windows' '\\'), or exists."""

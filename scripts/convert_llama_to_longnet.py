@@ -28,8 +28,6 @@ from cli_support import check_output_folder, looks_like_local_path, one_line  # 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, checked before torch and transformers are imported (10-14 s)."""
     parser = argparse.ArgumentParser(
@@ -110,7 +108,6 @@ def not_llama_message(name: str, model_type) -> str:
         f"{name!r} is not a Llama model: its config.json has model_type {model_type!r}{already}; the converter "
         "takes checkpoints of LlamaForCausalLM (model_type 'llama')"
     )
-
 
 
 def main(argv=None) -> int:

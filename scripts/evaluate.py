@@ -76,10 +76,6 @@ def _training_summary(model: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-
-
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses a bad command line before torch and transformers are imported (10-14 s)."""
     for name in ("documents", "num_position_buckets", "batch_size", "block_size", "max_documents", "max_chars", "min_distance", "max_distance"):

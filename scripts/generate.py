@@ -69,12 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
-
-
-def check_arguments(args: argparse.Namespace) -> str:
-    """Refuses a bad command line before torch and transformers are imported (10-14 s); returns the prompt."""
+def check_arguments(args: argparse.Namespace) -> str | list[dict]:
+    """Refuses a bad command line before torch and transformers are imported (10-14 s); returns the prompt, or for
+    --prompts-jsonl its objects (each with a non-empty 'prompt')."""
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     given = [f"--{name.replace('_', '-')}" for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
@@ -123,8 +120,9 @@ def sampling_option(args: argparse.Namespace, name: str):
 
 
 def load(args: argparse.Namespace) -> tuple:
-    """The model, its tokenizer and the prompt; everything that can fail on user input."""
-    prompt = check_arguments(args)  # before the slow imports: a bad command line is answered at once
+    """The model, its tokenizer and the prompt (or the --prompts-jsonl objects); everything that can fail on user
+    input."""
+    prompt_or_items = check_arguments(args)  # before the slow imports: a bad command line is answered at once
     import torch
 
     check_device(args.device)  # before the model is loaded for it
@@ -138,7 +136,7 @@ def load(args: argparse.Namespace) -> tuple:
     tokenizer = AutoTokenizer.from_pretrained(args.model, **options)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **options)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval(), tokenizer, prompt
+    return model.to(device).eval(), tokenizer, prompt_or_items
 
 
 def generate(args: argparse.Namespace, model, tokenizer, prompt: str, *, stream: bool = True) -> str:
@@ -161,19 +159,18 @@ def generate(args: argparse.Namespace, model, tokenizer, prompt: str, *, stream:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, tokenizer, prompt = load(args)
+        model, tokenizer, prompt_or_items = load(args)
     except (FileNotFoundError, ValueError, TypeError, ImportError, ConnectionError, OSError) as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
-    if isinstance(prompt, list):  # --prompts-jsonl
-        for item in prompt:
+    if isinstance(prompt_or_items, list):  # --prompts-jsonl
+        for item in prompt_or_items:
             print(json.dumps({**item, "generated": generate(args, model, tokenizer, item["prompt"], stream=False)}), flush=True)
         return 0
-    generate(args, model, tokenizer, prompt)
+    generate(args, model, tokenizer, prompt_or_items)
     return 0
 
 

@@ -54,7 +54,8 @@ MIN_DISTANCE = 32  # characters from the end of the evidence to the answer (= to
 # file marks it), or that is empty, or that holds nothing but what main.py writes (a run from before the marker),
 # never in one that was given by mistake (--output-dir ~).
 OUTPUT_MARKER = ".longnet-main"
-# model/: the layout before 2026-12-02
+# model/ is where main.py saved the LongNet before 2026-12-02 (now longnet/): an output folder of such a run has
+# no marker, so listing it keeps that folder recognised as main.py's, and the next run deletes the stale model.
 OUTPUT_ENTRIES = ("longnet", "local", "evaluation", "model", "local-training.log")
 
 
@@ -140,7 +141,7 @@ def prepare_output_dir(output: Path) -> None:
     (output / OUTPUT_MARKER).write_text(
         "scripts/main.py wrote this folder; its next run replaces the models and the evaluation here.\n"
     )
-    for folder in ("longnet", "local", "evaluation", "model"):
+    for folder in ("longnet", "local", "evaluation", "model"):  # model/: the old layout's (OUTPUT_ENTRIES)
         shutil.rmtree(output / folder, ignore_errors=True)
 
 

@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses a bad command line before torch and transformers are imported (10-14 s)."""
     if args.dry_run and args.staging_dir is None:

@@ -316,8 +316,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--resume-from-checkpoint: checkpoint folder {args.resume_from_checkpoint!r} does not exist")
 
 
-
-
 def check_transformers_names(args: argparse.Namespace) -> None:
     """Refuses a --lr-scheduler-type or --report-to that transformers does not know, right after importing it and
     before the data and the model (else the Trainer refuses it with a traceback). The names are read from the
@@ -565,35 +563,18 @@ def load_pretrained_config(name_or_path: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sequence parallelism: the integration point with modeling_longnet/sequence_parallel.py (owned separately)
+# Sequence parallelism: the integration point with modeling_longnet/sequence_parallel.py
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_sequence_parallel(size: int, *, config, block_size: int, packing: str):
-    """Validates --sequence-parallel-size against the launch, the data and the model.
+def check_sequence_parallel(size: int, *, config, block_size: int):
+    """Validates --sequence-parallel-size against the model: each row of ``block_size`` tokens is split into
+    ``size`` chunks, one per rank of a group of ``size`` processes, and every segment length must fit a chunk.
 
-    Sequence parallelism splits each row of ``block_size`` tokens into ``size`` chunks, one per rank of a group of
-    ``size`` processes; the world (``accelerate launch`` / ``torchrun``) is ``data-parallel x size`` processes."""
-    try:
-        from modeling_longnet import sequence_parallel
-    except ImportError as error:
-        raise ValueError(f"--sequence-parallel-size {size} needs modeling_longnet.sequence_parallel ({error})") from error
-    if not hasattr(sequence_parallel, "apply_sequence_parallel"):
-        raise ValueError(
-            f"--sequence-parallel-size {size}: this version of modeling_longnet.sequence_parallel has no "
-            "apply_sequence_parallel(model, group) to apply it to a model; train with --sequence-parallel-size 1"
-        )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size % size != 0:
-        raise ValueError(
-            f"--sequence-parallel-size {size} needs a multiple of {size} processes (launch with `accelerate launch "
-            f"--num_processes N` or torchrun), got {world_size}"
-        )
-    if packing != "concat":
-        raise ValueError(
-            f"--sequence-parallel-size {size} needs --packing concat: the ranks split rows of one sequence, without "
-            "padding or packed documents"
-        )
+    The launch (a multiple of ``size`` processes) and --packing concat are checked earlier, by
+    :func:`check_arguments`, as they need neither the model nor an import."""
+    from modeling_longnet import sequence_parallel
+
     if block_size % size != 0 or sequence_parallel.compatible_chunk_length(config.segment_lengths, size, block_size // size) != block_size // size:
         raise ValueError(
             f"--block-size {block_size} cannot be split into {size} chunks that every segment length "
@@ -791,7 +772,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     if args.sequence_parallel_size > 1:
-        check_sequence_parallel(args.sequence_parallel_size, config=model.config, block_size=block_size, packing=args.packing)
+        check_sequence_parallel(args.sequence_parallel_size, config=model.config, block_size=block_size)
 
     if args.stream_default_data:
         document_settings = {"seed": args.seed, **document_settings}
