@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "DEFAULT_TASK_WEIGHTS",
     "END_OF_TEXT",
     "PACKING_MODES",
     "PADDING",
@@ -58,6 +59,7 @@ __all__ = [
     "generate_default_dataset",
     "is_retrieval_record",
     "least_document_length",
+    "min_retrieval_distance",
     "load_records",
     "load_text_datasets",
     "load_tokenizer",
@@ -69,6 +71,14 @@ __all__ = [
 ]
 
 TASKS = ("passkey", "key_value", "text")
+DEFAULT_TASK_WEIGHTS = (0.4, 0.4, 0.2)  # the mix of the three kinds when none is given
+
+
+def min_retrieval_distance(segment_lengths: Sequence[int]) -> int:
+    """Twice the smallest segment: evidence that far before its answer lies outside the answer's smallest
+    segment, where only the longer, dilated branches reach. The default distance of the embedded dataset's
+    questions (``train.py``, ``evaluate.py``), and where evaluation's "far" questions begin."""
+    return 2 * min(segment_lengths)
 STREAM_ROWS_PER_CHUNK = 8  # DefaultDatasetStream packs this many rows at a time, by default (its last one padded)
 PACKING_MODES = ("documents", "concat")
 END_OF_TEXT = "<|endoftext|>"
@@ -256,7 +266,7 @@ def generate_default_dataset(
     seed: int = 0,
     max_chars: int = 1024,
     min_distance: int = 128,
-    task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    task_weights: Sequence[float] = DEFAULT_TASK_WEIGHTS,
     max_distance: int | None = None,
     passkey_statements: int = PASSKEY_STATEMENTS,
     first_document: int = 0,
@@ -477,7 +487,7 @@ def load_text_datasets(
     default_validation_documents: int = 100,
     default_max_chars: int = 1024,
     default_min_distance: int = 128,
-    default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    default_task_weights: Sequence[float] = DEFAULT_TASK_WEIGHTS,
     default_max_distance: int | None = None,
     default_passkey_statements: int = PASSKEY_STATEMENTS,
 ) -> DatasetDict:
@@ -582,7 +592,7 @@ def load_records(
     default_max_chars: int = 1024,
     default_min_distance: int = 128,
     seed: int = 0,
-    default_task_weights: Sequence[float] = (0.4, 0.4, 0.2),
+    default_task_weights: Sequence[float] = DEFAULT_TASK_WEIGHTS,
     default_max_distance: int | None = None,
     default_passkey_statements: int = PASSKEY_STATEMENTS,
 ) -> list[dict]:

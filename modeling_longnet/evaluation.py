@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .data import min_retrieval_distance
+
 __all__ = [
     "DistanceBucket",
     "EvaluationReport",
@@ -361,7 +363,7 @@ def evaluate_model(
     else:
         distance_buckets = []
     if far_distance is None and segment_lengths:
-        far_distance = 2 * min(segment_lengths)
+        far_distance = min_retrieval_distance(segment_lengths)
     far = [r for r in results if far_distance is not None and r.distance >= far_distance]
     return EvaluationReport(
         perplexity=math.exp(mean_nll),

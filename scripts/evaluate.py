@@ -113,7 +113,7 @@ def load(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_longnet  # noqa: F401  (registers LongNet with the Auto classes)
-    from modeling_longnet.data import PASSKEY_STATEMENTS, load_records
+    from modeling_longnet.data import DEFAULT_TASK_WEIGHTS, PASSKEY_STATEMENTS, load_records, min_retrieval_distance
 
     first = args.models[0]
     summary = _training_summary(first)
@@ -133,9 +133,9 @@ def load(args: argparse.Namespace) -> dict:
         text_column=args.text_column, sample_by=args.sample_by, default_documents=args.documents,
         default_max_chars=args.max_chars or trained_data.get("default_max_chars", 1024),
         default_min_distance=args.min_distance or trained_data.get("default_min_distance")
-        or 2 * min(getattr(config, "segment_lengths", [64])),
+        or min_retrieval_distance(getattr(config, "segment_lengths", [64])),
         seed=args.seed if args.seed is not None else trained_data.get("seed", 0),
-        default_task_weights=trained_data.get("default_task_weights", (0.4, 0.4, 0.2)),
+        default_task_weights=trained_data.get("default_task_weights", DEFAULT_TASK_WEIGHTS),
         default_max_distance=args.max_distance or trained_data.get("default_max_distance"),
         default_passkey_statements=trained_data.get("default_passkey_statements", PASSKEY_STATEMENTS),
     )
@@ -164,7 +164,7 @@ def comparison_edges(segment_lengths: list[int], block_size: int) -> list[int]:
 
 
 def run(args: argparse.Namespace, models: dict, records: list[dict], block_size: int, output_dir: Path) -> Path:
-    from modeling_longnet.data import question_records
+    from modeling_longnet.data import min_retrieval_distance, question_records
     from modeling_longnet.evaluation import comparison_markdown, evaluate_model, plot_comparison, plot_report
 
     questions = question_records(records)
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, models: dict, records: list[dict], block_size:
             model, tokenizer, [r["text"] for r in records], block_size=block_size, retrieval_records=questions,
             num_position_buckets=args.num_position_buckets, batch_size=args.batch_size,
             distance_bucket_edges=comparison_edges(segment_lengths, block_size) if len(models) > 1 else None,
-            far_distance=2 * min(smallest) if smallest else None,
+            far_distance=min_retrieval_distance(smallest) if smallest else None,
             metadata={"model": name, "documents": len(records), "data": args.files or args.dataset or f"default/{args.split}"},
         )
     output_dir.mkdir(parents=True, exist_ok=True)

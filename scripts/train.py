@@ -704,7 +704,8 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     if args.quiet:
         silence_progress_bars()
     from modeling_longnet.data import (
-        DefaultDatasetStream, least_document_length, load_text_datasets, load_tokenizer, tokenize_and_pack,
+        DefaultDatasetStream, least_document_length, load_text_datasets, load_tokenizer, min_retrieval_distance,
+        tokenize_and_pack,
     )
 
     overrides = parse_overrides(args.overrides)
@@ -717,7 +718,7 @@ def prepare(args: argparse.Namespace, checkpoint: str | None = None) -> dict:
     block_size = args.block_size or min(1024, config.max_position_embeddings)
     if block_size > config.max_position_embeddings:
         raise ValueError(f"--block-size {block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})")
-    min_distance = args.default_min_distance or 2 * min(config.segment_lengths)
+    min_distance = args.default_min_distance or min_retrieval_distance(config.segment_lengths)
     max_chars = args.default_max_chars or block_size - 1
     statements = args.default_passkey_statements
     if not (args.train_files or args.dataset) and max_chars < least_document_length(min_distance, statements):

@@ -535,8 +535,9 @@ def test_main_writes_only_into_a_folder_of_its_own(tmp_path):
 
 
 def test_the_names_checked_before_the_imports_are_those_of_the_package():
-    """The attention functions, presets and launch-configuration fields that the scripts check without importing
-    modeling_longnet are the package's own; train.py's --help lists the attention functions (cudnn was missing)."""
+    """The attention functions, presets, launch-configuration fields and data defaults that the scripts name without
+    importing modeling_longnet are the package's own; train.py's --help lists the attention functions (cudnn was
+    missing)."""
     import dataclasses
 
     from modeling_longnet import LongNetConfig
@@ -550,6 +551,9 @@ def test_the_names_checked_before_the_imports_are_those_of_the_package():
     assert cli_support.preset_names() == LongNetConfig.available_presets()
     help_text = " ".join(load_script("train").build_parser().format_help().split())
     assert "LongNet attention function: auto, torch, triton, cudnn, flash, eager" in help_text
+    from modeling_longnet.data import DEFAULT_TASK_WEIGHTS
+
+    assert tuple(load_script("train").build_parser().get_default("default_task_weights")) == DEFAULT_TASK_WEIGHTS
 
     benchmark = load_script("benchmark")
     for fields, config in ((benchmark.FORWARD_CONFIG_FIELDS, kernels.ForwardConfig),
