@@ -35,7 +35,7 @@ from pathlib import Path
 
 # the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import check_output_file, parse_size  # noqa: E402
+from cli_support import check_output_file, parse_size, parse_sizes  # noqa: E402
 
 PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
@@ -223,18 +223,15 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every measurement to this JSON file")
     parser.add_argument("--title", default=None, help="heading of the markdown section")
     args = parser.parse_args(argv)
-    try:
-        args.n = [parse_size(x) for x in args.n.split(",")]
-    except ValueError:
-        parser.error(f"--n: {args.n!r} is not a comma-separated list of sizes (e.g. 8K,16K,1M)")
+    args.n = parse_sizes(parser, "--n", args.n, "8K,16K,1M")
     for name in ("batch", "heads", "kv_heads", "head_dim", "min_repeats", "torch_max_n", "dense_max_n", "sweep_n"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.max_seconds > 0 or not args.min_time >= 0:
         parser.error("--max-seconds must be positive and --min-time >= 0")
-    if not all(n > 0 for n in args.n) or not all(v > 0 for v in (*args.segment_lengths, *args.dilation_rates)):
-        parser.error("--n, --segment-lengths and --dilation-rates must be positive")
+    if not all(v > 0 for v in (*args.segment_lengths, *args.dilation_rates)):
+        parser.error("--segment-lengths and --dilation-rates must be positive")
     if args.kv_heads is not None and args.heads % args.kv_heads != 0:
         parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     args.methods = [m.strip() for m in args.methods.split(",")]

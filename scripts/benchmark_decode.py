@@ -37,7 +37,7 @@ from benchmark_support import (
     add_model_options, cache_argument, environment, llama_twin, refuse_below_one, refuse_unknown_model_options,
     refuse_unwritable_outputs, sync,
 )
-from cli_support import parse_size
+from cli_support import parse_size, parse_sizes
 
 # The variants timed (the table's rows), in order; variants() builds them. The last three hold every token (a full
 # StaticCache): they run only at contexts up to --llama-max-context.
@@ -68,12 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
-    try:
-        args.contexts = [parse_size(c) for c in args.contexts.split(",")]
-    except ValueError:
-        parser.error(f"--contexts: {args.contexts!r} is not a comma-separated list of sizes (e.g. 4K,64K,1M)")
-    if not all(context > 0 for context in args.contexts):
-        parser.error(f"--contexts: every length must be positive, got {args.contexts}")
+    args.contexts = parse_sizes(parser, "--contexts", args.contexts, "4K,64K,1M")
     refuse_below_one(parser, args, "new_tokens", "repeats", "prefill_chunk")
     if args.llama_max_context < 0:
         parser.error(f"--llama-max-context must be >= 0 (0: no Llama), got {args.llama_max_context}")

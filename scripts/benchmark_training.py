@@ -25,7 +25,7 @@ from benchmark_support import (
     add_model_options, environment, llama_twin, refuse_below_one, refuse_unknown_model_options,
     refuse_unwritable_outputs, sync,
 )
-from cli_support import parse_size
+from cli_support import parse_size, parse_sizes
 
 
 def parse_args(argv=None):
@@ -44,12 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="write every row to this JSON file (after each one)")
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
-    try:
-        args.n = [parse_size(x) for x in args.n.split(",")]
-    except ValueError:
-        parser.error(f"--n: {args.n!r} is not a comma-separated list of sizes (e.g. 32K,128K,1M)")
-    if not all(n > 0 for n in args.n):
-        parser.error(f"--n: every length must be positive, got {args.n}")
+    args.n = parse_sizes(parser, "--n", args.n, "32K,128K,1M")
     refuse_below_one(parser, args, "steps", "loss_chunk")
     refuse_unknown_model_options(parser, args)
     refuse_unwritable_outputs(parser, args, "json", "markdown")

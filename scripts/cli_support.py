@@ -33,6 +33,17 @@ def parse_size(text: str) -> int:
     return int(text[:-1] if scale > 1 else text) * scale
 
 
+def parse_sizes(parser, option: str, text: str, example: str) -> list[int]:
+    """A comma-separated list of positive sizes (see :func:`parse_size`), or ``parser.error`` naming ``option``."""
+    try:
+        sizes = [parse_size(part) for part in text.split(",")]
+    except ValueError:
+        parser.error(f"{option}: {text!r} is not a comma-separated list of sizes (e.g. {example})")
+    if not all(size > 0 for size in sizes):
+        parser.error(f"{option}: every length must be positive, got {sizes}")
+    return sizes
+
+
 def looks_like_local_path(name: str) -> bool:
     """Whether ``name`` means a local path rather than a Hub id ("user/name"): it starts with ./ ../ / or ~, has more
     than one '/', holds an OS path separator (Windows' '\\'), or exists."""

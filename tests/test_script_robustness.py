@@ -413,6 +413,8 @@ REFUSED_BEFORE_IMPORTS = [
     ("benchmark_decode", ["--variants", "Llama, StaticCache, eager", "--llama-max-context", "0"],
      ["--variants: Llama, StaticCache, eager run only at contexts up to --llama-max-context (0)", "raise --llama-max-context"]),
     ("benchmark_decode", ["--contexts", "0"], ["--contexts: every length must be positive"]),
+    ("benchmark", ["--n", "8K,0"], ["--n: every length must be positive"]),
+    ("benchmark_training", ["--n", "x"], ["--n: 'x' is not a comma-separated list of sizes (e.g. 32K,128K,1M)"]),
     ("benchmark_decode", ["--prefill-chunk", "-1"], ["--prefill-chunk must be at least 1, got -1"]),
     # 15: main.py deletes sub-folders of its output folder: only in one it made
     ("main", ["--output-dir", "{tmp}/busy"],
