@@ -373,6 +373,13 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The logical position of each real token of ``mask``'s rows (nonzero: real), counted from 0 over the real
+    tokens; a padding token gets its predecessor's (0 before the first), as ``generate`` computes ``position_ids``.
+    Only tensor operations: nothing is read on the host."""
+    return ((mask != 0).long().cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass(eq=False)
 class PositionLayout:
     """Each key's and query's logical position and whether it is a real token, as tensors on the device: the
@@ -391,7 +398,7 @@ class PositionLayout:
         real keys from ``position_offset``."""
         real = mask != 0
         offset = torch.as_tensor(position_offset, device=mask.device).reshape(-1, 1)
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0) + offset
+        positions = positions_from_mask(real) + offset
         return cls(positions, real, positions[:, -num_queries:], real[:, -num_queries:])
 
 

@@ -82,7 +82,14 @@ from .dilated_attention import (
     ring_decode_attention,
     ring_decode_supports,
 )
-from .dilated_attention_pattern import LayoutInputs, PositionLayout, branch_values, is_tracing, packed_documents
+from .dilated_attention_pattern import (
+    LayoutInputs,
+    PositionLayout,
+    branch_values,
+    is_tracing,
+    packed_documents,
+    positions_from_mask,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -557,7 +564,7 @@ class DilatedAttention(nn.Module):
         position_ids = position_embeddings = None
         if self.use_xpos:
             position_ids = (
-                _positions_from_mask(attention_mask)
+                positions_from_mask(attention_mask)
                 if attention_mask is not None
                 else torch.arange(seq_len, device=x.device)[None]
             )
@@ -674,11 +681,6 @@ def _new_tokens_mask(attention_mask, batch: int, num_queries: int):
             f"{_shape_or_type(attention_mask)}"
         )
     return attention_mask[:, -num_queries:]
-
-
-def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logical position of each real token (padding gets 0), as ``generate`` computes ``position_ids``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class LongNetAttention(DilatedAttention):
@@ -960,10 +962,10 @@ class LongNetModel(LongNetPreTrainedModel):
                 attention_mask, position_ids, batch, num_queries, past_length, kept_length, inputs_embeds.device
             )
             if attention_mask is not None and cache is not None and past_length:  # holes among cached keys: xPos
-                layer_kwargs["key_position_ids"] = _positions_from_mask(attention_mask)[:, past_length - kept_length :]
+                layer_kwargs["key_position_ids"] = positions_from_mask(attention_mask)[:, past_length - kept_length :]
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = _positions_from_mask(attention_mask)[:, -num_queries:]
+                position_ids = positions_from_mask(attention_mask)[:, -num_queries:]
             else:
                 position_ids = torch.arange(past_length, past_length + num_queries, device=inputs_embeds.device)[None]
 
@@ -1009,13 +1011,13 @@ class LongNetModel(LongNetPreTrainedModel):
                 )
             full = F.pad(attention_mask != 0, (0, slots - attention_mask.shape[1])) & written
         if dense:  # this step writes slots seen .. seen + num_queries - 1
-            key_positions = _positions_from_mask(full)
+            key_positions = positions_from_mask(full)
             written_now = (seen + torch.arange(num_queries, device=device)).expand(batch, num_queries)
             query_positions = key_positions.gather(1, written_now)
             layout = PositionLayout(key_positions, full, query_positions, full.gather(1, written_now))
             return layout, query_positions if position_ids is None else position_ids, None, key_positions
         rotated = full.long().index_select(1, order)
-        key_positions = _positions_from_mask(rotated)
+        key_positions = positions_from_mask(rotated)
         if position_ids is None:
             position_ids = key_positions[:, -num_queries:]
         layout = TokenLayout.build(batch, slots, num_queries, attention_mask=rotated, device=device)
