@@ -138,7 +138,8 @@ class LongNetBoundedCache(Cache):
 
     def __init__(self, config, offloading: bool = False):
         _check_cache_config(config, type(self).__name__)
-        layers = [SegmentBoundedLayer(config.segment_lengths) for _ in range(config.num_hidden_layers)]
+        self.segment_lengths = tuple(int(w) for w in config.segment_lengths)
+        layers = [SegmentBoundedLayer(self.segment_lengths) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers, offloading=offloading)
 
 
@@ -281,7 +282,7 @@ class LongNetStaticCache(Cache):
     def __init__(self, config):
         _check_cache_config(config, type(self).__name__)
         self.segment_lengths = tuple(int(w) for w in config.segment_lengths)
-        self.slots = max(int(w) for w in config.segment_lengths)
+        self.slots = max(self.segment_lengths)
         super().__init__(layers=[SegmentRingLayer(self.slots) for _ in range(config.num_hidden_layers)])
         self.real_tokens: torch.Tensor | None = None  # (batch,): each row's real tokens so far
 
@@ -440,10 +441,9 @@ def check_cache(cache, config) -> None:
                 f"build the cache from the model's config (`{type(cache).__name__}(model.config)`)"
             )
     if isinstance(cache, (LongNetBoundedCache, LongNetStaticCache)):
-        built_for = cache.segment_lengths if isinstance(cache, LongNetStaticCache) else cache.layers[0].segment_lengths
-        if list(built_for) != list(config.segment_lengths):
+        if list(cache.segment_lengths) != list(config.segment_lengths):
             raise ValueError(
-                f"this {type(cache).__name__} was built for segment_lengths={list(built_for)}, the model's are "
+                f"this {type(cache).__name__} was built for segment_lengths={list(cache.segment_lengths)}, the model's are "
                 f"{list(config.segment_lengths)}: it would keep the wrong keys. Build the cache from the model's "
                 f"config (`{type(cache).__name__}(model.config)`)"
             )

@@ -59,10 +59,10 @@ __all__ = [
     "generate_default_dataset",
     "is_retrieval_record",
     "least_document_length",
-    "min_retrieval_distance",
     "load_records",
     "load_text_datasets",
     "load_tokenizer",
+    "min_retrieval_distance",
     "pack_documents",
     "pass_keys",
     "question_records",
@@ -72,13 +72,6 @@ __all__ = [
 
 TASKS = ("passkey", "key_value", "text")
 DEFAULT_TASK_WEIGHTS = (0.4, 0.4, 0.2)  # the mix of the three kinds when none is given
-
-
-def min_retrieval_distance(segment_lengths: Sequence[int]) -> int:
-    """Twice the smallest segment: evidence that far before its answer lies outside the answer's smallest
-    segment, where only the longer, dilated branches reach. The default distance of the embedded dataset's
-    questions (``train.py``, ``evaluate.py``), and where evaluation's "far" questions begin."""
-    return 2 * min(segment_lengths)
 STREAM_ROWS_PER_CHUNK = 8  # DefaultDatasetStream packs this many rows at a time, by default (its last one padded)
 PACKING_MODES = ("documents", "concat")
 END_OF_TEXT = "<|endoftext|>"
@@ -345,6 +338,13 @@ def generate_default_dataset(
         else:
             documents.append(_text_document(rng, length))
     return documents
+
+
+def min_retrieval_distance(segment_lengths: Sequence[int]) -> int:
+    """Twice the smallest segment: evidence that far before its answer lies outside the answer's smallest
+    segment, where only the longer, dilated branches reach. The default distance of the embedded dataset's
+    questions (``train.py``, ``evaluate.py``), and where evaluation's "far" questions begin."""
+    return 2 * min(segment_lengths)
 
 
 def least_document_length(min_distance: int, passkey_statements: int = PASSKEY_STATEMENTS) -> int:

@@ -46,6 +46,7 @@ from .dilated_attention_pattern import (
     SelectedKeys,
     TokenLayout,
     head_offsets,
+    is_integer_dtype,
     is_tracing,
     packed_documents,
     pattern_coverage,
@@ -377,7 +378,7 @@ def _check_position_layout(layout, batch, num_keys, num_queries):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"PositionLayout.{name} must have shape {shape} for these q, k, v; got {tuple(tensor.shape)}")
         is_mask = name.endswith("_real")
-        if (tensor.dtype == torch.bool) != is_mask or tensor.is_floating_point() or tensor.is_complex():
+        if not (tensor.dtype == torch.bool if is_mask else is_integer_dtype(tensor.dtype)):
             wanted = "a bool tensor" if is_mask else "an integer tensor of logical positions (>= 0)"
             raise TypeError(f"PositionLayout.{name} must be {wanted}, got {tensor.dtype}")
 

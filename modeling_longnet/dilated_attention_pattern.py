@@ -717,7 +717,8 @@ def _documents_from_cu_seqlens(cu_seqlens, batch_size: int, num_keys: int, devic
     return cu[:-1][keep], lengths[keep]
 
 
-def _is_integer_dtype(dtype: torch.dtype) -> bool:
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers: positions, token ids, labels (bool is a mask, not a number)."""
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
@@ -726,7 +727,7 @@ def _position_offsets(position_offset, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, dtype=torch.long)
     if isinstance(position_offset, Integral) and not isinstance(position_offset, bool):
         offsets = torch.full((batch_size,), int(position_offset), dtype=torch.long)
-    elif isinstance(position_offset, torch.Tensor) and _is_integer_dtype(position_offset.dtype):
+    elif isinstance(position_offset, torch.Tensor) and is_integer_dtype(position_offset.dtype):
         if position_offset.shape not in ((batch_size,), ()):
             raise ValueError(f"`position_offset` must have shape (batch,) = ({batch_size},), got {tuple(position_offset.shape)}")
         offsets = position_offset.detach().cpu().long().expand(batch_size).clone()

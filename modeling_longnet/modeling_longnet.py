@@ -86,6 +86,7 @@ from .dilated_attention_pattern import (
     LayoutInputs,
     PositionLayout,
     branch_values,
+    is_integer_dtype,
     is_tracing,
     packed_documents,
     positions_from_mask,
@@ -828,7 +829,7 @@ def _check_inputs(input_ids, inputs_embeds, position_ids, hidden_size: int) -> N
         raise TypeError(f"`{name}` must be a torch.Tensor of shape {shape}, got {type(given).__name__}")
     if given.dim() != (2 if name == "input_ids" else 3) or given.shape[0] == 0 or given.shape[1] == 0:
         raise ValueError(f"`{name}` must hold at least one row of at least one token, shape {shape}; got {tuple(given.shape)}")
-    if name == "input_ids" and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool):
+    if name == "input_ids" and not is_integer_dtype(given.dtype):
         raise TypeError(f"`input_ids` must be an integer tensor of token ids, got {given.dtype}")
     if name == "inputs_embeds" and given.shape[2] != hidden_size:
         raise ValueError(f"`inputs_embeds` must have shape {shape}, got {tuple(given.shape)}")
@@ -846,7 +847,10 @@ def _check_inputs(input_ids, inputs_embeds, position_ids, hidden_size: int) -> N
 
 def _check_labels(labels, inputs, per_token: bool) -> None:
     """``labels`` against the inputs' (batch, seq): a token id per position for a language model (the model shifts
-    them), one entry per row for a classifier. Shapes only, as :func:`_check_inputs`."""
+    them), one entry per row for a classifier. Shapes only, as :func:`_check_inputs`. Without inputs it leaves
+    the error to the model's forward, which names them."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return
     batch, seq = inputs.shape[:2]
     if per_token:
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (batch, seq):
@@ -854,7 +858,7 @@ def _check_labels(labels, inputs, per_token: bool) -> None:
                 f"`labels` must have the shape of the inputs, (batch, seq) = {(batch, seq)}: the token ids to predict "
                 f"(shifted inside the model), -100 where no loss is wanted; got {_shape_or_type(labels)}"
             )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if not is_integer_dtype(labels.dtype):
             raise TypeError(f"`labels` must be an integer tensor of token ids, got {labels.dtype}")
     elif not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != batch:
         raise ValueError(

@@ -407,6 +407,7 @@ MALFORMED_INPUTS = [  # (name, forward arguments from (model, ids (2, 6)), error
     ("labels too short", lambda m, ids: dict(input_ids=ids, labels=ids[:, 1:]), ValueError, "`labels` must have the shape of the inputs, (batch, seq) = (2, 6): the token ids to predict (shifted inside the model), -100 where no loss is wanted; got (2, 5)"),
     ("1-D labels", lambda m, ids: dict(input_ids=ids, labels=ids.flatten()), ValueError, "got (12,)"),
     ("float labels", lambda m, ids: dict(input_ids=ids, labels=ids.float()), TypeError, "`labels` must be an integer tensor of token ids, got torch.float32"),
+    ("labels without inputs", lambda m, ids: dict(labels=ids), ValueError, "give exactly one of `input_ids` or `inputs_embeds`"),
 ]
 
 
