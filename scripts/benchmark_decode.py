@@ -72,8 +72,8 @@ def parse_args(argv=None):
     refuse_below_one(parser, args, "new_tokens", "repeats", "prefill_chunk")
     if args.llama_max_context < 0:
         parser.error(f"--llama-max-context must be >= 0 (0: no Llama), got {args.llama_max_context}")
-    if args.variants is not None:
-        wanted = [part.strip() for part in args.variants.split(";")]
+    if args.variants is not None:  # kept as the list of names
+        args.variants = wanted = [part.strip() for part in args.variants.split(";")]
         unknown = [name for name in wanted if name not in VARIANTS]
         if unknown:
             parser.error(
@@ -132,9 +132,8 @@ def variants(args, model, llama, context: int) -> dict:
     if llama is not None and context <= args.llama_max_context:
         table[llama_compiled] = (llama, lambda: {"cache_implementation": "static", "compile_config": compiled})
         table[llama_eager] = (llama, lambda: {"cache_implementation": "static", "disable_compile": True})
-    if args.variants:
-        wanted = {name.strip() for name in args.variants.split(";")}
-        table = {name: value for name, value in table.items() if name in wanted}
+    if args.variants is not None:
+        table = {name: value for name, value in table.items() if name in args.variants}
     return table
 
 

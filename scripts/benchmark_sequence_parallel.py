@@ -43,14 +43,10 @@ if importlib.util.find_spec("modeling_longnet") is None:  # run from a source ch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # the shared checks beside this script (tests load it as a module, without the script's folder on sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_support import parse_size  # noqa: E402
+from cli_support import parse_size, size_list  # noqa: E402
 
 DEFAULT_SEGMENT_LENGTHS = "2K,8K,32K,128K,512K,2M"
 DEFAULT_DILATION_RATES = "1,4,16,64,256,1024"
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(part) for part in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 4 x hidden)")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--segment-lengths", type=parse_sizes, default=parse_sizes(DEFAULT_SEGMENT_LENGTHS))
-    parser.add_argument("--dilation-rates", type=parse_sizes, default=parse_sizes(DEFAULT_DILATION_RATES))
+    parser.add_argument("--segment-lengths", type=size_list, default=size_list(DEFAULT_SEGMENT_LENGTHS))
+    parser.add_argument("--dilation-rates", type=size_list, default=size_list(DEFAULT_DILATION_RATES))
     parser.add_argument(
         "--loss-chunk-size", type=parse_size, default=parse_size("8K"), help="tokens per chunk of the loss"
     )

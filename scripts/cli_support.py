@@ -33,10 +33,15 @@ def parse_size(text: str) -> int:
     return int(text[:-1] if scale > 1 else text) * scale
 
 
+def size_list(text: str) -> list[int]:
+    """``4K,64K,1M``: a comma-separated list of sizes (see :func:`parse_size`); an argparse ``type``."""
+    return [parse_size(part) for part in text.split(",")]
+
+
 def parse_sizes(parser, option: str, text: str, example: str) -> list[int]:
-    """A comma-separated list of positive sizes (see :func:`parse_size`), or ``parser.error`` naming ``option``."""
+    """A comma-separated list of positive sizes, or ``parser.error`` naming ``option``."""
     try:
-        sizes = [parse_size(part) for part in text.split(",")]
+        sizes = size_list(text)
     except ValueError:
         parser.error(f"{option}: {text!r} is not a comma-separated list of sizes (e.g. {example})")
     if not all(size > 0 for size in sizes):
